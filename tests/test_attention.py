@@ -1,0 +1,118 @@
+"""Attention backends (model/attention.py): math reference, mask folding, backend choice and errors."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import tiny_config
+
+import model.attention as att
+
+ATOL_FP32 = 1e-5
+ATOL_HALF = 2e-2  # bf16 kernels vs fp32 math on O(1) inputs
+
+
+def naive(q, k, v, mask, scale):
+    """Unchunked textbook attention with a -1e9 key bias (fp64)."""
+    logits = torch.einsum("bihd,bjhd->bhij", q.double(), k.double()) * scale
+    logits = logits.masked_fill(~mask.bool()[:, None, None, :], -1e9)
+    out = torch.einsum("bhij,bjhd->bihd", torch.softmax(logits, -1), v.double())
+    return (out * mask[:, :, None, None]).float()
+
+
+def make(batch=3, length=21, heads=2, dqk=13, dv=9, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    q, k = (torch.randn(batch, length, heads, dqk, generator=g) for _ in range(2))
+    v = torch.randn(batch, length, heads, dv, generator=g)
+    mask = torch.ones(batch, length)
+    mask[1, 15:] = 0
+    mask[batch - 1, :] = 0  # a fully padded sample: must stay finite (no -inf -> NaN)
+    return q, k, v, mask
+
+
+def test_math_matches_naive_and_is_chunked(monkeypatch):
+    q, k, v, mask = make()
+    ref = naive(q, k, v, mask, 0.3)
+    out = att.math_attention(q, k, v, mask, scale=0.3)
+    assert torch.isfinite(out).all()
+    torch.testing.assert_close(out, ref, atol=ATOL_FP32, rtol=0)
+    assert bool((out[1, 15:] == 0).all()) and bool((out[2] == 0).all())
+    monkeypatch.setattr(att, "MATH_BLOCK_ELEMENTS", 2 * 21 * 5)  # 5 query rows per block
+    torch.testing.assert_close(att.math_attention(q, k, v, mask, scale=0.3), ref, atol=ATOL_FP32, rtol=0)
+
+
+def test_folded_mask_column_equals_masked_logits():
+    """The fused backends' mask fold: softmax(q~.k~) equals softmax(scale q.k + mask bias)."""
+    q, k, v, mask = make(seed=1)
+    qf, kf = att._fold_mask(q, k, mask, 0.25)  # [B, L, H, D + 1]
+    assert qf.shape[-1] == q.shape[-1] + 1
+    folded = att.math_attention(qf, kf, v, None, scale=1.0) * mask[:, :, None, None]
+    torch.testing.assert_close(folded, naive(q, k, v, mask, 0.25), atol=ATOL_FP32, rtol=0)
+
+
+def test_cpu_resolves_to_math_and_attention_runs():
+    choice = att.resolve_backend(tiny_config(), (300, 700), "cpu", torch.float32)
+    assert choice.name == "math" and choice.flash_attn_version is None
+    q, k, v, mask = make(dqk=300, dv=70)  # wide heads are fine for math
+    out = att.attention(q, k, v, mask, backend=choice, scale=0.1)
+    torch.testing.assert_close(out, naive(q, k, v, mask, 0.1), atol=ATOL_FP32, rtol=0)
+    status = att.available_backends("cpu")
+    assert set(status) == set(att.BACKEND_ORDER) and status["math"].usable
+
+
+def _only(monkeypatch, *names):
+    """Pretend only the named backends exist (the availability function, not the kernels)."""
+    def fake(device=None):
+        return {n: att.BackendStatus(True, n in names, "simulated") for n in att.BACKEND_ORDER}
+    monkeypatch.setattr(att, "available_backends", fake)
+    monkeypatch.setattr(att, "_flash_attn_version", lambda name: "2.7.4" if name == "flash_attn" else "3.0.0")
+
+
+def test_fa_only_wide_head_errors_clearly(monkeypatch):
+    _only(monkeypatch, "fa2")
+    ok = att.resolve_backend(tiny_config(), (60, 104), "cuda", torch.bfloat16)
+    assert ok.name == "fa2" and ok.flash_attn_version == "2.7.4"
+    with pytest.raises(att.AttentionBackendError) as err:
+        att.resolve_backend(tiny_config(), (60, 300), "cuda", torch.bfloat16)
+    msg = str(err.value)
+    for needle in ("300", "256", "zFactorRank", "ipaHiddenDimension", "ipaNumQkPoints", "ipaNumVPoints"):
+        assert needle in msg
+    with pytest.raises(att.AttentionBackendError, match="fp16/bf16"):  # FA has no fp32
+        att.resolve_backend(tiny_config(), (60, 100), "cuda", torch.float32)
+
+
+def test_use_flash_attn3_flag_is_respected(monkeypatch):
+    _only(monkeypatch, "fa3", "fa2")
+    assert att.resolve_backend(tiny_config(useFlashAttn3=True), (60, 100), "cuda", torch.bfloat16).name == "fa3"
+    choice = att.resolve_backend(tiny_config(useFlashAttn3=False), (60, 100), "cuda", torch.bfloat16)
+    assert choice.name == "fa2" and "useFlashAttn3 is False" in choice.reason
+
+
+# ---------------------------------------------------------------------------------------------- GPU
+gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+
+@pytest.mark.gpu
+@gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_every_gpu_backend_matches_math(dtype):
+    q, k, v, mask = (t.cuda() for t in make(batch=2, length=77, heads=3, dqk=40, dv=72, seed=2))
+    mask[1, :60] = 1
+    mask[0, 50:] = 0
+    ran = []
+    for name, st in att.available_backends("cuda").items():
+        if not st.usable or not att._kernel_accepts(name, 41, 72, dtype, torch.device("cuda"))[0]:
+            continue
+        tensors = [t.to(dtype).requires_grad_() for t in (q, k, v)]
+        ref_t = [t.detach().float().requires_grad_() for t in tensors]
+        out = att.attention(*tensors, mask, backend=name, scale=0.2)
+        ref = att.math_attention(*ref_t, mask, scale=0.2)
+        tol = ATOL_FP32 * 10 if dtype == torch.float32 else ATOL_HALF
+        torch.testing.assert_close(out.float(), ref, atol=tol, rtol=0)
+        gout = torch.randn_like(ref)
+        grads = torch.autograd.grad(out.float(), tensors, gout)
+        rgrads = torch.autograd.grad(ref, ref_t, gout)
+        for a, b in zip(grads, rgrads):
+            torch.testing.assert_close(a.float(), b, atol=tol * 5, rtol=0)
+        ran.append(name)
+    assert "math" in ran and len(ran) >= 2, ran

@@ -1,0 +1,269 @@
+"""Flash-IPA (model/flash_ipa.py) and its factorizers (model/factorizer.py).
+
+Fast path vs the dense reference with the same weights (forward and gradients), bf16 error bound,
+global rigid-motion invariance, padding, ranks 1..4 x kNeighbors 6..16, the FA-only width error,
+the dense factorizer's neighbour gather, and "no L x L tensor" on the pair-free path.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import ATOL_INVARIANCE, random_ca_trace, tiny_config
+from torch.utils._python_dispatch import TorchDispatchMode
+
+import model.attention as att
+import model.knn as knn_mod
+from model.factorizer import PairFactorizer, PairFreeFactorizer, build_factorizer
+from model.flash_ipa import FlashIPA
+from model.geometry import frenet_serret_frames, random_rotation
+
+ATOL_FWD = 2e-5  # fp32 flash vs dense reference, outputs O(1)
+ATOL_GRAD = 1e-4  # fp32 gradients, flash vs dense reference
+ATOL_LOGIT_BF16 = 0.1  # bf16 hi/lo-split logits vs exact, absolute (logits up to ~1e4)
+RTOL_GRAD_BF16 = 0.15  # bf16 autocast input gradients vs fp32 reference, relative Frobenius (H100 sdpa: 0.086)
+ATOL_BF16 = 0.15  # bf16 autocast flash vs fp32 reference, relative to max |output| (projections in bf16)
+
+
+def setup(config, *, batch=2, length=23, seed=0, pair_free=True, perturb_out=True):
+    """Layer + factorizer + inputs with a real padding tail; linear_out made non-zero (else y == 0)."""
+    torch.manual_seed(seed)
+    g = torch.Generator().manual_seed(seed)
+    layer = FlashIPA.from_config(config)
+    if perturb_out:
+        torch.nn.init.normal_(layer.linear_out.weight, std=0.2)
+    with torch.no_grad():
+        layer.head_weights.uniform_(-1.0, 2.0)  # heads of different sharpness
+    fac = build_factorizer(config.replace(usePairFree=pair_free))
+    x = torch.randn(batch, length, config.singleFeatureDimension, generator=g)
+    mask = torch.ones(batch, length)
+    mask[-1, length - 6:] = 0
+    ca = random_ca_trace(batch, length, generator=g) * mask[..., None]
+    pair = torch.randn(batch, length, length, config.pairFeatureDimension, generator=g)
+    return layer, fac, x, ca, mask, pair
+
+
+def run(layer, fac, x, ca, mask, pair, *, reference=False):
+    frames = frenet_serret_frames(ca, mask)
+    factors = fac(x, pair, frames, mask)
+    return layer(x, factors, frames, mask, reference=reference)
+
+
+@pytest.mark.parametrize("pair_free", [True, False])
+def test_flash_matches_dense_reference_forward_and_gradients(pair_free):
+    config = tiny_config(useFlashMode=True)
+    layer, fac, x, ca, mask, pair = setup(config, pair_free=pair_free)
+    inputs = [x.requires_grad_(), ca.requires_grad_(), pair.requires_grad_()]
+    params = list(layer.parameters()) + list(fac.parameters())
+    outs, grads = [], []
+    for reference in (False, True):
+        y = run(layer, fac, x, ca, mask, pair, reference=reference)
+        gout = torch.randn(y.shape, generator=torch.Generator().manual_seed(9))
+        outs.append(y)
+        grads.append(torch.autograd.grad(y, inputs + params, gout, allow_unused=True))
+    assert outs[0].abs().max() > 0.1  # a real signal, not the zero-initialised output layer
+    torch.testing.assert_close(outs[0], outs[1], atol=ATOL_FWD, rtol=0)
+    assert bool((outs[0][-1, -6:] == 0).all())
+    checked = 0
+    for a, b in zip(*grads):
+        if a is None and b is None:
+            continue
+        assert a is not None and b is not None
+        torch.testing.assert_close(a, b, atol=ATOL_GRAD, rtol=1e-4)
+        checked += int(b.abs().max() > 0)
+    assert checked >= len(params) // 2  # gradients actually flow through most parameters
+
+
+def _captured_logits(layer, fac, x, ca, mask, pair, monkeypatch):
+    """Run the fast path under bf16 autocast and return the logits q~.k~ it handed to attention."""
+    seen = {}
+    math = att.math_attention
+
+    def spy(q, k, v, key_padding_mask=None, *, scale=None):
+        with torch.autocast("cpu", enabled=False):  # fp32 products of the bf16 inputs
+            seen["logits"] = torch.einsum("bihd,bjhd->bhij", q.float(), k.float())  # [B, H, L, L]
+        return math(q, k, v, key_padding_mask, scale=scale)
+    monkeypatch.setattr(att, "math_attention", spy)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = run(layer, fac, x, ca, mask, pair).float()
+    monkeypatch.setattr(att, "math_attention", math)
+    return y, seen["logits"]
+
+
+def test_bf16_error_bound_and_hi_lo_split_helps(monkeypatch):
+    """bf16 attention (autocast; the CPU math backend sees the same bf16-rounded q~ / k~ / v~ a
+    fused kernel would) on a chain of ~60 A radius with sharp heads. Output within ATOL_BF16
+    (relative) of the fp32 reference; logits (up to a per-row constant, which softmax ignores) within
+    ATOL_LOGIT_BF16 of the exact ones with the hi/lo point split, and >= 5x worse without it."""
+    import model.flash_ipa as fi
+
+    config = tiny_config(useFlashMode=True)
+    layer, fac, x, ca, mask, pair = setup(config, length=40, perturb_out=False)
+    torch.nn.init.normal_(layer.linear_out.weight, std=0.05)
+    ca = (random_ca_trace(2, 40, generator=torch.Generator().manual_seed(4)) * 6.0
+          + torch.tensor([30.0, -20.0, 10.0])) * mask[..., None]
+    with torch.no_grad():
+        layer.head_weights.fill_(2.0)
+        ref = run(layer, fac, x, ca, mask, pair, reference=True)
+        y, logits = _captured_logits(layer, fac, x, ca, mask, pair, monkeypatch)
+        plain = fi._split_dot
+        monkeypatch.setattr(fi, "_split_dot", lambda a, b, d, s: plain(a, b, d, False))
+        monkeypatch.setattr(layer, "head_dims", lambda dtype: (0, 0))  # math ignores widths
+        _, logits_nosplit = _captured_logits(layer, fac, x, ca, mask, pair, monkeypatch)
+        # exact logits from the same (bf16-rounded) projections, fp32 geometry
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            frames = frenet_serret_frames(ca, mask)
+            args = layer._project(x, fac(x, pair, frames, mask), frames, torch.zeros(2, 1, 3))
+    q, k, _, qg, kg, _, bl, br, _, _, gamma = (t.float() for t in args)
+    exact = (1 / 3) ** 0.5 * (torch.einsum("bihc,bjhc->bhij", q, k) / q.shape[-1] ** 0.5
+                              + torch.einsum("birh,bjrh->bhij", bl, br)
+                              - 0.5 * gamma[:, None, None]
+                              * ((qg[:, :, None] - kg[:, None]) ** 2).sum((-1, -2)).permute(0, 3, 1, 2))
+    real = mask.bool()
+    pair_mask = (real[:, None, :, None] & real[:, None, None, :]).expand_as(exact)
+
+    def row_err(approx):
+        d = (approx - exact).masked_fill(~pair_mask, 0.0)
+        d = d - d.sum(-1, keepdim=True) / pair_mask.sum(-1, keepdim=True).clamp(min=1)
+        return d.masked_fill(~pair_mask, 0.0).abs().max().item()
+    assert (y - ref).abs().max().item() < ATOL_BF16 * ref.abs().max().item()
+    err, err_nosplit = row_err(logits), row_err(logits_nosplit)
+    assert exact.abs().max() > 1000  # the regime where plain bf16 point columns break down
+    assert err < ATOL_LOGIT_BF16, err
+    print(f"bf16 logit error: split {err:.3g}, plain {err_nosplit:.3g}, |logit| max {exact.abs().max():.3g}")
+    assert err_nosplit > 5 * err, (err, err_nosplit)
+
+
+def test_invariant_under_global_rigid_motion():
+    config = tiny_config(useFlashMode=True)
+    layer, fac, x, ca, mask, pair = setup(config, seed=2)
+    rot = random_rotation(torch.Generator().manual_seed(5))
+    moved = (ca @ rot.T + torch.tensor([7.0, -4.0, 11.0])) * mask[..., None]
+    with torch.no_grad():
+        y0 = run(layer, fac, x, ca, mask, pair)
+        y1 = run(layer, fac, x, moved, mask, pair)
+    assert y0.abs().max() > 0.1
+    assert (y0 - y1).abs().max().item() < ATOL_INVARIANCE
+
+
+def test_padding_does_not_change_real_residues():
+    config = tiny_config(useFlashMode=True)
+    layer, fac, x, ca, mask, pair = setup(config, batch=1, length=19, seed=3)
+    with torch.no_grad():
+        y = run(layer, fac, x, ca, mask, pair)
+        pad = 8
+        xp = torch.cat([x, torch.randn(1, pad, x.shape[-1])], 1)
+        cap = torch.cat([ca, torch.zeros(1, pad, 3)], 1)
+        mp = torch.cat([mask, torch.zeros(1, pad)], 1)
+        pp = torch.nn.functional.pad(pair, (0, 0, 0, pad, 0, pad), value=3.0)
+        yp = run(layer, fac, xp, cap, mp, pp)
+    torch.testing.assert_close(yp[:, :19], y, atol=1e-5, rtol=0)
+    assert bool((yp[:, 19:] == 0).all())
+
+
+@pytest.mark.parametrize("rank,k", [(1, 6), (2, 9), (3, 12), (4, 16)])
+def test_ranks_and_neighbours_run_and_match_reference(rank, k):
+    config = tiny_config(useFlashMode=True, zFactorRank=rank, kNeighbors=k)
+    layer, fac, x, ca, mask, pair = setup(config, length=17, seed=rank)
+    with torch.no_grad():
+        y = run(layer, fac, x, ca, mask, pair)
+        ref = run(layer, fac, x, ca, mask, pair, reference=True)
+    assert y.shape == x.shape and torch.isfinite(y).all()
+    torch.testing.assert_close(y, ref, atol=ATOL_FWD, rtol=0)
+
+
+def test_impossible_rank_on_fa_only_errors_clearly(monkeypatch):
+    def fa_only(device=None):
+        return {n: att.BackendStatus(True, n == "fa2", "simulated") for n in att.BACKEND_ORDER}
+    monkeypatch.setattr(att, "available_backends", fa_only)
+    config = tiny_config(useFlashMode=True)
+    # Genie's default widths: v = 16 + 3 * 8 + rank * 32 -> rank 2 fits 256, rank 8 does not
+    ok = FlashIPA.from_config(config.replace(ipaHiddenDimension=16, ipaNumVPoints=8, pairFeatureDimension=128))
+    assert ok.backend("cuda", torch.bfloat16).name == "fa2"
+    wide = FlashIPA.from_config(config.replace(ipaHiddenDimension=16, ipaNumVPoints=8,
+                                               pairFeatureDimension=128, zFactorRank=8))
+    with pytest.raises(att.AttentionBackendError, match="zFactorRank") as err:
+        wide.backend("cuda", torch.bfloat16)
+    assert "296" in str(err.value) and "256" in str(err.value)
+
+
+def test_dense_factorizer_reads_only_neighbour_pairs():
+    """d left[i] / d p is non-zero only at p[i, n] for i's k neighbours n (right: p[n, i])."""
+    config = tiny_config(useFlashMode=True, kNeighbors=4)
+    _, fac, _, ca, mask, pair = setup(config, batch=1, length=13, pair_free=False)
+    assert isinstance(fac, PairFactorizer)
+    frames = frenet_serret_frames(ca, mask)
+    pair.requires_grad_()
+    factors = fac(None, pair, frames, mask)
+    i = 5
+    (g_left,) = torch.autograd.grad(factors.left[0, i].sum(), pair, retain_graph=True)
+    (g_right,) = torch.autograd.grad(factors.right[0, i].sum(), pair)
+    nbrs = knn_mod.knn(ca, mask, 4).index[0, i]
+    used_left = g_left[0].abs().sum(-1) > 0  # [L, L]
+    expect = torch.zeros(13, 13, dtype=torch.bool)
+    expect[i, nbrs] = True
+    assert torch.equal(used_left, expect)
+    assert torch.equal(g_right[0].abs().sum(-1) > 0, expect.T)
+
+
+def test_factorizers_accept_any_length():
+    config = tiny_config(useFlashMode=True)
+    for pair_free in (True, False):
+        fac = build_factorizer(config.replace(usePairFree=pair_free))
+        for length in (3, 13, 41):  # one set of weights, lengths below and above k
+            _, _, x, ca, mask, pair = setup(config, batch=1, length=length)
+            f = fac(x, pair, frenet_serret_frames(ca, mask), mask)
+            assert f.left.shape == (1, length, config.zFactorRank, config.pairFeatureDimension)
+            assert torch.isfinite(f.left).all() and torch.isfinite(f.right).all()
+
+
+class _ShapeRecorder(TorchDispatchMode):
+    def __init__(self):
+        super().__init__()
+        self.shapes = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in out if isinstance(out, (tuple, list)) else (out,):
+            if isinstance(t, torch.Tensor):
+                self.shapes.append((str(func), tuple(t.shape)))
+        return out
+
+
+def test_pair_free_path_never_builds_an_l_by_l_tensor(monkeypatch):
+    length = 37  # prime, unlike every other dimension in play
+    config = tiny_config(useFlashMode=True, usePairFree=True)
+    monkeypatch.setattr(knn_mod, "KNN_BLOCK_ELEMENTS", 3 * 2 * length * 8)  # 8 query rows per block
+    monkeypatch.setattr(att, "MATH_BLOCK_ELEMENTS", 2 * config.ipaNumHeads * length * 8)
+    layer, fac, x, ca, mask, _ = setup(config, length=length)
+    assert isinstance(fac, PairFreeFactorizer)
+    rec = _ShapeRecorder()
+    with rec:
+        frames = frenet_serret_frames(ca, mask)
+        y = layer(x, fac(x, None, frames, mask), frames, mask)
+        y.sum().backward()
+    assert rec.shapes
+    square = [(f, s) for f, s in rec.shapes if sum(d == length for d in s) >= 2]
+    assert not square, square[:5]
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_gpu_bf16_flash_matches_fp32_reference():
+    """On the GPU's chosen fused backend under bf16 autocast: forward and input gradients vs the
+    fp32 dense reference: forward max error relative to max |ref| (ATOL_BF16), gradient relative
+    Frobenius error (RTOL_GRAD_BF16)."""
+    config = tiny_config(useFlashMode=True, ipaHiddenDimension=16, ipaNumHeads=4)
+    layer, fac, x, ca, mask, pair = setup(config, length=61)
+    layer, fac = layer.cuda(), fac.cuda()
+    x, ca, mask, pair = (t.cuda() for t in (x, ca, mask, pair))
+    x.requires_grad_()
+    ref = run(layer, fac, x, ca, mask, pair, reference=True)
+    gout = torch.randn_like(ref)
+    (g_ref,) = torch.autograd.grad(ref, x, gout)
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        y = run(layer, fac, x, ca, mask, pair)
+    (g,) = torch.autograd.grad(y.float(), x, gout)
+    assert layer.last_backend.name != "math", layer.last_backend
+    assert (y.float() - ref).abs().max() < ATOL_BF16 * ref.abs().max()
+    assert (g - g_ref).norm() < RTOL_GRAD_BF16 * g_ref.norm(), ((g - g_ref).norm() / g_ref.norm()).item()
