@@ -1,0 +1,75 @@
+"""Service settings, read from `MHCFLASH_*` environment variables (pydantic-settings).
+
+| variable | default | meaning |
+|---|---|---|
+| `MHCFLASH_WEIGHTS` | shipped `weights/` | weights directory (`config.txt` + `model.safetensors`, or a `weights_only` `.ckpt`/`.pt`); a folder holding several is resolved through its `DEFAULT` file or its only model folder |
+| `MHCFLASH_DEVICE` | `auto` | `auto` (first GPU if any, else CPU), `cpu`, `cuda`, `cuda:1`, ... |
+| `MHCFLASH_PRECISION` | `float32` | `float32` or `bf16` (bf16 autocast, CUDA only) |
+| `MHCFLASH_MIN_LENGTH` | `max(3, config minimumNumResidues)`, capped at max | shortest length accepted |
+| `MHCFLASH_MAX_LENGTH` | config `maximumNumResidues` | longest length accepted (may only lower the model's) |
+| `MHCFLASH_MAX_COUNT` | 16 | samples per request |
+| `MHCFLASH_MAX_TOTAL_RESIDUES` | 8192 | length * count per request |
+| `MHCFLASH_QUEUE_MAX_SAMPLES` | 256 | samples waiting to enter a batch; beyond it: 429 + Retry-After |
+| `MHCFLASH_REQUEST_TIMEOUT_S` | 600 | a request not done by then gets 504 and its samples are dropped |
+| `MHCFLASH_RESIDUE_BUDGET` | auto | padded residues (batch size * padded length) per step; auto: 4096 on CPU, from free VRAM on GPU |
+| `MHCFLASH_MAX_BATCH_REQUESTS` | 0 (no limit) | distinct requests per batch; 1 = one request at a time (benchmark baseline) |
+| `MHCFLASH_PAD_MULTIPLE` | 8 | batch length padded up to a multiple of this (fewer distinct shapes, steadier allocator) |
+| `MHCFLASH_API_KEY` | unset (auth off) | when set, `POST /sample` and `GET /info` need header `X-API-Key` |
+| `MHCFLASH_MAX_BODY_BYTES` | 4096 | larger request bodies get 413 |
+| `MHCFLASH_HOST` / `MHCFLASH_PORT` | `127.0.0.1` / 8000 | where `python -m service` listens |
+| `MHCFLASH_WARMUP` | true | run one short batch before `/ready` turns true |
+| `MHCFLASH_MAX_WORKER_RESTARTS` | 3 | engine worker restarts before the engine stays down (`/ready` 503) |
+| `MHCFLASH_EXIT_ON_ENGINE_DEATH` | true | when the engine stays down, exit the process with code 70 so Docker / Kubernetes restart it |
+| `MHCFLASH_SHUTDOWN_TIMEOUT_S` | 120 | on shutdown, time to finish accepted work before failing the rest with 503 |
+| `MHCFLASH_LOG_LEVEL` | `info` | log level |
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, SecretStr, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+SHIPPED_WEIGHTS = REPO_ROOT / "weights"
+
+
+class ServiceSettings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="MHCFLASH_", extra="forbid", protected_namespaces=())
+
+    weights: Path = Field(SHIPPED_WEIGHTS, description="Weights directory or weights root.")
+    device: str = "auto"
+    precision: Literal["float32", "bf16"] = "float32"
+    min_length: int | None = Field(None, ge=1)
+    max_length: int | None = Field(None, ge=1)
+    max_count: int = Field(16, ge=1)
+    max_total_residues: int = Field(8192, ge=1)
+    queue_max_samples: int = Field(256, ge=1)
+    request_timeout_s: float = Field(600.0, gt=0)
+    residue_budget: int | None = Field(None, ge=1)
+    max_batch_requests: int = Field(0, ge=0)
+    pad_multiple: int = Field(8, ge=1)
+    api_key: SecretStr | None = None
+    max_body_bytes: int = Field(4096, ge=64)
+    host: str = "127.0.0.1"
+    port: int = Field(8000, ge=0, le=65535)
+    warmup: bool = True
+    max_worker_restarts: int = Field(3, ge=0)
+    exit_on_engine_death: bool = True
+    shutdown_timeout_s: float = Field(120.0, ge=0)
+    log_level: Literal["critical", "error", "warning", "info", "debug"] = "info"
+
+    @field_validator("device")
+    @classmethod
+    def _device(cls, value: str) -> str:
+        if value != "auto" and not (value == "cpu" or value == "cuda" or value.startswith("cuda:")):
+            raise ValueError(f"device must be auto, cpu, cuda or cuda:N (got {value!r})")
+        return value
+
+    @field_validator("api_key")
+    @classmethod
+    def _api_key(cls, value: SecretStr | None) -> SecretStr | None:
+        # An empty MHCFLASH_API_KEY= means "off", not "the empty key".
+        return value if value is not None and value.get_secret_value() else None

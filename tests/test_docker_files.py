@@ -1,0 +1,93 @@
+"""docker/: the compose file, Prometheus config and Grafana dashboard are valid and consistent with
+the metrics the app really exports; the image's install script passes its check mode."""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+from pathlib import Path
+
+import pytest
+
+yaml = pytest.importorskip("yaml")
+
+DOCKER = Path(__file__).resolve().parent.parent / "docker"
+PROMQL_WORDS = {"histogram_quantile", "sum", "by", "rate", "le", "code", "kind", "reason", "irate", "avg"}
+
+
+def test_compose_service_gpu_prometheus_grafana():
+    compose = yaml.safe_load((DOCKER / "docker-compose.yml").read_text())
+    services = compose["services"]
+    assert {"mhcflash", "prometheus", "grafana"} <= set(services)
+    svc = services["mhcflash"]
+    assert svc["build"]["dockerfile"] == "docker/Dockerfile" and "8000:8000" in svc["ports"]
+    devices = svc["deploy"]["resources"]["reservations"]["devices"]
+    assert devices[0]["driver"] == "nvidia" and "gpu" in devices[0]["capabilities"]
+    for name, mounts in (("prometheus", services["prometheus"]["volumes"]), ("grafana", services["grafana"]["volumes"])):
+        for mount in mounts:
+            assert (DOCKER / mount.split(":")[0]).exists(), (name, mount)
+
+
+def test_prometheus_scrapes_service_metrics():
+    prom = yaml.safe_load((DOCKER / "prometheus.yml").read_text())
+    job = prom["scrape_configs"][0]
+    assert job["metrics_path"] == "/metrics" and job["static_configs"][0]["targets"] == ["mhcflash:8000"]
+    for f in (DOCKER / "grafana" / "provisioning").rglob("*.yml"):
+        assert yaml.safe_load(f.read_text())["apiVersion"] == 1
+
+
+def test_dockerfile_non_root_healthcheck_on_ready():
+    text = (DOCKER / "Dockerfile").read_text()
+    assert re.search(r"^FROM nvidia/cuda:\S+-runtime", text, re.MULTILINE)
+    assert re.search(r"^USER (?!root)\w+", text, re.MULTILINE)
+    assert "HEALTHCHECK" in text and "/ready" in text
+    assert "docker/install.sh" in text and 'CMD ["python", "-m", "service"]' in text
+
+
+def test_install_script_check_mode():
+    proc = subprocess.run(["bash", str(DOCKER / "install.sh"), "--check"], capture_output=True, text=True, timeout=120, check=False)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "check: OK" in proc.stdout
+
+
+def test_dashboard_metrics_exist_in_app_metrics(tmp_path):
+    """Every metric a dashboard panel queries is in the app's real /metrics output."""
+    import asyncio
+
+    from service.app import create_app
+    from service.testing import asgi_client, make_tiny_weights, tiny_settings
+
+    weights = make_tiny_weights(tmp_path / "tiny")
+
+    async def scrape():
+        app = create_app(tiny_settings(weights))
+        async with asgi_client(app) as c:
+            assert (await c.post("/sample", json={"length": 13})).status_code == 200
+            return (await c.get("/metrics")).text
+
+    exported = set()
+    for line in asyncio.run(scrape()).splitlines():
+        if line.startswith("# TYPE"):
+            _, _, name, kind = line.split()
+            exported.add(name)
+            if kind == "histogram":
+                exported |= {name + "_bucket", name + "_sum", name + "_count"}
+            if kind == "counter":
+                exported.add(name + "_total")
+            if kind == "info":
+                exported.add(name + "_info")
+    dash = json.loads((DOCKER / "grafana" / "dashboards" / "mhcflash.json").read_text())
+    titles = " ".join(p["title"] for p in dash["panels"]).lower()
+    for word in ("latency", "throughput", "queue", "memory", "occupancy"):
+        assert word in titles
+    used = set()
+    for panel in dash["panels"]:
+        assert panel["datasource"]["uid"] == "prometheus" and panel["targets"]
+        for target in panel["targets"]:
+            names = set(re.findall(r"[a-zA-Z_][a-zA-Z0-9_]*", target["expr"])) - PROMQL_WORDS
+            names = {n for n in names if not re.fullmatch(r"\d+m?", n) and "_" in n}
+            assert names, target["expr"]
+            used |= names
+    missing = used - exported
+    assert not missing, f"dashboard queries metrics the app does not export: {sorted(missing)}"
