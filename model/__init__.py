@@ -1,0 +1,38 @@
+"""Genie-style protein backbone diffusion with mHC and Flash-IPA.
+
+Entry point: ``model.build_denoiser(config) -> nn.Module``, called as
+``denoiser(x_t [B, L, 3], t [B], mask [B, L]) -> eps_hat [B, L, 3]`` (zero on padding); the mode
+(standard / mhc / flash / mhc_flash) comes from ``config.useMHCMode`` and ``config.useFlashMode``.
+
+Symbols used in every shape comment of the package:
+
+    B   batch (chains)                  T   diffusion timesteps
+    L   residues (padded length)        n   mHC residual streams (mhcExpansionRate)
+    H   attention heads                 r   Flash-IPA pair-factor rank (zFactorRank)
+    P   IPA points per head             k   nearest neighbours (kNeighbors)
+    C   channels (C_s single, C_p pair, C per-head hidden)
+    *   any leading batch dimensions
+
+Modules: ``config`` (Config, load_config), ``geometry`` (Frames, Frenet-Serret, quaternions),
+``features``, ``pair_transform``, ``ipa``, ``flash_ipa``, ``attention``, ``mhc``, ``structure``,
+``denoiser``, ``mhc_flash_denoiser``, ``diffusion``, ``weights_io``, ``training``, ``cli``.
+Heavy submodules are imported lazily, so ``import model.config`` stays cheap.
+"""
+
+from __future__ import annotations
+
+__all__ = ["build_denoiser"]
+
+
+def build_denoiser(config):
+    """The denoiser for ``config``'s mode (one composed ``Denoiser`` class for all four modes).
+
+    Returns an ``nn.Module`` with ``.config`` set; the combined mode is an ``mHCFlashDenoiser``.
+    """
+    if config.useMHCMode and config.useFlashMode:
+        from model.mhc_flash_denoiser import mHCFlashDenoiser
+
+        return mHCFlashDenoiser(config)
+    from model.denoiser import Denoiser
+
+    return Denoiser(config)

@@ -1,0 +1,177 @@
+"""The denoiser: Genie's network, composed for all four modes (useMHCMode x useFlashMode).
+
+Sources: Genie (Lin & AlQuraishi 2023, ``genie/model/model.py``): single features -> pair features ->
+pair transform -> structure layers from Frenet-Serret frames of x_t -> eps_hat = x_t - translations;
+the user's document (``seed/mhc_flash_ipa.zh.md``, forward pass steps 1-5) for the mHC and Flash-IPA
+modes; mHC (arXiv 2512.24880, Eq. 3); Flash-IPA (arXiv 2505.11580).
+
+    s      = SingleFeatureNet(t, mask)                             [B, L, C_s]
+    p      = PairTransformNet(PairFeatureNet(s, x_t, mask))        [B, L, L, C_p]  (not pair-free)
+    pair   = p (standard IPA) | Factorizer(p or s, x_t, mask)      (flash: PairFactors)
+    S      = s | mhc.expand(s, n)                                  [B, L, C_s] | [B, L, n, C_s]
+    frames = frenet_serret_frames(x_t, mask)                       Frames [B, L]
+    repeat numStructureBlocks times (shared weights), for each of numStructureLayers layers:
+        S, frames = StructureLayer(S, pair, frames, mask)          (plain or mHC residual, backbone update)
+    eps_hat = (x_t - frames.trans) * mask                          [B, L, 3]
+
+The four modes differ only in which IPA sits in the branch (dense or Flash) and which residual
+wrapper holds it (``PlainResidual`` or ``mhc.MHCResidual``); there is one code path.
+
+NOTE: between layers the backbone update reads the stream mean ``mhc.contract(S)`` (SPEC.md); the
+last layer reads the configured read-out (``mhcReadout``: mean, or the learned gated sum), which is
+the only place the read-out enters eps_hat.
+NOTE: ``useGradientCheckpointing`` recomputes every structure layer and every pair-transform layer in
+the backward pass (``torch.utils.checkpoint``, non-reentrant, RNG state preserved so dropout masks
+match).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from model.features import PairFeatureNet, SingleFeatureNet
+from model.geometry import Frames, frenet_serret_frames
+from model.ipa import InvariantPointAttention
+from model.pair_transform import PairTransformNet
+from model.structure import PlainResidual, StructureBranch, StructureLayer
+
+__all__ = ["Denoiser"]
+
+
+def _identity(x: torch.Tensor) -> torch.Tensor:
+    return x
+
+
+class Denoiser(nn.Module):
+    """Genie-style noise predictor: ``denoiser(x_t [B, L, 3], t [B], mask [B, L]) -> eps_hat [B, L, 3]``.
+
+    ``config`` (a ``model.config.Config``) selects the mode; ``denoiser.config`` keeps it.
+    """
+
+    def __init__(self, config) -> None:
+        super().__init__()
+        self.config = config
+        c_s, c_p = config.singleFeatureDimension, config.pairFeatureDimension
+        self.use_mhc, self.use_flash = bool(config.useMHCMode), bool(config.useFlashMode)
+        self.pair_free = bool(self.use_flash and config.usePairFree)
+        self.checkpointing = bool(config.useGradientCheckpointing)
+        self.num_blocks = config.numStructureBlocks
+
+        self.single_feature_net = SingleFeatureNet(
+            c_s=c_s, c_pos_emb=config.positionalEmbeddingDimension,
+            c_timestep_emb=config.timestepEmbeddingDimension, num_timesteps=config.numTimesteps,
+            max_residues=config.maximumNumResidues)
+        self.pair_feature_net = self.pair_transform_net = None
+        if not self.pair_free:
+            self.pair_feature_net = PairFeatureNet(c_s=c_s, c_p=c_p, relpos_k=config.relativePositionK,
+                                                   template_type=config.templateType)
+            if config.numPairTransformLayers > 0:
+                self.pair_transform_net = PairTransformNet.from_config(config)
+        self.factorizer = self._build_factorizer(config) if self.use_flash else None
+
+        self.structure_layers = nn.ModuleList([self._build_layer(config) for _ in range(config.numStructureLayers)])
+        self.readout = None
+        if self.use_mhc:
+            from model import mhc
+
+            self.readout = mhc.build_readout(c_s, config)
+
+    # --------------------------------------------------------------------------------- building
+    def _build_ipa(self, config) -> nn.Module:
+        if not self.use_flash:
+            return InvariantPointAttention.from_config(config)
+        from model import flash_ipa
+
+        return flash_ipa.FlashIPA.from_config(config)
+
+    def _build_factorizer(self, config) -> nn.Module:
+        from model.factorizer import build_factorizer
+
+        return build_factorizer(config)
+
+    def _build_layer(self, config) -> StructureLayer:
+        c_s = config.singleFeatureDimension
+        branch = StructureBranch(ipa=self._build_ipa(config), c_s=c_s,
+                                 num_transition_layers=config.numStructureTransitionLayers,
+                                 ipa_dropout=config.ipaDropout,
+                                 transition_dropout=config.structureTransitionDropout)
+        if self.use_mhc:
+            from model import mhc
+
+            residual = mhc.MHCResidual(branch, c_s, config)
+        else:
+            residual = PlainResidual(branch)
+        return StructureLayer(residual=residual, c_s=c_s)
+
+    # ---------------------------------------------------------------------------------- forward
+    def _check_inputs(self, x_t: torch.Tensor, t: torch.Tensor, mask: torch.Tensor) -> None:
+        if x_t.ndim != 3 or x_t.shape[-1] != 3:
+            raise ValueError(f"denoiser: x_t must be [B, L, 3] CA coordinates, got {tuple(x_t.shape)}")
+        if mask.shape != x_t.shape[:2]:
+            raise ValueError(f"denoiser: mask must be [B, L] = {tuple(x_t.shape[:2])}, got {tuple(mask.shape)}")
+        if t.shape != x_t.shape[:1]:
+            raise ValueError(f"denoiser: t must be [B] = [{x_t.shape[0]}] (one timestep per sample), "
+                             f"got {tuple(t.shape)}")
+        if x_t.shape[0] == 0 or x_t.shape[1] == 0:
+            raise ValueError(f"denoiser: empty batch {tuple(x_t.shape)}")
+
+    def _structure_layer(self, index: int, last: bool, streams: torch.Tensor, rots: torch.Tensor,
+                         trans: torch.Tensor, pair, mask: torch.Tensor):
+        """One structure layer on plain tensors (so it can be checkpointed)."""
+        if self.use_mhc:
+            from model import mhc
+
+            readout = self.readout if last else mhc.contract
+        else:
+            readout = _identity
+        streams, frames = self.structure_layers[index](streams, pair, Frames(rots, trans), mask, readout)
+        return streams, frames.rots, frames.trans
+
+    def pair_features(self, s: torch.Tensor, x_t: torch.Tensor, frames: Frames, mask: torch.Tensor):
+        """Dense pair tensor [B, L, L, C_p] (standard IPA) or ``PairFactors`` (flash modes)."""
+        p = None
+        if self.pair_feature_net is not None:
+            p = self.pair_feature_net(s, x_t, mask)  # [B, L, L, C_p]
+            if self.pair_transform_net is not None:
+                p = self.pair_transform_net(p, mask)  # [B, L, L, C_p]
+        if self.factorizer is None:
+            return p
+        return self.factorizer(s, p, frames, mask)  # PairFactors (p is None when pair-free)
+
+    def forward(self, x_t: torch.Tensor, t: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """
+        Args:
+            x_t: [B, L, 3] noisy, centred CA coordinates (Angstrom).
+            t: [B] integer timesteps in [1, T] (one per sample).
+            mask: [B, L] 1 residue / 0 padding (float or bool), real residues first.
+        Returns:
+            eps_hat: [B, L, 3] predicted noise, zero on padding.
+        """
+        self._check_inputs(x_t, t, mask)
+        mask = mask.to(x_t.dtype) if x_t.is_floating_point() else mask.float()
+        x_t = x_t.float()
+        mask = mask.float()
+
+        frames = frenet_serret_frames(x_t, mask)  # Frames [B, L], float32
+        s = self.single_feature_net(t, mask)  # [B, L, C_s]
+        pair = self.pair_features(s, x_t, frames, mask)
+        if self.use_mhc:
+            from model import mhc
+
+            streams = mhc.expand(s, self.structure_layers[0].residual.n)  # [B, L, n, C_s]
+        else:
+            streams = s  # [B, L, C_s]
+
+        rots, trans = frames.rots, frames.trans
+        num_layers = len(self.structure_layers)
+        for block in range(self.num_blocks):
+            for i in range(num_layers):
+                last = block == self.num_blocks - 1 and i == num_layers - 1
+                if self.checkpointing and torch.is_grad_enabled():
+                    streams, rots, trans = checkpoint(self._structure_layer, i, last, streams, rots, trans,
+                                                      pair, mask, use_reentrant=False)
+                else:
+                    streams, rots, trans = self._structure_layer(i, last, streams, rots, trans, pair, mask)
+        return (x_t - trans) * mask[..., None]  # [B, L, 3]

@@ -1,0 +1,24 @@
+"""``mHCFlashDenoiser``: the combined mode under the name the user's document uses.
+
+The user's document imports ``genie.model.mhc_flash_denoiser.mHCFlashDenoiser``; in this package that
+is ``model.mhc_flash_denoiser.mHCFlashDenoiser``. It is the one ``model.denoiser.Denoiser`` with
+``useMHCMode`` and ``useFlashMode`` forced on (mHC-wrapped Flash-IPA structure layers), not a copy.
+"""
+
+from __future__ import annotations
+
+from model.denoiser import Denoiser
+
+__all__ = ["mHCFlashDenoiser"]
+
+
+class mHCFlashDenoiser(Denoiser):
+    """``Denoiser(config.replace(useMHCMode=True, useFlashMode=True))``.
+
+    ``denoiser.config`` is the forced config (so saving and reloading the weights gives the same mode).
+    """
+
+    def __init__(self, config) -> None:
+        if not (config.useMHCMode and config.useFlashMode):
+            config = config.replace(useMHCMode=True, useFlashMode=True)
+        super().__init__(config)

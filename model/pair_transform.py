@@ -1,0 +1,213 @@
+"""Genie's pair transform: triangle updates and a pair transition, stacked ``numPairTransformLayers`` times.
+
+Sources: AlphaFold 2 supplement, Algorithm 11 / 12 (triangle multiplicative update, outgoing /
+incoming edges), Algorithm 13 / 14 (triangle attention around the starting / ending node), Algorithm 15
+(pair transition), section 1.11.6 (shared dropout); Genie ``genie/model/pair_transform_net.py``, which
+uses OpenFold's modules in this order per layer:
+
+    p += DropoutRowwise(TriMulOut(p));  p += DropoutRowwise(TriMulIn(p))        (if enabled)
+    p += DropoutRowwise(TriAttStart(p)); p += DropoutColumnwise(TriAttEnd(p))   (if enabled)
+    p += PairTransition(p);  p *= pair_mask
+
+Shapes: B batch, L residues, C_p pair channels, H heads, C hidden channels.
+
+NOTE: the output projections (``linear_z``, ``linear_o``, the transition's second Linear) start at
+zero, OpenFold's "final" initialisation, so each residual update starts as the identity.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from einops import rearrange
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+__all__ = [
+    "PairTransformLayer",
+    "PairTransformNet",
+    "PairTransition",
+    "SharedDropout",
+    "TriangleAttention",
+    "TriangleMultiplication",
+]
+
+
+def _zero_linear(c_in: int, c_out: int, bias: bool = True) -> nn.Linear:
+    lin = nn.Linear(c_in, c_out, bias=bias)
+    nn.init.zeros_(lin.weight)
+    if bias:
+        nn.init.zeros_(lin.bias)
+    return lin
+
+
+class SharedDropout(nn.Module):
+    """Dropout whose mask is shared along one axis of [B, L, L, C] (AF2 1.11.6).
+
+    ``shared_dim=1`` (rowwise, OpenFold ``DropoutRowwise``): one mask [B, 1, L, C] for all rows i;
+    ``shared_dim=2`` (columnwise): one mask [B, L, 1, C] for all columns j.
+    """
+
+    def __init__(self, *, p: float, shared_dim: int) -> None:
+        super().__init__()
+        self.p, self.shared_dim = p, shared_dim
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.training or self.p == 0.0:
+            return x
+        shape = list(x.shape)
+        shape[self.shared_dim] = 1
+        keep = torch.bernoulli(torch.full(shape, 1.0 - self.p, device=x.device, dtype=x.dtype))
+        return x * keep / (1.0 - self.p)
+
+
+class TriangleMultiplication(nn.Module):
+    """AF2 Algorithm 11 (``outgoing=True``: x_ij = sum_k a_ik b_jk) / 12 (incoming: sum_k a_ki b_kj)."""
+
+    def __init__(self, *, c_p: int, c_hidden: int, outgoing: bool) -> None:
+        super().__init__()
+        self.outgoing = outgoing
+        self.layer_norm_in = nn.LayerNorm(c_p)
+        self.linear_a_p = nn.Linear(c_p, c_hidden)
+        self.linear_a_g = nn.Linear(c_p, c_hidden)
+        self.linear_b_p = nn.Linear(c_p, c_hidden)
+        self.linear_b_g = nn.Linear(c_p, c_hidden)
+        self.linear_g = nn.Linear(c_p, c_p)
+        self.layer_norm_out = nn.LayerNorm(c_hidden)
+        self.linear_z = _zero_linear(c_hidden, c_p)
+
+    def forward(self, p: torch.Tensor, pair_mask: torch.Tensor) -> torch.Tensor:
+        """p: [B, L, L, C_p], pair_mask: [B, L, L] -> update [B, L, L, C_p]."""
+        z = self.layer_norm_in(p)
+        m = pair_mask[..., None].to(z.dtype)  # [B, L, L, 1]
+        a = m * torch.sigmoid(self.linear_a_g(z)) * self.linear_a_p(z)  # [B, L, L, C]
+        b = m * torch.sigmoid(self.linear_b_g(z)) * self.linear_b_p(z)  # [B, L, L, C]
+        if self.outgoing:
+            x = torch.einsum("bikc,bjkc->bijc", a, b)  # [B, L, L, C]
+        else:
+            x = torch.einsum("bkic,bkjc->bijc", a, b)  # [B, L, L, C]
+        x = self.linear_z(self.layer_norm_out(x))  # [B, L, L, C_p]
+        return x * torch.sigmoid(self.linear_g(z))
+
+
+class TriangleAttention(nn.Module):
+    """AF2 Algorithm 13 (``starting=True``: row i attends over j -> k with bias b_jk) / 14 (ending node).
+
+    The ending-node version is the starting-node version on the transposed pair tensor (as OpenFold).
+    """
+
+    def __init__(self, *, c_p: int, c_hidden: int, num_heads: int, starting: bool) -> None:
+        super().__init__()
+        self.starting, self.num_heads, self.c_hidden = starting, num_heads, c_hidden
+        self.layer_norm = nn.LayerNorm(c_p)
+        self.linear_q = nn.Linear(c_p, num_heads * c_hidden, bias=False)
+        self.linear_k = nn.Linear(c_p, num_heads * c_hidden, bias=False)
+        self.linear_v = nn.Linear(c_p, num_heads * c_hidden, bias=False)
+        self.linear_bias = nn.Linear(c_p, num_heads, bias=False)
+        self.linear_gate = nn.Linear(c_p, num_heads * c_hidden)
+        nn.init.zeros_(self.linear_gate.weight)
+        nn.init.ones_(self.linear_gate.bias)
+        self.linear_o = _zero_linear(num_heads * c_hidden, c_p)
+
+    def forward(self, p: torch.Tensor, pair_mask: torch.Tensor) -> torch.Tensor:
+        """p: [B, L, L, C_p], pair_mask: [B, L, L] -> update [B, L, L, C_p]."""
+        if not self.starting:
+            p, pair_mask = p.transpose(1, 2), pair_mask.transpose(1, 2)
+        z = self.layer_norm(p)
+        h = self.num_heads
+        q = rearrange(self.linear_q(z), "b i j (h c) -> b i h j c", h=h)  # [B, L, H, L, C]
+        k = rearrange(self.linear_k(z), "b i j (h c) -> b i h j c", h=h)  # [B, L, H, L, C]
+        v = rearrange(self.linear_v(z), "b i j (h c) -> b i h j c", h=h)  # [B, L, H, L, C]
+        tri_bias = rearrange(self.linear_bias(z), "b j k h -> b h j k")[:, None]  # [B, 1, H, L, L]
+        logits = torch.einsum("bihjc,bihkc->bihjk", q.float(), k.float()) / math.sqrt(self.c_hidden)
+        key_mask = pair_mask[:, :, None, None, :].bool()  # [B, L(i), 1, 1, L(k)]
+        logits = logits + tri_bias.float()
+        logits = logits.masked_fill(~key_mask, -1e9)
+        attn = torch.softmax(logits, dim=-1).to(v.dtype)  # [B, L, H, L, L]
+        o = torch.einsum("bihjk,bihkc->bihjc", attn, v)  # [B, L, H, L, C]
+        o = rearrange(o, "b i h j c -> b i j (h c)") * torch.sigmoid(self.linear_gate(z))  # [B, L, L, H*C]
+        o = self.linear_o(o)  # [B, L, L, C_p]
+        return o.transpose(1, 2) if not self.starting else o
+
+
+class PairTransition(nn.Module):
+    """AF2 Algorithm 15: LN -> Linear(C_p, n C_p) -> ReLU -> Linear(n C_p, C_p), masked."""
+
+    def __init__(self, *, c_p: int, n: int) -> None:
+        super().__init__()
+        self.layer_norm = nn.LayerNorm(c_p)
+        self.linear_1 = nn.Linear(c_p, n * c_p)
+        self.linear_2 = _zero_linear(n * c_p, c_p)
+
+    def forward(self, p: torch.Tensor, pair_mask: torch.Tensor) -> torch.Tensor:
+        """p: [B, L, L, C_p], pair_mask: [B, L, L] -> update [B, L, L, C_p]."""
+        x = self.linear_2(torch.relu(self.linear_1(self.layer_norm(p))))
+        return x * pair_mask[..., None].to(x.dtype)
+
+
+class PairTransformLayer(nn.Module):
+    """One Genie pair-transform layer (see module docstring for the order)."""
+
+    def __init__(self, *, c_p: int, include_mul_update: bool, include_tri_att: bool, c_hidden_mul: int,
+                 c_hidden_att: int, num_heads_att: int, dropout: float, transition_n: int) -> None:
+        super().__init__()
+        self.tri_mul_out = self.tri_mul_in = self.tri_att_start = self.tri_att_end = None
+        if include_mul_update:
+            self.tri_mul_out = TriangleMultiplication(c_p=c_p, c_hidden=c_hidden_mul, outgoing=True)
+            self.tri_mul_in = TriangleMultiplication(c_p=c_p, c_hidden=c_hidden_mul, outgoing=False)
+        if include_tri_att:
+            self.tri_att_start = TriangleAttention(c_p=c_p, c_hidden=c_hidden_att, num_heads=num_heads_att,
+                                                   starting=True)
+            self.tri_att_end = TriangleAttention(c_p=c_p, c_hidden=c_hidden_att, num_heads=num_heads_att,
+                                                 starting=False)
+        self.pair_transition = PairTransition(c_p=c_p, n=transition_n)
+        self.dropout_row = SharedDropout(p=dropout, shared_dim=1)
+        self.dropout_col = SharedDropout(p=dropout, shared_dim=2)
+
+    def forward(self, p: torch.Tensor, pair_mask: torch.Tensor) -> torch.Tensor:
+        """p: [B, L, L, C_p], pair_mask: [B, L, L] -> [B, L, L, C_p]."""
+        if self.tri_mul_out is not None:
+            p = p + self.dropout_row(self.tri_mul_out(p, pair_mask))
+            p = p + self.dropout_row(self.tri_mul_in(p, pair_mask))
+        if self.tri_att_start is not None:
+            p = p + self.dropout_row(self.tri_att_start(p, pair_mask))
+            p = p + self.dropout_col(self.tri_att_end(p, pair_mask))
+        p = p + self.pair_transition(p, pair_mask)
+        return p * pair_mask[..., None].to(p.dtype)
+
+
+class PairTransformNet(nn.Module):
+    """``numPairTransformLayers`` PairTransformLayers; optional activation checkpointing per layer."""
+
+    def __init__(self, *, c_p: int, num_layers: int, include_mul_update: bool, include_tri_att: bool,
+                 c_hidden_mul: int, c_hidden_att: int, num_heads_att: int, dropout: float,
+                 transition_n: int, checkpointing: bool = False) -> None:
+        super().__init__()
+        self.checkpointing = checkpointing
+        self.layers = nn.ModuleList([
+            PairTransformLayer(c_p=c_p, include_mul_update=include_mul_update, include_tri_att=include_tri_att,
+                               c_hidden_mul=c_hidden_mul, c_hidden_att=c_hidden_att,
+                               num_heads_att=num_heads_att, dropout=dropout, transition_n=transition_n)
+            for _ in range(num_layers)
+        ])
+
+    @classmethod
+    def from_config(cls, config) -> PairTransformNet:
+        return cls(c_p=config.pairFeatureDimension, num_layers=config.numPairTransformLayers,
+                   include_mul_update=config.includeTriangularMultiplicativeUpdate,
+                   include_tri_att=config.includeTriangularAttention,
+                   c_hidden_mul=config.triangularMultiplicativeHiddenDimension,
+                   c_hidden_att=config.triangularAttentionHiddenDimension,
+                   num_heads_att=config.triangularAttentionNumHeads, dropout=config.triangularDropout,
+                   transition_n=config.pairTransitionN, checkpointing=config.useGradientCheckpointing)
+
+    def forward(self, p: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """p: [B, L, L, C_p], mask: [B, L] -> [B, L, L, C_p]."""
+        pair_mask = mask[:, :, None] * mask[:, None, :]  # [B, L, L]
+        for layer in self.layers:
+            if self.checkpointing and torch.is_grad_enabled():
+                p = checkpoint(layer, p, pair_mask, use_reentrant=False)
+            else:
+                p = layer(p, pair_mask)
+        return p

@@ -1,0 +1,142 @@
+"""Shared test helpers: tiny configs, real CA traces, sizes and tolerances in one place.
+
+- ``tiny_config(**overrides)``: a validated ``Config`` small enough for 2 CPU cores (odd sizes so a
+  broadcasting bug cannot hide). Import it (``from conftest import tiny_config``) or use the
+  ``tiny_cfg`` fixture.
+- ``real_ca_chains``: a few real CA traces (centred, float32) from the PyPI package ``cgdms``; the
+  package directory is located without importing it. Skips cleanly when cgdms is not installed.
+- ``random_ca_trace``: a chain-like random walk with 3.8 A steps, for tests that need no real data.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import pytest
+import torch
+
+# Sizes and tolerances shared by the geometry / IPA / denoiser tests.
+TINY = {
+    "singleFeatureDimension": 24,
+    "pairFeatureDimension": 16,
+    "positionalEmbeddingDimension": 14,
+    "timestepEmbeddingDimension": 10,
+    "relativePositionK": 5,
+    "numPairTransformLayers": 1,
+    "triangularMultiplicativeHiddenDimension": 12,
+    "triangularAttentionHiddenDimension": 7,
+    "triangularAttentionNumHeads": 2,
+    "numStructureLayers": 2,
+    "numStructureBlocks": 1,
+    "ipaHiddenDimension": 6,
+    "ipaNumHeads": 3,
+    "ipaNumQkPoints": 3,
+    "ipaNumVPoints": 5,
+    "pairTransitionN": 2,
+    "numStructureTransitionLayers": 1,
+    "numTimesteps": 100,
+    "mhcExpansionRate": 3,
+    "zFactorRank": 2,
+    "kNeighbors": 5,
+}
+
+# fp32 absolute tolerances (Angstrom-scale coordinates, O(1) activations).
+ATOL_GEOMETRY = 1e-4      # Frenet-Serret frames under a global rigid motion
+ATOL_INVARIANCE = 2e-4    # IPA output under a global rigid motion
+ATOL_EQUIVARIANCE = 5e-4  # denoiser eps_hat under a global rigid motion (coordinates ~ 10 A)
+ATOL_PADDING = 1e-5       # padded vs unpadded outputs on real residues
+ATOL_GRAD = 1e-5          # gradients with vs without checkpointing
+
+
+def tiny_config(**overrides):
+    """A validated tiny ``Config``: ``Config().replace(**TINY, **overrides)``."""
+    from model.config import Config
+
+    return Config().replace(**{**TINY, **overrides})
+
+
+@pytest.fixture
+def tiny_cfg():
+    return tiny_config()
+
+
+def random_ca_trace(batch: int, length: int, *, generator: torch.Generator | None = None,
+                    step: float = 3.8) -> torch.Tensor:
+    """A chain-like random walk (steps of ``step`` +- 5% A, mildly persistent), centred.
+
+    The step lengths vary so that no two neighbours of a residue sit at exactly the same distance:
+    k-NN orderings (Flash-IPA factorizers) are discontinuous at exact ties, and an idealised trace
+    with all CA-CA steps equal would make every i-1 / i+1 pair a tie broken by rounding.
+    Returns [B, L, 3] float32.
+    """
+    dirs = torch.randn(batch, length, 3, generator=generator)
+    dirs = dirs + 0.8 * torch.roll(dirs, 1, dims=1)  # some persistence, fewer near-collinear triples
+    dirs = dirs / dirs.norm(dim=-1, keepdim=True)
+    steps = step * (1.0 + 0.05 * torch.randn(batch, length, 1, generator=generator))  # [B, L, 1]
+    x = torch.cumsum(steps * dirs, dim=1)  # [B, L, 3]
+    return x - x.mean(dim=1, keepdim=True)
+
+
+def cgdms_data_dir() -> Path | None:
+    """``<cgdms package dir>/protein_data/train_val`` without importing cgdms, or None."""
+    spec = importlib.util.find_spec("cgdms")
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    path = Path(next(iter(spec.submodule_search_locations))) / "protein_data" / "train_val"
+    return path if path.is_dir() else None
+
+
+def load_cgdms_ca(path: Path) -> torch.Tensor:
+    """One cgdms chain file -> centred CA trace [L, 3] float32.
+
+    Format: line 1 sequence, line 2 secondary structure, then one line per residue with 12 floats
+    (N, CA, C, CB xyz).
+    """
+    lines = path.read_text().split("\n")
+    rows = [list(map(float, ln.split())) for ln in lines[2:] if ln.strip()]
+    coords = torch.tensor(rows, dtype=torch.float32)  # [L, 12]
+    ca = coords[:, 3:6]  # [L, 3]
+    return ca - ca.mean(dim=0)
+
+
+@pytest.fixture(scope="session")
+def real_ca_chains() -> list[torch.Tensor]:
+    """Four real CA traces (different lengths), each [L_i, 3] centred float32, shortest first."""
+    root = cgdms_data_dir()
+    if root is None:
+        pytest.skip("cgdms is not installed (pip install cgdms): no real CA traces")
+    files = sorted(root.glob("*.txt"))[:40]
+    chains = [load_cgdms_ca(f) for f in files]
+    chains = [c for c in chains if 20 <= c.shape[0] <= 60]
+    picked, seen = [], set()
+    for c in chains:  # distinct lengths so padding is exercised
+        if c.shape[0] not in seen:
+            picked.append(c)
+            seen.add(c.shape[0])
+        if len(picked) == 4:
+            break
+    if len(picked) < 2:
+        pytest.skip("cgdms data directory has too few chains of 20-60 residues")
+    return sorted(picked, key=lambda c: c.shape[0])
+
+
+def pad_batch(chains: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Pad CA traces [L_i, 3] into (x [B, L_max, 3], mask [B, L_max]) with zeros."""
+    length = max(c.shape[0] for c in chains)
+    x = torch.zeros(len(chains), length, 3)
+    mask = torch.zeros(len(chains), length)
+    for i, c in enumerate(chains):
+        x[i, : c.shape[0]] = c
+        mask[i, : c.shape[0]] = 1.0
+    return x, mask
+
+
+@torch.no_grad()
+def randomize_parameters(module: torch.nn.Module, *, seed: int = 0, scale: float = 0.1) -> torch.nn.Module:
+    """Perturb every parameter by N(0, scale^2) noise (in place), so zero-initialised output layers
+    ("final" init) do not make outputs trivially zero in property tests. Returns the module."""
+    gen = torch.Generator().manual_seed(seed)
+    for p in module.parameters():
+        p.add_(torch.randn(p.shape, generator=gen, dtype=torch.float32).to(p.dtype) * scale)
+    return module
