@@ -131,6 +131,9 @@ def train(
                                         "or a checkpoint path.")] = "auto",
     debug: Annotated[bool, typer.Option(help="Tiny model, few steps, no workers, no loggers: a smoke run.")] = False,
     max_steps: Annotated[int, typer.Option(help="Stop after this many optimizer steps (-1: numEpoches).")] = -1,
+    max_minutes: Annotated[float, typer.Option(
+        help="Stop after this many minutes of training (0: no limit), writing last.ckpt and the weights; "
+             "rerun to continue. For stretches of limited GPU time.")] = 0.0,
     progress: Annotated[bool, typer.Option(help="Show a progress bar.")] = True,
     inject_fault: Annotated[str | None, typer.Option(hidden=True, help="Testing: 'nan@STEP' or 'oom@STEP'.")] = None,
 ) -> None:
@@ -147,7 +150,8 @@ def train(
     except ValueError as exc:
         _fail(str(exc))
     options = TrainOptions(devices=devices, num_nodes=num_nodes, accelerator=accelerator, resume=resume,
-                           debug=debug, max_steps=max_steps, progress_bar=progress, fault=fault)
+                           debug=debug, max_steps=max_steps, max_minutes=max_minutes or None,
+                           progress_bar=progress, fault=fault)
     try:
         result = run_training(cfg, options)
     except TrainingStopped as stop:
@@ -330,6 +334,16 @@ def serve(
         _fail("invalid service settings: " + "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}"
                                                        for e in exc.errors()))
     run_server(settings)
+
+
+# --------------------------------------------------------------------------------------- evaluate
+def _mount_evaluate() -> None:
+    from model.evaluation.cli import evaluate
+
+    app.command("evaluate")(evaluate)
+
+
+_mount_evaluate()
 
 
 def main() -> None:  # pragma: no cover - console entry for `python -m model.cli`

@@ -11,7 +11,7 @@ Two factorizers, one call signature ``factorizer(s, pair, frames, mask) -> PairF
   pools the pair row p[i, n] over its ``kNeighbors`` nearest neighbours n (by CA distance); its
   right factor pools the column p[n, i]. NOTE: the public flash_ipa ``LinearFactorizer``
   compresses the length axis with ``Linear(max_len, rank)``, tying a model to one padded length;
-  here every weight acts per neighbour slot or per channel, so any length works. The only maximum
+  here every weight acts per edge or per channel, so any length works. The only maximum
   is the memory of the dense input p itself (B * L^2 * C_p), i.e. the dense pair path's limit.
 - :class:`PairFreeFactorizer` (``usePairFree True``, our long-chain path): per-edge features from
   the single representation of both ends, the CA distance (radial basis), the neighbour's direction
@@ -19,9 +19,21 @@ Two factorizers, one call signature ``factorizer(s, pair, frames, mask) -> PairF
   L x L tensor exists anywhere; memory is O(L * k) (the k-NN search is chunked, model/knn.py).
   No maximum length beyond memory (the offsets are clipped to +-relativePositionK).
 
-Pooling (both): a learned softmax weight per neighbour slot (slots are ordered by distance), masked
-to the valid neighbours, so chains shorter than k and padding are handled exactly.
-All features are invariant under a global rotation / translation of the CA trace.
+Pooling (both) is permutation-invariant over the neighbour set, so exact distance ties (whose order
+fp32 rounding decides after a global rotation) cannot change a factor:
+
+    factor_i = LayerNorm( sum_n w_in * proj(e_in) ),   w_in = c_in exp(g(e_in)) / sum_m c_im exp(g(e_im))
+
+a softmax over the valid neighbours n of a learned per-edge, per-rank gate g (a linear map of the
+edge's own features, zero-initialised: a plain cutoff-weighted mean at the start), times the smooth
+cutoff weight c_in of model/knn.py ``soft_knn`` (1 at the residue itself, 0 at the distance of the
+(k+1)-th neighbour), so the k-th-neighbour boundary is continuous too. Invalid slots (padding,
+chains shorter than k) have c = 0 and contribute nothing. NOTE: the first version weighted neighbour
+*slots* (ordered by distance) with learned per-slot weights; two tied neighbours swapping slots then
+changed the output (factor error up to 0.8 on an ideal helix). The distance now reaches the weights
+through the edge features (pair-free) or a radial basis added to the gate input (dense path).
+All features are invariant under a global rotation / translation of the CA trace, and the factors
+are continuous in the coordinates except where k + 1 CAs coincide (see ``soft_knn``).
 """
 
 from __future__ import annotations
@@ -32,7 +44,7 @@ import torch
 from torch import nn
 
 from model.geometry import Frames
-from model.knn import Neighbours, knn
+from model.knn import Neighbours, soft_knn
 
 __all__ = ["PairFactorizer", "PairFactors", "PairFreeFactorizer", "build_factorizer"]
 
@@ -57,58 +69,86 @@ class PairFactors:
         return torch.einsum("birc,bjrc->bijc", self.left, self.right)
 
 
-def _slot_pool(values: torch.Tensor, slot_logits: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
-    """Softmax-weighted sum over the valid neighbour slots; zero when a residue has none.
+def _gated_pool(values: torch.Tensor, logits: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """sum_n w_n values_n with w_n = weight_n exp(logit_n) / sum_m weight_m exp(logit_m), per rank.
+
+    Symmetric in the neighbour axis: permuting the k slots (with their weights) leaves the result unchanged.
+    Stabilised in fp32: the shift is max_n (logit_n + log weight_n) (detached; it cancels), so the
+    largest term is 1 and no exp overflows; weight 0 (invalid / at the cutoff) gives exactly 0.
 
     Args:
-        values: [B, L, k, D]; slot_logits: [k]; valid: [B, L, k] bool.
+        values: [B, L, k, r, C]; logits: [B, L, k, r]; weight: [B, L, k] (>= 0, 0 on invalid slots).
     Returns:
-        [B, L, D]
+        [B, L, r, C]; zero for a residue without any weighted neighbour (padding).
     """
-    logits = slot_logits.to(values.dtype).expand(valid.shape).masked_fill(~valid, -1e4)  # [B, L, k]
-    weights = torch.softmax(logits.float(), dim=-1).to(values.dtype) * valid  # [B, L, k]
-    return torch.einsum("blk,blkd->bld", weights, values)
+    w = weight.float()[..., None]  # [B, L, k, 1]
+    off = (w == 0).expand_as(logits)  # [B, L, k, r]
+    lg = logits.float()  # [B, L, k, r]
+    shift = (lg.detach() + w.clamp(min=1e-30).log()).masked_fill(off, float("-inf")).amax(2, keepdim=True)
+    shift = shift.nan_to_num(neginf=0.0)  # [B, L, 1, r]; rows with nothing weighted
+    e = torch.exp((lg - shift).masked_fill(off, float("-inf"))) * w  # [B, L, k, r]
+    p = e / e.sum(2, keepdim=True).clamp(min=1e-30)  # [B, L, k, r]
+    return torch.einsum("blkr,blkrc->blrc", p.to(values.dtype), values)
+
+
+class _RadialBasis(nn.Module):
+    """Gaussian radial basis of a distance: sq_dist [*] (A^2) -> [*, num_rbf], centres 0 .. max_distance."""
+
+    def __init__(self, *, num_rbf: int = 16, max_distance: float = 20.0):
+        super().__init__()
+        self.register_buffer("centres", torch.linspace(0.0, max_distance, num_rbf), persistent=False)
+        self.width = max_distance / num_rbf
+
+    def forward(self, sq_dist: torch.Tensor) -> torch.Tensor:
+        dist = sq_dist.clamp(min=1e-12).sqrt()  # zero gradient at d = 0 (self), no inf
+        return torch.exp(-((dist[..., None] - self.centres) / self.width) ** 2)
 
 
 class _FactorHead(nn.Module):
-    """Per-slot projection to r * C_f channels, slot pooling, LayerNorm, padding zeroed."""
+    """Per-edge projection to r * C_f channels, gated pooling over the neighbour set, LayerNorm, padding zeroed."""
 
-    def __init__(self, *, in_dim: int, rank: int, channels: int, k: int):
+    def __init__(self, *, in_dim: int, gate_dim: int, rank: int, channels: int):
         super().__init__()
         self.rank, self.channels = rank, channels
         self.proj = nn.Linear(in_dim, rank * channels)
-        self.slot_logits = nn.Parameter(torch.zeros(k))
+        self.gate = nn.Linear(gate_dim, rank)  # one logit per edge and rank
+        nn.init.zeros_(self.gate.weight)
+        nn.init.zeros_(self.gate.bias)
         self.norm = nn.LayerNorm(channels)
 
-    def forward(self, edges: torch.Tensor, valid: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        """edges [B, L, k, D_in], valid [B, L, k], mask [B, L] -> factor [B, L, r, C_f]."""
-        pooled = _slot_pool(self.proj(edges), self.slot_logits, valid)  # [B, L, r * C_f]
-        factor = self.norm(pooled.unflatten(-1, (self.rank, self.channels)))  # [B, L, r, C_f]
+    def forward(self, edges: torch.Tensor, gate_in: torch.Tensor, weight: torch.Tensor,
+                mask: torch.Tensor) -> torch.Tensor:
+        """edges [B, L, k, D_in], gate_in [B, L, k, D_g], weight [B, L, k], mask [B, L] -> [B, L, r, C_f]."""
+        values = self.proj(edges).unflatten(-1, (self.rank, self.channels))  # [B, L, k, r, C_f]
+        factor = self.norm(_gated_pool(values, self.gate(gate_in), weight))  # [B, L, r, C_f]
         return factor * mask.to(factor.dtype)[:, :, None, None]
 
 
 class PairFactorizer(nn.Module):
     """Dense pair tensor p [B, L, L, C_p] -> PairFactors, through each residue's k nearest neighbours."""
 
-    def __init__(self, *, pair_dim: int, rank: int, channels: int, k: int):
+    def __init__(self, *, pair_dim: int, rank: int, channels: int, k: int, num_rbf: int = 16,
+                 max_distance: float = 20.0):
         super().__init__()
         self.k = k
         self.norm = nn.LayerNorm(pair_dim)
-        self.left = _FactorHead(in_dim=pair_dim, rank=rank, channels=channels, k=k)
-        self.right = _FactorHead(in_dim=pair_dim, rank=rank, channels=channels, k=k)
+        self.rbf = _RadialBasis(num_rbf=num_rbf, max_distance=max_distance)
+        head = {"in_dim": pair_dim, "gate_dim": pair_dim + num_rbf, "rank": rank, "channels": channels}
+        self.left, self.right = _FactorHead(**head), _FactorHead(**head)
 
     def forward(self, s: torch.Tensor | None, pair: torch.Tensor, frames: Frames, mask: torch.Tensor) -> PairFactors:
         """s unused; pair [B, L, L, C_p]; frames [B, L] (CA = translations); mask [B, L]."""
         if pair is None:
             raise ValueError("PairFactorizer needs the dense pair tensor; use usePairFree True for the "
                              "pair-free path")
-        nb = knn(frames.trans, mask, self.k)  # [B, L, k]
+        nb = soft_knn(frames.trans, mask, self.k)  # [B, L, k]
         batch, length, k = nb.index.shape
         idx = nb.index[..., None].expand(batch, length, k, pair.shape[-1])  # [B, L, k, C_p]
-        rows = torch.gather(pair, 2, idx)  # [B, L, k, C_p]   p[i, n_i]
-        cols = torch.gather(pair.transpose(1, 2), 2, idx)  # [B, L, k, C_p]   p[n_i, i]
-        return PairFactors(self.left(self.norm(rows), nb.valid, mask),
-                           self.right(self.norm(cols), nb.valid, mask))
+        rows = self.norm(torch.gather(pair, 2, idx))  # [B, L, k, C_p]   p[i, n_i]
+        cols = self.norm(torch.gather(pair.transpose(1, 2), 2, idx))  # [B, L, k, C_p]   p[n_i, i]
+        rbf = self.rbf(nb.sq_dist).to(rows.dtype)  # [B, L, k, R]
+        return PairFactors(self.left(rows, torch.cat([rows, rbf], -1), nb.weight, mask),
+                           self.right(cols, torch.cat([cols, rbf], -1), nb.weight, mask))
 
 
 class PairFreeFactorizer(nn.Module):
@@ -118,23 +158,22 @@ class PairFreeFactorizer(nn.Module):
                  hidden: int | None = None, num_rbf: int = 16, max_distance: float = 20.0):
         super().__init__()
         hidden = hidden or channels
-        self.k, self.max_offset, self.max_distance = k, max_offset, max_distance
-        self.register_buffer("rbf_centres", torch.linspace(0.0, max_distance, num_rbf), persistent=False)
-        self.rbf_width = max_distance / num_rbf
+        self.k, self.max_offset = k, max_offset
+        self.rbf = _RadialBasis(num_rbf=num_rbf, max_distance=max_distance)
         self.node_i = nn.Linear(single_dim, hidden)
         self.node_j = nn.Linear(single_dim, hidden, bias=False)
         self.offset = nn.Embedding(2 * max_offset + 1, hidden)
         self.geom = nn.Linear(num_rbf + 3, hidden, bias=False)
         self.edge_mlp = nn.Sequential(nn.LayerNorm(hidden), nn.Linear(hidden, hidden), nn.ReLU(),
                                       nn.Linear(hidden, hidden))
-        self.left = _FactorHead(in_dim=hidden, rank=rank, channels=channels, k=k)
-        self.right = _FactorHead(in_dim=hidden, rank=rank, channels=channels, k=k)
+        head = {"in_dim": hidden, "gate_dim": hidden, "rank": rank, "channels": channels}
+        self.left, self.right = _FactorHead(**head), _FactorHead(**head)
 
     def edge_features(self, s: torch.Tensor, frames: Frames, nb: Neighbours) -> torch.Tensor:
         """Invariant per-edge features [B, L, k, hidden] for residue i and its neighbours n."""
         length = s.shape[1]
-        dist = nb.sq_dist.clamp(min=0).sqrt()  # [B, L, k]
-        rbf = torch.exp(-((dist[..., None] - self.rbf_centres) / self.rbf_width) ** 2)  # [B, L, k, R]
+        rbf = self.rbf(nb.sq_dist)  # [B, L, k, R]
+        dist = nb.sq_dist.clamp(min=1e-12).sqrt()  # [B, L, k]
         ca = frames.trans.float()
         local = frames.float()[:, :, None].invert_apply(nb.gather(ca))  # [B, L, k, 3] n in i's frame
         direction = local / (dist[..., None] + 1.0)  # [B, L, k, 3] bounded, 0 for self
@@ -146,9 +185,9 @@ class PairFreeFactorizer(nn.Module):
 
     def forward(self, s: torch.Tensor, pair: torch.Tensor | None, frames: Frames, mask: torch.Tensor) -> PairFactors:
         """s [B, L, C_s]; pair ignored (None); frames [B, L]; mask [B, L]."""
-        nb = knn(frames.trans, mask, self.k)  # [B, L, k]
+        nb = soft_knn(frames.trans, mask, self.k)  # [B, L, k]
         edges = self.edge_features(s, frames, nb)  # [B, L, k, hidden]
-        return PairFactors(self.left(edges, nb.valid, mask), self.right(edges, nb.valid, mask))
+        return PairFactors(self.left(edges, edges, nb.weight, mask), self.right(edges, edges, nb.weight, mask))
 
 
 def build_factorizer(config) -> nn.Module:
@@ -156,7 +195,7 @@ def build_factorizer(config) -> nn.Module:
 
     Factor channels C_f = ``pairFeatureDimension``; rank = ``zFactorRank``; k = ``kNeighbors``.
     """
-    common = dict(rank=config.zFactorRank, channels=config.pairFeatureDimension, k=config.kNeighbors)
+    common = {"rank": config.zFactorRank, "channels": config.pairFeatureDimension, "k": config.kNeighbors}
     if config.usePairFree:
         return PairFreeFactorizer(single_dim=config.singleFeatureDimension,
                                   max_offset=config.relativePositionK, **common)

@@ -31,6 +31,7 @@ import os
 import tempfile
 import time
 from dataclasses import dataclass
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -341,6 +342,11 @@ class EpochCheckpoint(pl.Callback):
             trainer.save_checkpoint(self.dirpath / f"epoch={epoch:05d}-step={trainer.global_step:08d}.ckpt")
         trainer.save_checkpoint(self.dirpath / "last.ckpt")
 
+    def on_train_end(self, trainer: pl.Trainer, pl_module: DiffusionModule) -> None:
+        # A stop inside an epoch (max_time / max_steps) still leaves a resumable last.ckpt.
+        if pl_module.stop_reason is None and trainer.global_step > 0:
+            trainer.save_checkpoint(self.dirpath / "last.ckpt")
+
 
 class OOMHandler(pl.Callback):
     """On CUDA out-of-memory: free what we hold, write ``last.ckpt`` and record the knobs message."""
@@ -379,6 +385,7 @@ class TrainOptions:
     resume: str = "auto"  # "auto" (last.ckpt of the run dir, if any), "never", or a checkpoint path
     debug: bool = False
     max_steps: int = -1
+    max_minutes: float | None = None  # wall-clock limit (Lightning max_time): stop, write last.ckpt, export
     progress_bar: bool = True
     fault: FaultInjection | None = None
     export_weights: bool = True
@@ -453,6 +460,7 @@ def build_trainer(config: Config, options: TrainOptions, run_dir: Path) -> pl.Tr
         strategy="ddp" if distributed else "auto",
         precision=resolve_precision(config.precision, accelerator),
         max_epochs=config.numEpoches, max_steps=options.max_steps,
+        max_time=timedelta(minutes=options.max_minutes) if options.max_minutes else None,
         gradient_clip_val=config.gradientClipVal or None, gradient_clip_algorithm="norm",
         log_every_n_steps=config.logEverySteps, logger=loggers or False, callbacks=callbacks,
         plugins=[AtomicCheckpointIO()], enable_checkpointing=False,

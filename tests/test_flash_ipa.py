@@ -13,6 +13,7 @@ from conftest import ATOL_INVARIANCE, random_ca_trace, tiny_config
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import model.attention as att
+import model.factorizer as fac_mod
 import model.knn as knn_mod
 from model.factorizer import PairFactorizer, PairFreeFactorizer, build_factorizer
 from model.flash_ipa import FlashIPA
@@ -23,6 +24,8 @@ ATOL_GRAD = 1e-4  # fp32 gradients, flash vs dense reference
 ATOL_LOGIT_BF16 = 0.1  # bf16 hi/lo-split logits vs exact, absolute (logits up to ~1e4)
 RTOL_GRAD_BF16 = 0.15  # bf16 autocast input gradients vs fp32 reference, relative Frobenius (H100 sdpa: 0.086)
 ATOL_BF16 = 0.15  # bf16 autocast flash vs fp32 reference, relative to max |output| (projections in bf16)
+ATOL_PERMUTE = 1e-5  # factors with permuted neighbour slots (summation order only), fp32
+ATOL_TIE_FACTORS = 3e-5  # factors (LayerNorm-ed, O(1) x random weights) under a rigid motion, fp32
 
 
 def setup(config, *, batch=2, length=23, seed=0, pair_free=True, perturb_out=True):
@@ -47,6 +50,14 @@ def run(layer, fac, x, ca, mask, pair, *, reference=False):
     frames = frenet_serret_frames(ca, mask)
     factors = fac(x, pair, frames, mask)
     return layer(x, factors, frames, mask, reference=reference)
+
+
+def _randomise(module: torch.nn.Module, seed: int, std: float = 0.5) -> None:
+    """Every parameter ~ N(0, std^2): zero-initialised gates / slot weights would hide order effects."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in module.parameters():
+            p.copy_(torch.randn(p.shape, generator=g) * std)
 
 
 @pytest.mark.parametrize("pair_free", [True, False])
@@ -146,9 +157,11 @@ def test_invariant_under_global_rigid_motion():
     assert (y0 - y1).abs().max().item() < ATOL_INVARIANCE
 
 
-def test_padding_does_not_change_real_residues():
+@pytest.mark.parametrize("pair_free", [True, False])
+def test_padding_does_not_change_real_residues(pair_free):
     config = tiny_config(useFlashMode=True)
-    layer, fac, x, ca, mask, pair = setup(config, batch=1, length=19, seed=3)
+    layer, fac, x, ca, mask, pair = setup(config, batch=1, length=19, seed=3, pair_free=pair_free)
+    _randomise(fac, seed=4)  # gates too: padded slots must carry zero weight, not just equal weight
     with torch.no_grad():
         y = run(layer, fac, x, ca, mask, pair)
         pad = 8
@@ -196,8 +209,10 @@ def test_dense_factorizer_reads_only_neighbour_pairs():
     pair.requires_grad_()
     factors = fac(None, pair, frames, mask)
     i = 5
-    (g_left,) = torch.autograd.grad(factors.left[0, i].sum(), pair, retain_graph=True)
-    (g_right,) = torch.autograd.grad(factors.right[0, i].sum(), pair)
+    # a random read-out: a plain .sum() of a LayerNorm output (gain 1) has zero gradient in exact math
+    probe = torch.randn(factors.left.shape[2:], generator=torch.Generator().manual_seed(1))  # [r, C_f]
+    (g_left,) = torch.autograd.grad((factors.left[0, i] * probe).sum(), pair, retain_graph=True)
+    (g_right,) = torch.autograd.grad((factors.right[0, i] * probe).sum(), pair)
     nbrs = knn_mod.knn(ca, mask, 4).index[0, i]
     used_left = g_left[0].abs().sum(-1) > 0  # [L, L]
     expect = torch.zeros(13, 13, dtype=torch.bool)
@@ -267,3 +282,81 @@ def test_gpu_bf16_flash_matches_fp32_reference():
     assert layer.last_backend.name != "math", layer.last_backend
     assert (y.float() - ref).abs().max() < ATOL_BF16 * ref.abs().max()
     assert (g - g_ref).norm() < RTOL_GRAD_BF16 * g_ref.norm(), ((g - g_ref).norm() / g_ref.norm()).item()
+
+
+# ------------------------------------------------------------------ exact ties in the k-NN ordering
+CA_STEP = 3.8  # every CA-CA step exactly this long: residues i - m and i + m tie for every m
+
+
+def ideal_helix(length: int, *, twist_deg: float = 100.0, rise: float = 1.5) -> torch.Tensor:
+    """A perfect alpha-like helix with CA-CA steps of exactly CA_STEP A (radius solved in float64).
+
+    By symmetry |x_i - x_{i-m}| == |x_i - x_{i+m}| for every interior i and every m, so each residue's
+    neighbour list is full of exact ties, at every slot including the k-th. Returns [L, 3] float32.
+    """
+    twist = torch.tensor(twist_deg, dtype=torch.float64).deg2rad()
+    radius = (CA_STEP ** 2 - rise ** 2) ** 0.5 / (2 * torch.sin(twist / 2))
+    t = torch.arange(length, dtype=torch.float64)
+    ca = torch.stack([radius * torch.cos(t * twist), radius * torch.sin(t * twist), rise * t], dim=-1)
+    return (ca - ca.mean(0)).float()  # [L, 3]
+
+
+def _tie_setup(config, pair_free, *, length=29):
+    layer, fac, x, _, mask, pair = setup(config, length=length, seed=11, pair_free=pair_free)
+    _randomise(fac, seed=12)
+    ca = ideal_helix(length).expand(2, length, 3) * mask[..., None]  # [B, L, 3]; sample 1 padded
+    return layer, fac, x, ca, mask, pair
+
+
+@pytest.mark.parametrize("pair_free", [True, False])
+@pytest.mark.parametrize("k", [6, 7])  # even k splits a tied pair at the boundary, odd k does not
+def test_factors_and_layer_invariant_on_exactly_tied_trace(pair_free, k):
+    """Ideal helix (all CA-CA steps exactly 3.8 A), random factorizer weights, 6 random rotations +
+    translations: factors (ATOL_TIE_FACTORS) and the FlashIPA output (ATOL_INVARIANCE) unchanged.
+    Slot-ordered pooling fails this (measured before the fix: factor error 0.1 - 1.1)."""
+    config = tiny_config(useFlashMode=True, kNeighbors=k)
+    layer, fac, x, ca, mask, pair = _tie_setup(config, pair_free)
+    d = (ca[0, 1:] - ca[0, :-1]).norm(dim=-1)
+    assert (d - CA_STEP).abs().max() < 1e-5  # the premise: an exactly tied trace
+    g = torch.Generator().manual_seed(k)
+    with torch.no_grad():
+        f0 = fac(x, pair, frenet_serret_frames(ca, mask), mask)
+        y0 = layer(x, f0, frenet_serret_frames(ca, mask), mask)
+        assert f0.left.abs().max() > 0.1 and y0.abs().max() > 0.1
+        err_f = err_y = 0.0
+        for _ in range(6):
+            moved = (ca @ random_rotation(g).T + torch.randn(3, generator=g) * 10) * mask[..., None]
+            frames = frenet_serret_frames(moved, mask)
+            f1 = fac(x, pair, frames, mask)
+            y1 = layer(x, f1, frames, mask)
+            err_f = max(err_f, (f1.left - f0.left).abs().max().item(), (f1.right - f0.right).abs().max().item())
+            err_y = max(err_y, (y1 - y0).abs().max().item())
+    print(f"tied helix k={k} pair_free={pair_free}: factor err {err_f:.3g}, layer err {err_y:.3g}")
+    assert err_f < ATOL_TIE_FACTORS, err_f
+    assert err_y < ATOL_INVARIANCE, err_y
+
+
+@pytest.mark.parametrize("pair_free", [True, False])
+def test_permuting_neighbour_slots_does_not_change_factors(pair_free, monkeypatch):
+    """A random per-residue permutation of the k slots (index, valid, distance, cutoff weight together)
+    leaves the factors unchanged up to summation order (ATOL_PERMUTE); random weights, padded batch,
+    k > the shortest chain's length so invalid slots are permuted in among the valid ones."""
+    config = tiny_config(useFlashMode=True, kNeighbors=9)
+    _, fac, x, ca, mask, pair = setup(config, length=17, seed=6, pair_free=pair_free)
+    mask[0, 8:] = 0  # 8 real residues < k = 9: invalid slots
+    ca = ca * mask[..., None]
+    _randomise(fac, seed=7)
+    frames = frenet_serret_frames(ca, mask)
+    with torch.no_grad():
+        f0 = fac(x, pair, frames, mask)
+        soft_knn = fac_mod.soft_knn
+        perm = torch.rand(2, 17, 9, generator=torch.Generator().manual_seed(8)).argsort(-1)  # [B, L, k]
+
+        def permuted(*args, **kwargs):
+            nb = soft_knn(*args, **kwargs)
+            return knn_mod.Neighbours(*(t.gather(-1, perm) for t in (nb.index, nb.valid, nb.sq_dist, nb.weight)))
+        monkeypatch.setattr(fac_mod, "soft_knn", permuted)
+        f1 = fac(x, pair, frames, mask)
+    assert f0.left.abs().max() > 0.1
+    assert (f1.left - f0.left).abs().max() < ATOL_PERMUTE
+    assert (f1.right - f0.right).abs().max() < ATOL_PERMUTE

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from model.knn import knn
+from model.knn import knn, soft_knn
 
 
 def brute_force(ca: torch.Tensor, mask: torch.Tensor, k: int, include_self: bool):
@@ -75,3 +75,49 @@ def test_knn_invariant_under_rigid_motion():
     a, b = knn(ca, mask, 9), knn(moved, mask, 9)
     assert torch.equal(a.index, b.index)
     torch.testing.assert_close(a.sq_dist, b.sq_dist, atol=1e-3, rtol=1e-4)
+
+
+def test_soft_knn_weights_self_padding_and_short_chains():
+    g = torch.Generator().manual_seed(2)
+    ca = torch.randn(2, 13, 3, generator=g) * 6
+    mask = torch.ones(2, 13)
+    mask[1, 4:] = 0  # 4 real residues < k + 1: nothing left out, so no cutoff
+    nb, hard = soft_knn(ca, mask, 5), knn(ca, mask, 5)
+    assert torch.equal(nb.index, hard.index) and torch.equal(nb.valid, hard.valid)
+    torch.testing.assert_close(nb.sq_dist, hard.sq_dist, atol=1e-5, rtol=1e-6)
+    assert bool((nb.weight[~nb.valid] == 0).all())
+    assert bool((nb.weight[nb.valid] > 0).all()) and bool((nb.weight <= 1).all())
+    assert bool((nb.weight[..., 0][mask.bool()] == 1).all())  # self: d = 0
+    assert bool((nb.weight[1, :4, :4] == 1).all())  # short chain: every residue in, weight 1
+    # the cutoff radius is the 6th neighbour's distance: weight = (1 - d^2 / d6^2)^2
+    d6 = knn(ca, mask, 6).sq_dist[0, :, 5:]  # [L, 1]
+    torch.testing.assert_close(nb.weight[0], (1 - hard.sq_dist[0] / d6) ** 2, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("k", [2, 5])
+def test_soft_knn_boundary_is_continuous(k):
+    """On a line, residue k moves from just outside to just inside residue k - 1 (the k-th
+    neighbour of residue 0) by +-delta, swapping k-NN membership: the member that changes has
+    weight O(delta^2), the other weights move by O(delta)."""
+    delta = 1e-3
+    weights = []
+    for sign in (1, -1):
+        pos = torch.cat([torch.arange(k, dtype=torch.float32), torch.tensor([k - 1 + sign * delta, 9.0])])
+        ca = torch.stack([pos, torch.zeros_like(pos), torch.zeros_like(pos)], -1)[None]  # [1, k + 2, 3]
+        nb = soft_knn(ca, torch.ones(1, k + 2), k)
+        weights.append(dict(zip(nb.index[0, 0].tolist(), nb.weight[0, 0].tolist())))
+    a, b = weights
+    assert set(a) != set(b)  # the membership really changed
+    for j in set(a) | set(b):
+        wa, wb = a.get(j, 0.0), b.get(j, 0.0)
+        assert abs(wa - wb) < 10 * delta, (j, wa, wb)
+        if j not in a or j not in b:
+            assert max(wa, wb) < 10 * delta ** 2, (j, wa, wb)
+
+
+def test_soft_knn_gradients_reach_coordinates():
+    g = torch.Generator().manual_seed(4)
+    ca = (torch.randn(1, 11, 3, generator=g) * 5).requires_grad_()
+    nb = soft_knn(ca, torch.ones(1, 11), 4)
+    (grad,) = torch.autograd.grad((nb.weight * nb.sq_dist).sum(), ca)
+    assert torch.isfinite(grad).all() and grad.abs().max() > 0

@@ -1,0 +1,87 @@
+"""One stretch of training on a lent GPU: resume from checkpoint parts, train for N minutes, hand the
+checkpoint back in parts of at most 15 MB (the device tool returns files of <= 16 MB).
+
+    python scripts/train_stretch.py configs/ship_mhc_flash.txt --chains .gpu_data/chains.npz \
+        --state .gpu_state --minutes 8 --out "$OUT"
+
+The run directory (runs/<name>/) is reused when the machine is still warm; otherwise the checkpoint
+is rebuilt from <state>/last.ckpt.part*. Weights are exported afterwards on the workstation
+(`python scripts/export_weights.py`), so nothing large but the checkpoint comes back.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from pack_chains import unpack  # noqa: E402
+
+from model.config import load_config  # noqa: E402
+from model.data.datamodule import ProteinDataModule  # noqa: E402
+from model.training import TrainOptions, run_training  # noqa: E402
+
+PART = 15 * 2**20
+
+
+def join_parts(state: Path, target: Path) -> bool:
+    parts = sorted(state.glob("last.ckpt.part*"))
+    if not parts or target.is_file():
+        return False
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.with_suffix(".tmp")
+    with open(tmp, "wb") as f:
+        for p in parts:
+            f.write(p.read_bytes())
+    tmp.replace(target)
+    return True
+
+
+def split_parts(src: Path, out: Path) -> list[Path]:
+    data, paths = src.read_bytes(), []
+    for i in range(0, len(data), PART):
+        p = out / f"last.ckpt.part{i // PART:02d}"
+        p.write_bytes(data[i:i + PART])
+        paths.append(p)
+    return paths
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("config")
+    ap.add_argument("--chains", required=True)
+    ap.add_argument("--state", type=Path, default=Path(".gpu_state"))
+    ap.add_argument("--minutes", type=float, default=8.0)
+    ap.add_argument("--out", type=Path, required=True)
+    ap.add_argument("--accelerator", default="gpu")
+    ap.add_argument("--max-residues", type=int, default=None, help="padded residues per batch cap")
+    args = ap.parse_args()
+    cfg = load_config(args.config)
+    run_dir = Path(cfg.logDirectory) / cfg.name
+    last = run_dir / "checkpoints" / "last.ckpt"
+    rebuilt = join_parts(args.state, last)
+    print(f"resume: {'rebuilt from parts' if rebuilt else ('warm run dir' if last.is_file() else 'fresh start')}")
+    dm = ProteinDataModule(cfg, chains=unpack(args.chains), max_residues_per_batch=args.max_residues,
+                           pad_to_multiple=8)
+    t0 = time.time()
+    result = run_training(cfg, TrainOptions(accelerator=args.accelerator, devices="1", max_minutes=args.minutes,
+                                            progress_bar=False, export_weights=False), datamodule=dm)
+    wall = time.time() - t0
+    args.out.mkdir(parents=True, exist_ok=True)
+    parts = split_parts(result.last_checkpoint, args.out)
+    csvs = sorted((run_dir / "csv").glob("version_*/metrics.csv"), key=lambda p: p.stat().st_mtime)
+    if csvs:
+        shutil.copy(csvs[-1], args.out / "metrics.csv")
+    info = dict(global_step=result.global_step, wall_s=wall, parts=[p.name for p in parts],
+                resumed_from=str(result.resumed_from) if result.resumed_from else None)
+    (args.out / "stretch.json").write_text(json.dumps(info, indent=1))
+    print(json.dumps(info))
+
+
+if __name__ == "__main__":
+    main()
