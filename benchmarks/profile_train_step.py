@@ -1,0 +1,144 @@
+"""Profile one training step (fwd + bwd + AdamW) of a config: wall time per step and op counts.
+
+    # GPU (CUDA events, kernels per step, top operators by self CUDA time)
+    python benchmarks/profile_train_step.py configs/ship_mhc_flash.txt --batch 56 --length 72 --out DIR
+    # CPU (aten op counts per step under bf16 autocast, where the copies come from, step time)
+    python benchmarks/profile_train_step.py configs/ship_mhc_flash.txt --device cpu --batch 8 --length 40
+
+On CPU the op counts are what matters (each aten op is one or more kernels on the GPU, and the GPU
+step is bound by their number, not by FLOPs); ``--stacks`` adds the model source lines that issue
+the most ``aten::copy_`` (casts) and elementwise ops. ``--mode`` overrides useMHCMode / useFlashMode.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+from collections import Counter
+from pathlib import Path
+
+import torch
+
+from model import build_denoiser
+from model.config import load_config
+from model.diffusion import Schedule, loss as diffusion_loss, q_sample
+
+MODES = {"standard": (False, False), "mhc": (True, False), "flash": (False, True), "mhc_flash": (True, True)}
+COUNTED = ("aten::copy_", "aten::mul", "aten::add", "aten::sum", "aten::native_layer_norm",
+           "aten::native_layer_norm_backward", "aten::sigmoid_backward", "aten::addmm", "aten::bmm",
+           "aten::mm", "aten::cat", "aten::where", "aten::fill_", "aten::zero_")
+
+
+def _setup(args):
+    cfg = load_config(args.config)
+    if args.mode:
+        mhc, flash = MODES[args.mode]
+        cfg = cfg.replace(useMHCMode=mhc, useFlashMode=flash)
+    if args.compile:
+        cfg = cfg.replace(compileModel=True)
+    dev = torch.device(args.device)
+    torch.manual_seed(0)
+    model = build_denoiser(cfg).to(dev).train()
+    fwd = model
+    if args.compile:
+        from model.denoiser import compile_denoiser
+
+        fwd = compile_denoiser(model)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=dev.type == "cuda")
+    sched = Schedule.from_config(cfg)
+    sched = sched.to(dev) if hasattr(sched, "to") else sched
+    B, L = args.batch, args.length
+    gen = torch.Generator(device="cpu").manual_seed(1)
+    x0 = torch.cumsum(torch.randn(B, L, 3, generator=gen) * 2.2, dim=1).to(dev)
+    x0 = x0 - x0.mean(1, keepdim=True)
+    mask = torch.ones(B, L, device=dev)
+    mask[: B // 3, L - L // 5:] = 0
+    amp = torch.bfloat16 if args.dtype == "bf16" else None
+
+    def step():
+        t = torch.randint(1, cfg.numTimesteps + 1, (B,), device=dev)
+        eps = torch.randn_like(x0)
+        with torch.autocast(dev.type, dtype=amp or torch.float32, enabled=amp is not None):
+            x_t = q_sample(sched, x0, t, eps, mask)
+            out = fwd(x_t, t, mask)
+            loss = diffusion_loss(out.float(), eps, mask)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    return cfg, step
+
+
+def _sync(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def profile_ops(step, device: str, stacks: bool = False, steps: int = 2) -> dict:
+    """aten op counts per step (CPU and CUDA), optionally the source lines of copies / elementwise ops."""
+    from torch.profiler import ProfilerActivity, profile
+
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.startswith("cuda") else [])
+    with profile(activities=acts, with_stack=stacks) as prof:
+        for _ in range(steps):
+            step()
+        _sync(device)
+    events = prof.events()
+    counts = Counter(e.name for e in events if e.name.startswith("aten::"))
+    res = {"aten_ops_per_step": sum(counts.values()) / steps,
+           **{name: counts.get(name, 0) / steps for name in COUNTED}}
+    if device.startswith("cuda"):
+        res["cuda_kernels_per_step"] = sum(e.count for e in prof.key_averages()
+                                           if e.device_type.name == "CUDA") / steps
+    if stacks:
+        where: dict[str, Counter] = {}
+        for e in events:
+            if e.name in ("aten::copy_", "aten::mul", "aten::sum", "aten::add") and e.stack:
+                frame = next((f for f in e.stack if "/model/" in f), e.stack[0])
+                where.setdefault(e.name, Counter())[frame] += 1
+        res["sources"] = {name: [(f, n / steps) for f, n in c.most_common(12)] for name, c in where.items()}
+    return res
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("config")
+    ap.add_argument("--device", default="cuda")
+    ap.add_argument("--mode", choices=sorted(MODES), default=None)
+    ap.add_argument("--dtype", choices=("bf16", "fp32"), default="bf16", help="autocast dtype")
+    ap.add_argument("--batch", type=int, default=56)
+    ap.add_argument("--length", type=int, default=72)
+    ap.add_argument("--steps", type=int, default=20)
+    ap.add_argument("--stacks", action="store_true", help="source lines of copies / elementwise ops")
+    ap.add_argument("--compile", action="store_true", help="model.compile_denoiser (torch.compile)")
+    ap.add_argument("--out", type=Path, default=None)
+    args = ap.parse_args()
+    cfg, step = _setup(args)
+
+    for _ in range(3 if args.device == "cpu" else 5):
+        step()
+    _sync(args.device)
+    times = []
+    for _ in range(args.steps):
+        _sync(args.device)
+        t0 = time.perf_counter()
+        step()
+        _sync(args.device)
+        times.append((time.perf_counter() - t0) * 1e3)
+    ops = profile_ops(step, args.device, stacks=args.stacks)
+    res = dict(config=args.config, mode=cfg.mode, device=args.device, dtype=args.dtype, batch=args.batch,
+               length=args.length, compiled=args.compile, step_ms_median=statistics.median(times),
+               samples_per_s=args.batch / statistics.median(times) * 1e3, **ops)
+    if args.device.startswith("cuda"):
+        res.update(peak_mem_gib=torch.cuda.max_memory_allocated() / 2**30, gpu=torch.cuda.get_device_name())
+    if args.out is not None:
+        args.out.mkdir(parents=True, exist_ok=True)
+        (args.out / "profile.json").write_text(json.dumps(res, indent=1))
+    print(json.dumps(res, indent=1))
+
+
+if __name__ == "__main__":
+    main()

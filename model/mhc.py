@@ -1,0 +1,400 @@
+"""mHC: Manifold-Constrained Hyper-Connections around any residual branch.
+
+Source: Xie et al., "mHC: Manifold-Constrained Hyper-Connections", arXiv 2512.24880 (DeepSeek),
+which constrains the Hyper-Connections of Zhu et al. (arXiv 2409.19606). Equation numbers below are
+the mHC paper's:
+
+- Eq. (3)  layer update   x_{l+1} = H_res x_l + H_post^T F(H_pre x_l, W_l)
+- Eq. (6)  H_res on the Birkhoff polytope: H_res 1 = 1, 1^T H_res = 1^T, H_res >= 0
+- Eq. (7)  x' = RMSNorm(vec(x_l));  H~_pre = a_pre (x' phi_pre) + b_pre,
+           H~_post = a_post (x' phi_post) + b_post,  H~_res = a_res mat(x' phi_res) + b_res
+- Eq. (8)  H_pre = sigmoid(H~_pre), H_post = 2 sigmoid(H~_post), H_res = Sinkhorn-Knopp(H~_res)
+- Eq. (9)  M(0) = exp(H~_res), M(t) = T_r(T_c(M(t-1))), t_max = mhcSinkhornIters
+- Eq. (14)-(16) the fused form: one GEMM x phi, then scale by 1 / rms(x) (normalisation reordered)
+
+Symbols: B batch, L residues, n streams (``mhcExpansionRate``), C channels (C_s).
+
+The single representation s [B, L, C] is copied into n streams S [B, L, n, C] (``expand``), every
+structure layer is an ``MHCResidual(branch, dim, config)`` that applies Eq. (3) per residue, and the
+streams are averaged back at the end (``contract``; the user's document) or read out by a learned
+gate (``GatedReadout``, ``mhcReadout gated``). ``mhc_diagnostics`` turns the recorded H_res of every
+layer into the paper's stability numbers (row / column sum errors, composite "Amax gain").
+
+NOTE (differences from the paper, each also marked where it happens):
+- phi_pre, phi_post, phi_res are stored as one matrix ``phi`` [nC, 2n + n^2] (one GEMM, Eq. 14).
+- RMSNorm has no learnable gain (as in Eq. 15; a gain would be absorbed by phi).
+- The mappings and the stream mixing run in float32 (at least) even under autocast; the branch
+  runs in whatever precision autocast gives it.
+- Bias initialisation (the paper does not fix it): see ``MHCMappings.reset_parameters``.
+- n = 1 has no mappings at all: H_pre = H_post = H_res = 1, so the update is exactly s + f(s).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+from torch import nn
+
+__all__ = [
+    "GatedReadout",
+    "MHCMappings",
+    "MHCResidual",
+    "MeanReadout",
+    "build_readout",
+    "contract",
+    "expand",
+    "find_mhc_modules",
+    "mhc_diagnostics",
+    "sinkhorn_knopp",
+    "sinkhorn_knopp_direct",
+    "sinkhorn_knopp_log",
+]
+
+# Diagonal of exp-Sinkhorn(b_res) at initialisation (see MHCMappings.reset_parameters).
+RES_DIAG_INIT = 0.9
+RMS_EPS = 1e-6
+# Floor of the max-shifted Sinkhorn logits (float64: exp(-600) ~ 1e-261 is still a normal number).
+SINKHORN_LOGIT_FLOOR = 600.0
+
+
+def _compute_dtype(*dtypes: torch.dtype) -> torch.dtype:
+    """At least float32: float64 stays float64 (gradcheck), half / bf16 go up to float32."""
+    out = torch.float32
+    for dt in dtypes:
+        out = torch.promote_types(out, dt)
+    return out
+
+
+def sinkhorn_knopp(logits: torch.Tensor, num_iters: int) -> torch.Tensor:
+    """Project logits onto (approximately) doubly stochastic matrices, Eq. (9).
+
+    Args:
+        logits: [..., n, n] H~_res (any float dtype).
+        num_iters: t_max >= 1; each iteration normalises columns (T_c) then rows (T_r), as Eq. (9),
+            so rows sum to 1 to rounding and columns to within the remaining Sinkhorn error.
+    Returns:
+        [..., n, n] non-negative, float32 (float64 if the input is float64). The caller casts.
+
+    Runs with autocast disabled: bf16 Sinkhorn is a known failure.
+    NOTE (speed): Eq. (9) literally (exp once, then divide by column / row sums: 2 ops per half
+    iteration instead of a logsumexp's ~6, the same in backward), made safe by (1) subtracting each
+    matrix's (detached) max logit, which Sinkhorn is invariant to, so exp never overflows, and
+    (2) running in float64 with the shifted logits floored at -SINKHORN_LOGIT_FLOOR, so no column
+    underflows to an all-zero (0 / 0) column: logits of +-50 (spread 100) are exact. Logit spreads
+    beyond the floor (~600, never reached by alpha x' phi + b) saturate instead of being resolved.
+    ``sinkhorn_knopp_log`` is the log-space form, the reference beside it (tests compare them).
+    The [..., n, n] tensors are tiny, so float64 costs nothing measurable on the GPU either.
+    NOTE: this is the seam for a fused (Triton) kernel: dispatch to it here, keep this loop as the
+    reference and test the two against each other (forward and gradients).
+    """
+    if num_iters < 1:
+        raise ValueError(f"sinkhorn_knopp: num_iters must be >= 1 (mhcSinkhornIters), got {num_iters}")
+    if logits.shape[-1] != logits.shape[-2]:
+        raise ValueError(f"sinkhorn_knopp: expected square [..., n, n] logits, got {tuple(logits.shape)}")
+    out_dtype = _compute_dtype(logits.dtype)
+    with torch.autocast(device_type=logits.device.type, enabled=False):
+        x = logits.to(torch.float64)  # [..., n, n]
+        shift = x.detach().amax(dim=(-2, -1), keepdim=True)  # [..., 1, 1] (cancels exactly)
+        m = (x - shift).clamp(min=-SINKHORN_LOGIT_FLOOR).exp()  # [..., n, n] in (0, 1]
+        for _ in range(num_iters):
+            m = m / m.sum(dim=-2, keepdim=True)  # T_c: columns sum to 1
+            m = m / m.sum(dim=-1, keepdim=True)  # T_r: rows sum to 1
+        return m.to(out_dtype)
+
+
+def sinkhorn_knopp_log(logits: torch.Tensor, num_iters: int) -> torch.Tensor:
+    """Eq. (9) in log space (logsumexp subtraction): the reference for ``sinkhorn_knopp``.
+
+    [..., n, n] -> [..., n, n] float32 (float64 for float64 input); never overflows for any logits.
+    """
+    with torch.autocast(device_type=logits.device.type, enabled=False):
+        log_m = logits.to(_compute_dtype(logits.dtype))  # [..., n, n]
+        for _ in range(num_iters):
+            log_m = log_m - torch.logsumexp(log_m, dim=-2, keepdim=True)  # T_c: columns sum to 1
+            log_m = log_m - torch.logsumexp(log_m, dim=-1, keepdim=True)  # T_r: rows sum to 1
+        return log_m.exp()
+
+
+def sinkhorn_knopp_direct(logits: torch.Tensor, num_iters: int) -> torch.Tensor:
+    """Eq. (9) literally: exp, then alternate column and row division. Reference for tests only.
+
+    [..., n, n] -> [..., n, n] in the input dtype; overflows / underflows for large logits, which is
+    why ``sinkhorn_knopp`` works in log space.
+    """
+    m = logits.exp()  # [..., n, n]
+    for _ in range(num_iters):
+        m = m / m.sum(dim=-2, keepdim=True)
+        m = m / m.sum(dim=-1, keepdim=True)
+    return m
+
+
+def expand(s: torch.Tensor, n: int) -> torch.Tensor:
+    """Copy the single representation into n residual streams: [B, L, C] -> [B, L, n, C] (a view)."""
+    return s.unsqueeze(-2).expand(*s.shape[:-1], n, s.shape[-1])
+
+
+def contract(streams: torch.Tensor) -> torch.Tensor:
+    """Mean over streams (the user's document): [B, L, n, C] -> [B, L, C]."""
+    return streams.mean(dim=-2)
+
+
+def _rms_normalize(x: torch.Tensor) -> torch.Tensor:
+    """RMSNorm without a gain over the last axis: [..., D] -> [..., D] (Eq. 7 / Eq. 15)."""
+    return x * torch.rsqrt(x.pow(2).mean(dim=-1, keepdim=True) + RMS_EPS)
+
+
+class MHCMappings(nn.Module):
+    """H_pre, H_post, H_res of one layer from the current streams, Eqs. (7)-(9), per residue.
+
+    Args:
+        dim: C, channels per stream.
+        n: number of streams (>= 2; n = 1 needs no mappings, see ``MHCResidual``).
+        config: reads ``mhcAlphaInit`` and ``mhcSinkhornIters``.
+    forward(streams [B, L, n, C]) -> (h_pre [B, L, n], h_post [B, L, n], h_res [B, L, n, n]),
+    all float32 (at least).
+    """
+
+    def __init__(self, dim: int, n: int, config) -> None:
+        super().__init__()
+        if n < 2:
+            raise ValueError(f"MHCMappings needs n >= 2 streams, got {n} (n = 1 is the plain residual)")
+        self.dim, self.n = dim, n
+        self.alpha_init = float(config.mhcAlphaInit)
+        self.sinkhorn_iters = int(config.mhcSinkhornIters)
+        # NOTE: phi_pre | phi_post | phi_res as one [nC, 2n + n^2] matrix: one GEMM (Eq. 14).
+        self.phi = nn.Parameter(torch.empty(n * dim, 2 * n + n * n))
+        self.alpha_pre = nn.Parameter(torch.empty(()))
+        self.alpha_post = nn.Parameter(torch.empty(()))
+        self.alpha_res = nn.Parameter(torch.empty(()))
+        self.b_pre = nn.Parameter(torch.empty(n))
+        self.b_post = nn.Parameter(torch.empty(n))
+        self.b_res = nn.Parameter(torch.empty(n, n))
+        self.reset_parameters()
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        """Initialise so that the block starts as (almost) a plain residual block.
+
+        NOTE: the paper fixes alpha = 0.01 (its Table 5; our ``mhcAlphaInit``) but not phi or b.
+        - phi ~ N(0, 1 / nC): x' has unit RMS, so x' phi is O(1) and alpha * x' phi is O(alpha).
+        - b_pre = logit(1 / n): H_pre = 1/n per stream, so H_pre S = mean(S) = s while the streams
+          are equal copies (they are, right after ``expand``): the branch sees what it would see
+          without mHC.
+        - b_post = 0: H_post = 2 sigmoid(0) = 1 per stream, so every stream gets y once and the
+          mean read-out gets y exactly once. Since H_res is column stochastic,
+          mean_i (H_res S)_i = mean(S) for any H_res, so the mean read-out follows
+          s <- s + y up to the O(alpha) dynamic terms.
+        - b_res = log(RES_DIAG_INIT (n-1) / (1 - RES_DIAG_INIT)) on the diagonal, 0 off it:
+          exp(b_res) is already doubly stochastic after scaling, with diagonal 0.9 and off-diagonal
+          0.1 / (n-1): close to the identity (the plain residual's H_res) but far from saturation,
+          so dH_res / db_res ~ p (1 - p) >= 0.09 and H_res can learn. (Public code that starts
+          from -8 off-diagonal logits gives exp(-8) ~ 3e-4 and gradients of the same size.)
+        """
+        n, nc = self.n, self.n * self.dim
+        nn.init.normal_(self.phi, mean=0.0, std=1.0 / math.sqrt(nc))
+        for a in (self.alpha_pre, self.alpha_post, self.alpha_res):
+            a.fill_(self.alpha_init)
+        self.b_pre.fill_(-math.log(n - 1))  # logit(1/n)
+        self.b_post.zero_()
+        diag = math.log(RES_DIAG_INIT * (n - 1) / (1.0 - RES_DIAG_INIT))
+        self.b_res.copy_(torch.eye(n) * diag)
+
+    def forward(self, streams: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        n = self.n
+        dtype = _compute_dtype(streams.dtype, self.phi.dtype)
+        with torch.autocast(device_type=streams.device.type, enabled=False):
+            x = streams.reshape(*streams.shape[:-2], n * self.dim).to(dtype)  # vec: [B, L, nC]
+            x = _rms_normalize(x)  # [B, L, nC]  (Eq. 7)
+            raw = x @ self.phi.to(dtype)  # [B, L, 2n + n^2]  (Eq. 14)
+            pre, post, res = raw.split([n, n, n * n], dim=-1)
+            h_pre = torch.sigmoid(self.alpha_pre * pre + self.b_pre)  # [B, L, n]   (Eq. 8)
+            h_post = 2.0 * torch.sigmoid(self.alpha_post * post + self.b_post)  # [B, L, n]
+            res = res.reshape(*res.shape[:-1], n, n)  # mat: [B, L, n, n]
+            h_res = sinkhorn_knopp(self.alpha_res * res + self.b_res, self.sinkhorn_iters)  # [B, L, n, n]
+        return h_pre, h_post, h_res
+
+
+class MHCResidual(nn.Module):
+    """Eq. (3) around any branch: S <- H_res S + H_post^T branch(H_pre S, *args, **kwargs).
+
+    Args:
+        branch: any module y = f(x, ...) with x, y [B, L, C]; extra arguments (pair tensor or
+            factors, frames, mask, ...) are passed through untouched.
+        dim: C.
+        config: reads ``mhcExpansionRate`` (n), ``mhcAlphaInit``, ``mhcSinkhornIters``.
+        n: overrides ``config.mhcExpansionRate`` (keyword only).
+    forward(streams [B, L, n, C], *args, **kwargs) -> [B, L, n, C] in the streams' dtype.
+
+    With n = 1 there are no mappings (H_pre = H_post = H_res = 1) and the forward is literally
+    ``S + f(S[..., 0, :])[..., None, :]``: bit-identical to the plain residual s + f(s).
+    After each forward ``last_h_res`` holds the detached H_res [B, L, n, n] (float32) for
+    ``mhc_diagnostics``; set ``record = False`` to skip that (e.g. under torch.compile / serving).
+    """
+
+    def __init__(self, branch: nn.Module, dim: int, config, *, n: int | None = None) -> None:
+        super().__init__()
+        self.branch = branch
+        self.dim = dim
+        self.n = int(config.mhcExpansionRate if n is None else n)
+        if self.n < 1:
+            raise ValueError(f"MHCResidual: mhcExpansionRate must be >= 1, got {self.n}")
+        self.mappings = MHCMappings(dim, self.n, config) if self.n > 1 else None
+        self.record = True
+        self.last_h_res: torch.Tensor | None = None
+
+    def forward(self, streams: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        if streams.shape[-2:] != (self.n, self.dim):
+            raise ValueError(f"MHCResidual: expected streams [..., {self.n}, {self.dim}], "
+                             f"got {tuple(streams.shape)}")
+        if self.mappings is None:  # n = 1: the plain residual, exactly
+            y = self.branch(streams[..., 0, :], *args, **kwargs)  # [B, L, C]
+            if self.record:
+                self.last_h_res = torch.ones(*streams.shape[:-2], 1, 1, device=streams.device)
+            return streams + y.unsqueeze(-2)
+        h_pre, h_post, h_res = self.mappings(streams)  # [B, L, n], [B, L, n], [B, L, n, n]
+        if self.record:
+            self.last_h_res = h_res.detach()
+        dt = streams.dtype
+        # NOTE: stream mixing outside autocast, in the streams' dtype (float32 in training), so the
+        # residual stream is never rounded to bf16 (the plain residual s + y promotes the same way).
+        # The n x n products are broadcast multiply-sums, not bmm: a batch of B*L tiny matrices is
+        # slow in CPU bmm (a per-matrix loop), and on GPU this is memory-bound either way. A fused
+        # kernel would replace these three lines.
+        with torch.autocast(device_type=streams.device.type, enabled=False):
+            x = (h_pre.to(dt).unsqueeze(-1) * streams).sum(dim=-2)  # [B, L, C]
+        y = self.branch(x, *args, **kwargs)  # [B, L, C]
+        with torch.autocast(device_type=streams.device.type, enabled=False):
+            mixed = (h_res.to(dt).unsqueeze(-1) * streams.unsqueeze(-3)).sum(dim=-2)  # [B, L, n, C]
+            return mixed + h_post.to(dt).unsqueeze(-1) * y.to(dt).unsqueeze(-2)  # [B, L, n, C]
+
+
+class MeanReadout(nn.Module):
+    """The user's read-out: [B, L, n, C] -> [B, L, C] by a mean over streams (no parameters)."""
+
+    def forward(self, streams: torch.Tensor) -> torch.Tensor:
+        return contract(streams)
+
+
+class GatedReadout(nn.Module):
+    """Learned gated sum of the streams (``mhcReadout gated``): [B, L, n, C] -> [B, L, C].
+
+    NOTE: our own form (the official code's learned sum is not specified in the paper): an H_pre
+    mapping of Eqs. (7)-(8), w = sigmoid(alpha (x' phi_out) + b_out), out = sum_i w_i S_i, with
+    b_out = logit(1/n) so that it starts as the mean read-out (up to O(alpha)). With n = 1 it is
+    the identity read-out S[..., 0, :].
+    """
+
+    def __init__(self, dim: int, n: int, config) -> None:
+        super().__init__()
+        self.dim, self.n = dim, n
+        self.alpha_init = float(config.mhcAlphaInit)
+        self.phi_out = nn.Parameter(torch.empty(n * dim, n))
+        self.alpha_out = nn.Parameter(torch.empty(()))
+        self.b_out = nn.Parameter(torch.empty(n))
+        self.reset_parameters()
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        nn.init.normal_(self.phi_out, mean=0.0, std=1.0 / math.sqrt(self.n * self.dim))
+        self.alpha_out.fill_(self.alpha_init)
+        self.b_out.fill_(-math.log(self.n - 1) if self.n > 1 else 0.0)
+
+    def forward(self, streams: torch.Tensor) -> torch.Tensor:
+        if self.n == 1:
+            return streams[..., 0, :]
+        dt = streams.dtype
+        cdt = _compute_dtype(dt, self.phi_out.dtype)
+        with torch.autocast(device_type=streams.device.type, enabled=False):
+            x = _rms_normalize(streams.reshape(*streams.shape[:-2], -1).to(cdt))  # [B, L, nC]
+            w = torch.sigmoid(self.alpha_out * (x @ self.phi_out.to(cdt)) + self.b_out)  # [B, L, n]
+            return (w.to(dt).unsqueeze(-1) * streams).sum(dim=-2)  # [B, L, C]
+
+
+def build_readout(dim: int, config, *, n: int | None = None) -> nn.Module:
+    """``config.mhcReadout`` "mean" (default) -> MeanReadout, "gated" -> GatedReadout."""
+    n = int(config.mhcExpansionRate if n is None else n)
+    kind = getattr(config, "mhcReadout", "mean")
+    if kind == "mean":
+        return MeanReadout()
+    if kind == "gated":
+        return GatedReadout(dim, n, config)
+    raise ValueError(f"mhcReadout must be 'mean' or 'gated', got {kind!r}")
+
+
+def find_mhc_modules(model: nn.Module) -> list[MHCResidual]:
+    """All MHCResidual modules of ``model`` in registration order (= depth order for a ModuleList)."""
+    return [m for m in model.modules() if isinstance(m, MHCResidual)]
+
+
+def mhc_diagnostics(source: nn.Module | Sequence[nn.Module] | Sequence[torch.Tensor],
+                    mask: torch.Tensor | None = None) -> dict[str, float]:
+    """Stability numbers of the recorded H_res over depth (the paper's Figs. 3 and 7).
+
+    Args:
+        source: a model (its MHCResidual modules are found in order), a list of MHCResidual
+            modules (their ``last_h_res``), or a list of H_res tensors [..., n, n] in depth order
+            with a common leading shape (e.g. [B, L]).
+        mask: optional [...] (e.g. [B, L]); 1 real residue, 0 padding. Padding is excluded.
+    Returns (floats; empty dict when nothing has been recorded):
+        row_sum_err_max / col_sum_err_max: max over layers and residues of |row (col) sum - 1|.
+        amax_gain_fwd: composite P = H_res^(D) ... H_res^(1) (Eq. 4 over the whole depth) per
+            residue; max_i |sum_j P_ij| (forward signal gain), averaged over real residues (the
+            paper averages over the tokens of a sequence).
+        amax_gain_bwd: the same with column sums (backward gradient gain).
+        amax_gain: max(fwd, bwd); amax_gain_worst: max over residues instead of the mean.
+        single_gain_max: max over layers of the per-layer gain (mean over residues).
+        num_layers, num_streams.
+    The paper reports amax_gain ~1.6 for mHC and ~3000 for unconstrained HC at 27B.
+    NOTE: each MHCResidual keeps only its last call, so with shared weights applied several times
+    per forward (``numStructureBlocks`` > 1) the composite covers the last application only.
+    """
+    if isinstance(source, nn.Module):
+        source = find_mhc_modules(source)
+    mats: list[torch.Tensor] = []
+    for item in source:
+        h = item.last_h_res if isinstance(item, MHCResidual) else item
+        if h is not None:
+            mats.append(h.detach())
+    if not mats:
+        return {}
+    with torch.no_grad(), torch.autocast(device_type=mats[0].device.type, enabled=False):
+        mats = [h.double() for h in mats]
+        lead = mats[0].shape[:-2]
+        weight = torch.ones(lead, dtype=torch.float64, device=mats[0].device)  # [...]
+        if mask is not None:
+            weight = weight * mask.to(weight)  # [...] (broadcast)
+        keep = weight > 0
+        if not bool(keep.any()):
+            return {}
+        total = weight[keep].sum()
+
+        def gains(m: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            fwd = m.sum(dim=-1).abs().amax(dim=-1)  # [...] max abs row sum
+            bwd = m.sum(dim=-2).abs().amax(dim=-1)  # [...] max abs column sum
+            return fwd, bwd
+
+        def wmean(v: torch.Tensor) -> float:
+            return float((v * weight)[keep].sum() / total)
+
+        row_err = max(float((h.sum(-1) - 1).abs().amax(-1)[keep].max()) for h in mats)
+        col_err = max(float((h.sum(-2) - 1).abs().amax(-1)[keep].max()) for h in mats)
+        single = max(max(wmean(g) for g in gains(h)) for h in mats)
+        composite = mats[0]
+        for h in mats[1:]:
+            composite = h @ composite  # [..., n, n]  H^(l) ... H^(1)
+        fwd, bwd = gains(composite)
+        out = {
+            "row_sum_err_max": row_err,
+            "col_sum_err_max": col_err,
+            "amax_gain_fwd": wmean(fwd),
+            "amax_gain_bwd": wmean(bwd),
+            "amax_gain_worst": float(torch.maximum(fwd, bwd)[keep].max()),
+            "single_gain_max": single,
+            "num_layers": float(len(mats)),
+            "num_streams": float(mats[0].shape[-1]),
+        }
+        out["amax_gain"] = max(out["amax_gain_fwd"], out["amax_gain_bwd"])
+        return out
+
