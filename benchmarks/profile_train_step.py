@@ -118,7 +118,7 @@ def main() -> None:
     args = ap.parse_args()
     cfg, step = _setup(args)
 
-    for _ in range(3 if args.device == "cpu" else 5):
+    for _ in range(1 if args.device == "cpu" else 5):
         step()
     _sync(args.device)
     times = []
@@ -128,7 +128,7 @@ def main() -> None:
         step()
         _sync(args.device)
         times.append((time.perf_counter() - t0) * 1e3)
-    ops = profile_ops(step, args.device, stacks=args.stacks)
+    ops = profile_ops(step, args.device, stacks=args.stacks, steps=1 if args.device == "cpu" else 2)
     res = dict(config=args.config, mode=cfg.mode, device=args.device, dtype=args.dtype, batch=args.batch,
                length=args.length, compiled=args.compile, step_ms_median=statistics.median(times),
                samples_per_s=args.batch / statistics.median(times) * 1e3, **ops)

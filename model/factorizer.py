@@ -45,6 +45,7 @@ from torch import nn
 
 from model.geometry import Frames
 from model.knn import Neighbours, soft_knn
+from model.pair_transform import amp_layer_norm
 
 __all__ = ["PairFactorizer", "PairFactors", "PairFreeFactorizer", "build_factorizer"]
 
@@ -144,8 +145,9 @@ class PairFactorizer(nn.Module):
         nb = soft_knn(frames.trans, mask, self.k)  # [B, L, k]
         batch, length, k = nb.index.shape
         idx = nb.index[..., None].expand(batch, length, k, pair.shape[-1])  # [B, L, k, C_p]
-        rows = self.norm(torch.gather(pair, 2, idx))  # [B, L, k, C_p]   p[i, n_i]
-        cols = self.norm(torch.gather(pair.transpose(1, 2), 2, idx))  # [B, L, k, C_p]   p[n_i, i]
+        # NOTE: LayerNorm in the autocast dtype (model/pair_transform.py ``amp_layer_norm``).
+        rows = amp_layer_norm(self.norm, torch.gather(pair, 2, idx))  # [B, L, k, C_p]   p[i, n_i]
+        cols = amp_layer_norm(self.norm, torch.gather(pair.transpose(1, 2), 2, idx))  # [B, L, k, C_p]   p[n_i, i]
         rbf = self.rbf(nb.sq_dist).to(rows.dtype)  # [B, L, k, R]
         return PairFactors(self.left(rows, torch.cat([rows, rbf], -1), nb.weight, mask),
                            self.right(cols, torch.cat([cols, rbf], -1), nb.weight, mask))

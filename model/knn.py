@@ -83,6 +83,10 @@ def knn(ca: torch.Tensor, mask: torch.Tensor, k: int, *, include_self: bool = Tr
     batch, length, _ = ca.shape
     x = ca.float()
     real = mask.bool()  # [B, L]
+    if chunk is None and torch.compiler.is_compiling():
+        # NOTE: one block under torch.compile (a loop over a dynamic length would specialise the
+        # graph to each length); the compiled graph frees the [B, L, L] temporaries early anyway.
+        chunk = length
     if chunk is None:
         chunk = max(1, KNN_BLOCK_ELEMENTS // max(1, 3 * batch * length))
     take = min(k, length)

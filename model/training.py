@@ -31,7 +31,6 @@ import os
 import tempfile
 import time
 from dataclasses import dataclass
-from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -174,7 +173,9 @@ class DiffusionModule(pl.LightningModule):
         """[B, L, 3], [B], [B, L] -> eps_hat [B, L, 3]."""
         if self.config.compileModel:
             if self._compiled is None:  # kept out of the module tree so state_dict names don't change
-                self.__dict__["_compiled"] = torch.compile(self.denoiser)
+                from model.denoiser import compile_denoiser
+
+                self.__dict__["_compiled"] = compile_denoiser(self.denoiser)  # dynamic shapes
             return self._compiled(x_t, t, mask)
         return self.denoiser(x_t, t, mask)
 
@@ -348,6 +349,24 @@ class EpochCheckpoint(pl.Callback):
             trainer.save_checkpoint(self.dirpath / "last.ckpt")
 
 
+class StretchTimeLimit(pl.Callback):
+    """Stop after ``minutes`` of wall time in THIS process (``train --max-minutes``).
+
+    NOTE: Lightning's own ``max_time`` restores its elapsed time from the checkpoint, so a resumed
+    run stops at once; a stretch of limited GPU time needs the time since this fit started.
+    """
+
+    def __init__(self, minutes: float):
+        self.seconds, self.start = 60.0 * minutes, None
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self.start = time.monotonic()
+
+    def on_train_batch_end(self, trainer: pl.Trainer, *args) -> None:
+        if self.start is not None and time.monotonic() - self.start >= self.seconds:
+            trainer.should_stop = True
+
+
 class OOMHandler(pl.Callback):
     """On CUDA out-of-memory: free what we hold, write ``last.ckpt`` and record the knobs message."""
 
@@ -452,6 +471,8 @@ def build_trainer(config: Config, options: TrainOptions, run_dir: Path) -> pl.Tr
     loggers = [] if options.debug else [TensorBoardLogger(str(run_dir), name="tensorboard"),
                                         CSVLogger(str(run_dir), name="csv")]
     callbacks = [EpochCheckpoint(ckpt_dir, config.checkpointEveryEpoches), OOMHandler(ckpt_dir)]
+    if options.max_minutes:
+        callbacks.append(StretchTimeLimit(options.max_minutes))
     if options.progress_bar:
         callbacks.append(TQDMProgressBar(refresh_rate=max(1, min(config.logEverySteps, 10))))
     extra = {"limit_train_batches": 4, "limit_val_batches": 2} if options.debug else {}
@@ -460,7 +481,6 @@ def build_trainer(config: Config, options: TrainOptions, run_dir: Path) -> pl.Tr
         strategy="ddp" if distributed else "auto",
         precision=resolve_precision(config.precision, accelerator),
         max_epochs=config.numEpoches, max_steps=options.max_steps,
-        max_time=timedelta(minutes=options.max_minutes) if options.max_minutes else None,
         gradient_clip_val=config.gradientClipVal or None, gradient_clip_algorithm="norm",
         log_every_n_steps=config.logEverySteps, logger=loggers or False, callbacks=callbacks,
         plugins=[AtomicCheckpointIO()], enable_checkpointing=False,

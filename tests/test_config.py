@@ -138,3 +138,9 @@ def test_missing_and_binary_files(tmp_path: Path):
     bad.write_bytes(b"\xff\xfe\x00binary")
     with pytest.raises(ConfigError, match="UTF-8"):
         load_config(bad)
+
+
+def test_readme_documents_every_key():
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text(encoding="utf-8")
+    for f in dataclasses.fields(Config):
+        assert f"| `{f.name}` |" in readme, f"README's config table lacks {f.name}"
