@@ -47,7 +47,7 @@ async def load(url: str, bodies: list[dict], clients: int, deadline_s: float) ->
         while not queue.empty() and time.monotonic() < t_end:
             body = queue.get_nowait()
             t0 = time.monotonic()
-            r = await client.post(f"{url}/sample", json=body, timeout=deadline_s + 60)
+            r = await client.post(f"{url}/sample", json=body, timeout=900)
             lat.append(time.monotonic() - t0)
             codes[r.status_code] = codes.get(r.status_code, 0) + 1
             if r.status_code == 200:
@@ -79,6 +79,7 @@ def main() -> None:
     ap.add_argument("--clients", type=int, default=32)
     ap.add_argument("--count", type=int, default=8)
     ap.add_argument("--phase-seconds", type=float, default=90.0)
+    ap.add_argument("--no-mixed", action="store_true")
     args = ap.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     settings = ServiceSettings(weights=args.weights, device=args.device, precision=args.precision,
@@ -95,6 +96,7 @@ def main() -> None:
         report["phases"]["single_L128"] = dict(status=r.status_code, latency_s=time.monotonic() - t0,
                                                server_timings=r.json().get("timings") if r.status_code == 200 else r.text)
         print("single request L=128:", json.dumps(report["phases"]["single_L128"]), flush=True)
+        (args.out / "serve_gpu.json").write_text(json.dumps(report, indent=1, default=str))
         for L in [int(x) for x in args.lengths.split(",")]:
             n_req = 4 * args.clients
             bodies = [{"length": L, "count": args.count, "seed": i} for i in range(n_req)]
@@ -103,6 +105,9 @@ def main() -> None:
             res["engine_before"], res["engine_after"] = before, engine_stats(srv)
             report["phases"][f"load_L{L}"] = res
             print(f"L={L}: {json.dumps({k: v for k, v in res.items() if not k.startswith('engine')})}", flush=True)
+            (args.out / "serve_gpu.json").write_text(json.dumps(report, indent=1, default=str))
+        if args.no_mixed:
+            return
         rng = random.Random(0)
         bodies = [{"length": rng.choice([64, 100, 128, 200, 256]), "count": args.count, "seed": i}
                   for i in range(4 * args.clients)]
