@@ -1,0 +1,90 @@
+"""Long-chain training per mode on one GPU (issue 5): for each mode at L = 512 and 1024, with gradient
+checkpointing and bf16, the largest batch in 1, 2, 4, 8, 16 that fits, its step time and peak memory.
+
+    python benchmarks/long_chain_modes.py --out DIR [--lengths 512 1024] [--budget-s 200]
+
+Modes: standard, mhc, flash, mhc_flash (Genie widths, the user's example settings), and mhc_flash with
+usePairFree. Time-bounded: stops starting new runs after --budget-s seconds.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+from types import SimpleNamespace
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from profile_train_step import _setup  # noqa: E402
+
+CONFIG = Path(__file__).resolve().parents[1] / "configs" / "mhc_flash.txt"
+RUNS = [("standard", False), ("mhc", False), ("flash", False), ("mhc_flash", False), ("mhc_flash", True)]
+
+
+def measure(mode: str, pair_free: bool, batch: int, length: int, steps: int = 3, device: str = "cuda") -> dict:
+    args = SimpleNamespace(config=str(CONFIG), mode=mode, compile=False, device=device, batch=batch,
+                           length=length, dtype="bf16")
+    model_cfg = {"useGradientCheckpointing": True, "usePairFree": pair_free, "maximumNumResidues": 4096}
+    import profile_train_step as pts  # same step as the profiler, config overridden
+
+    orig = pts.load_config
+    pts.load_config = lambda p: orig(p).replace(**model_cfg)
+    try:
+        cfg, step = _setup(args)
+    finally:
+        pts.load_config = orig
+    torch.cuda.reset_peak_memory_stats()
+    step()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(steps):
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        step()
+        b.record()
+        torch.cuda.synchronize()
+        times.append(a.elapsed_time(b))
+    return dict(step_ms=statistics.median(times), peak_gib=torch.cuda.max_memory_allocated() / 2**30)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--out", type=Path, required=True)
+    ap.add_argument("--lengths", type=int, nargs="+", default=[512, 1024])
+    ap.add_argument("--batches", type=int, nargs="+", default=[1, 2, 4, 8, 16])
+    ap.add_argument("--budget-s", type=float, default=200.0)
+    args = ap.parse_args()
+    t0, rows = time.monotonic(), []
+    for length in args.lengths:
+        for mode, pair_free in RUNS:
+            best = None
+            for batch in args.batches:
+                if time.monotonic() - t0 > args.budget_s:
+                    break
+                try:
+                    r = measure(mode, pair_free, batch, length)
+                except torch.cuda.OutOfMemoryError:
+                    break
+                finally:
+                    torch.cuda.empty_cache()
+                best = dict(mode=mode + ("+pairfree" if pair_free else ""), L=length, batch=batch, **r,
+                            samples_per_s=batch / r["step_ms"] * 1e3)
+            if best:
+                rows.append(best)
+                print(json.dumps(best), flush=True)
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "long_chain_modes.json").write_text(json.dumps(
+        {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "rows": rows}, indent=1))
+    print(f"{'mode':<20}{'L':>6}{'max B':>7}{'step ms':>10}{'peak GiB':>10}{'samples/s':>11}")
+    for r in rows:
+        print(f"{r['mode']:<20}{r['L']:>6}{r['batch']:>7}{r['step_ms']:>10.1f}{r['peak_gib']:>10.2f}{r['samples_per_s']:>11.2f}")
+
+
+if __name__ == "__main__":
+    main()
