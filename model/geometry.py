@@ -17,7 +17,9 @@ Shapes use the package symbols: B batch, L residues, ``*`` any leading batch dim
 
 from __future__ import annotations
 
+import contextlib
 import functools
+import threading
 from dataclasses import dataclass
 
 import torch
@@ -25,16 +27,45 @@ import torch
 __all__ = [
     "Frames",
     "frenet_serret_frames",
+    "input_checks_enabled",
     "quaternion_to_rotation",
     "quaternion_update",
     "random_rotation",
     "safe_normalize",
+    "skip_input_checks",
 ]
 
 # Added under the square root of every normalisation (Genie uses 1e-10 in fp32). Large enough that
 # a zero vector gives a zero (not NaN) result and a finite gradient, small enough to leave the
 # direction of any real CA-CA difference (|v| ~ 3.8 A) unchanged at fp32 precision.
 NORM_EPS = 1e-10
+
+
+_CHECKS = threading.local()  # per thread: CUDA graph capture in the engine thread, eager elsewhere
+
+
+@contextlib.contextmanager
+def skip_input_checks():
+    """Skip the data-dependent input checks (host syncs) in this thread, e.g. during CUDA graph capture.
+
+    Shape checks stay; only checks that read tensor values (the prefix-mask check of
+    :func:`frenet_serret_frames`) are skipped. Re-entrant; eager code outside the block keeps them.
+    """
+    depth = getattr(_CHECKS, "skip_depth", 0)
+    _CHECKS.skip_depth = depth + 1
+    try:
+        yield
+    finally:
+        _CHECKS.skip_depth = depth
+
+
+def input_checks_enabled() -> bool:
+    """False inside ``torch.compile``, inside :func:`skip_input_checks`, and while this thread's
+    current CUDA stream is capturing a graph (a host sync there would invalidate the capture)."""
+    if torch.compiler.is_compiling() or getattr(_CHECKS, "skip_depth", 0):
+        return False
+    return not (torch.cuda.is_available() and torch.cuda.is_initialized()
+                and torch.cuda.is_current_stream_capturing())
 
 
 def safe_normalize(v: torch.Tensor, eps: float = NORM_EPS) -> torch.Tensor:
@@ -193,7 +224,8 @@ def frenet_serret_frames(ca: torch.Tensor, mask: torch.Tensor, *, eps: float = N
     reach a real residue's frame. Chains shorter than 3 residues have no defined frame; they get
     identity rotations (Genie would index out of range).
     NOTE: ``mask`` must be a prefix mask per sample (real residues first, then padding), the layout
-    every batch in this package uses; a mask with holes raises ``ValueError``.
+    every batch in this package uses; a mask with holes raises ``ValueError`` (a host sync, so the
+    check is skipped under torch.compile, CUDA graph capture and ``skip_input_checks()``).
 
     Args:
         ca: [B, L, 3] CA coordinates.
@@ -208,8 +240,8 @@ def frenet_serret_frames(ca: torch.Tensor, mask: torch.Tensor, *, eps: float = N
     real = mask.bool()  # [B, L]
     lengths = real.sum(dim=-1)  # [B]
     pos = torch.arange(length, device=ca.device)  # [L]
-    # (a data-dependent check: skipped inside torch.compile, where it would break the graph)
-    if not torch.compiler.is_compiling() and not torch.equal(real, pos[None, :] < lengths[:, None]):
+    # (a data-dependent check: skipped inside torch.compile and CUDA graph capture, see input_checks_enabled)
+    if input_checks_enabled() and not torch.equal(real, pos[None, :] < lengths[:, None]):
         raise ValueError("frenet_serret_frames needs prefix masks (residues first, then padding)")
 
     eye = torch.eye(3, dtype=ca.dtype, device=ca.device)

@@ -27,6 +27,7 @@ import torch
 from fastapi import Depends, FastAPI, Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse, Response
+from fastapi.routing import APIRoute
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from service.engine import (
@@ -46,6 +47,7 @@ from service.schemas import (
     SampleRequest,
     SampleResponse,
     Timings,
+    publish_limits,
     validate_limits,
 )
 from service.settings import ServiceSettings
@@ -146,6 +148,8 @@ async def lifespan(app: FastAPI):
         log.error("mhcflash service cannot start: %s", exc)
         raise
     state.device, state.loaded, state.limits = device, loaded, limits
+    app.openapi_schema = None  # regenerate with this server's ranges (GET /openapi.json)
+    publish_limits(app.openapi(), limits)
     metrics = ServiceMetrics(device)
     state.metrics = metrics
     autocast = torch.bfloat16 if settings.precision == "bf16" and device.type == "cuda" else None
@@ -163,6 +167,7 @@ async def lifespan(app: FastAPI):
         loaded.denoiser, Schedule.from_config(loaded.config), device=device, residue_budget=budget,
         queue_max_samples=settings.queue_max_samples, max_batch_requests=settings.max_batch_requests,
         pad_multiple=settings.pad_multiple, autocast_dtype=autocast,
+        cuda_graphs=settings.cuda_graphs, cuda_graph_cache=settings.cuda_graph_cache,
         max_worker_restarts=settings.max_worker_restarts, metrics=metrics,
         on_dead=(lambda: _exit_soon(ENGINE_DEAD_EXIT_CODE)) if settings.exit_on_engine_death else None,
     )
@@ -189,14 +194,19 @@ def _exit_soon(code: int) -> None:
 
 
 class GuardMiddleware:
-    """Pure ASGI: body size (413) and content type (415) for POST bodies, before any parsing."""
+    """Pure ASGI: body size (413) and content type (415) for the routes that take a body, before any parsing.
 
-    def __init__(self, app, max_body_bytes: int) -> None:
+    `body_routes` holds (method, path) pairs; any other request (e.g. `PUT /health`) goes straight to
+    the router, which answers 404 / 405 without reading a body.
+    """
+
+    def __init__(self, app, max_body_bytes: int, body_routes: set[tuple[str, str]]) -> None:
         self.app = app
         self.max_body_bytes = max_body_bytes
+        self.body_routes = body_routes
 
     async def __call__(self, scope, receive, send):
-        if scope["type"] != "http" or scope["method"] not in ("POST", "PUT", "PATCH"):
+        if scope["type"] != "http" or (scope["method"], scope["path"]) not in self.body_routes:
             return await self.app(scope, receive, send)
         headers = dict(scope.get("headers") or [])
         ctype = headers.get(b"content-type", b"").split(b";")[0].strip().lower()
@@ -252,9 +262,11 @@ def create_app(settings: ServiceSettings | None = None) -> FastAPI:
         responses={500: {"model": ErrorResponse}},
     )
     app.state.service = ServiceState(settings)
-    app.add_middleware(GuardMiddleware, max_body_bytes=settings.max_body_bytes)
     _install_handlers(app)
     _install_routes(app)
+    body_routes = {(method, route.path) for route in app.routes
+                   if isinstance(route, APIRoute) and route.body_field is not None for method in route.methods}
+    app.add_middleware(GuardMiddleware, max_body_bytes=settings.max_body_bytes, body_routes=body_routes)
     return app
 
 
@@ -317,6 +329,7 @@ def _pdb_models(samples: list[Sample]) -> str:
 
 def _install_routes(app: FastAPI) -> None:
     reject_doc = {
+        400: {"model": ErrorResponse, "description": "malformed body (invalid UTF-8) or Content-Length"},
         401: {"model": ErrorResponse, "description": "missing or wrong X-API-Key (when auth is on)"},
         413: {"model": ErrorResponse}, 415: {"model": ErrorResponse},
         429: {"model": ErrorResponse, "description": "queue full; retry after the Retry-After header"},

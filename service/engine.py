@@ -23,6 +23,10 @@ Faults:
   up to `max_worker_restarts` times; after that the engine stays down (`alive` False, /ready 503,
   `mhcflash_engine_up` 0) and `on_dead` is called (the app exits the process for the orchestrator).
 
+CUDA graphs (`service.graphs`, `cuda_graphs` auto|on|off): on CUDA the step (denoiser + reverse step)
+is replayed from a graph captured per (batch bucket, padded length); the eager path stays beside it
+(CPU, batches above the largest bucket, or a failed capture) and gives the same samples.
+
 Symbols: B batch, L residues (padded), T timesteps.
 """
 
@@ -41,7 +45,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-from model.diffusion import Schedule, reverse_step
+from model.diffusion import Schedule
+from service.graphs import StepGraphRunner, eager_step, graphs_enabled
 
 log = logging.getLogger("mhcflash.engine")
 
@@ -137,6 +142,9 @@ class EngineStats:
     samples_failed: int = 0
     oom_retries: int = 0
     worker_restarts: int = 0
+    cuda_graphs_cached: int = 0
+    cuda_graph_captures: int = 0
+    cuda_graph_replays: int = 0
 
 
 class SamplingEngine:
@@ -157,6 +165,8 @@ class SamplingEngine:
         metrics=None,
         to_pdb: Callable[[torch.Tensor], str] | None = None,
         on_dead: Callable[[], None] | None = None,
+        cuda_graphs: str = "auto",
+        cuda_graph_cache: int = 32,
     ) -> None:
         if to_pdb is None:
             from model.pdb_io import ca_to_pdb as to_pdb
@@ -183,6 +193,10 @@ class SamplingEngine:
         self._thread: threading.Thread | None = None
         self._ema_sample_s = 1.0
         self._set_gauge("residue_budget", self.residue_budget)
+        self.graphs: StepGraphRunner | None = None
+        if graphs_enabled(cuda_graphs, self.device):
+            self.graphs = StepGraphRunner(self.denoiser, schedule, device=self.device, autocast_dtype=autocast_dtype,
+                                          max_graphs=cuda_graph_cache)
 
     # ---------------------------------------------------------------- lifecycle
     def start(self) -> None:
@@ -428,12 +442,19 @@ class SamplingEngine:
                 noise[b, : s.length] = s.noise
         t = torch.tensor([s.t for s in batch], dtype=torch.long, device=dev)  # [B]
         scale = torch.tensor([s.job.noise_scale for s in batch], device=dev)  # [B]
-        if self.autocast_dtype is not None and dev.type == "cuda":
-            with torch.autocast("cuda", dtype=self.autocast_dtype):
-                eps_hat = self.denoiser(x, t, mask)  # [B, L, 3]
-        else:
-            eps_hat = self.denoiser(x, t, mask)  # [B, L, 3]
-        return reverse_step(self.schedule, x, eps_hat.float(), t, mask, noise, scale)  # [B, L, 3]
+        if self.graphs is not None:
+            try:
+                return self.graphs.step(x, t, mask, noise, scale)  # [B, L, 3]
+            finally:
+                self._graph_stats()
+        return eager_step(self.denoiser, self.schedule, x, t, mask, noise, scale,
+                          autocast_dtype=self.autocast_dtype)  # [B, L, 3]
+
+    def _graph_stats(self) -> None:
+        g, st = self.graphs.stats, self.stats
+        st.cuda_graphs_cached, st.cuda_graph_captures, st.cuda_graph_replays = g.cached, g.captures, g.replays
+        if self.metrics is not None and hasattr(self.metrics, "cuda_graphs_cached"):
+            self.metrics.cuda_graphs_cached.set(g.cached)
 
     def _finish(self, slot: _Slot) -> None:
         ca = slot.x.float().cpu()  # [L, 3]

@@ -104,6 +104,8 @@ class ServiceMetrics:
             registry=r,
         )
         self.engine_up = Gauge("mhcflash_engine_up", "1 while the engine worker runs, else 0.", registry=r)
+        self.cuda_graphs_cached = Gauge("mhcflash_cuda_graphs_cached", "Captured CUDA graphs of the sampling step.",
+                                        registry=r)
         self.engine_restarts = Counter(
             "mhcflash_engine_restarts", "Engine worker restarts after a crash.", registry=r
         )

@@ -14,6 +14,8 @@
 | `MHCFLASH_RESIDUE_BUDGET` | auto | padded residues (batch size * padded length) per step; auto: 4096 on CPU, from free VRAM on GPU |
 | `MHCFLASH_MAX_BATCH_REQUESTS` | 0 (no limit) | distinct requests per batch; 1 = one request at a time (benchmark baseline) |
 | `MHCFLASH_PAD_MULTIPLE` | 8 | batch length padded up to a multiple of this (fewer distinct shapes, steadier allocator) |
+| `MHCFLASH_CUDA_GRAPHS` | `auto` | `auto` / `on`: replay each sampling step from a CUDA graph per (batch bucket, padded length) on CUDA devices (`service.graphs`); `off`: eager. CPU is always eager |
+| `MHCFLASH_CUDA_GRAPH_CACHE` | 32 | captured step graphs kept (least recently used evicted) |
 | `MHCFLASH_API_KEY` | unset (auth off) | when set, `POST /sample` and `GET /info` need header `X-API-Key` |
 | `MHCFLASH_MAX_BODY_BYTES` | 4096 | larger request bodies get 413 |
 | `MHCFLASH_HOST` / `MHCFLASH_PORT` | `127.0.0.1` / 8000 | where `python -m service` listens |
@@ -51,6 +53,8 @@ class ServiceSettings(BaseSettings):
     residue_budget: int | None = Field(None, ge=1)
     max_batch_requests: int = Field(0, ge=0)
     pad_multiple: int = Field(8, ge=1)
+    cuda_graphs: Literal["auto", "on", "off"] = "auto"
+    cuda_graph_cache: int = Field(32, ge=1)
     api_key: SecretStr | None = None
     max_body_bytes: int = Field(4096, ge=64)
     host: str = "127.0.0.1"
