@@ -194,20 +194,24 @@ def _exit_soon(code: int) -> None:
 
 
 class GuardMiddleware:
-    """Pure ASGI: body size (413) and content type (415) for the routes that take a body, before any parsing.
+    """Pure ASGI: body size (413) and content type (415) for POST / PUT / PATCH bodies, before any parsing.
 
-    `body_routes` holds (method, path) pairs; any other request (e.g. `PUT /health`) goes straight to
-    the router, which answers 404 / 405 without reading a body.
+    Fail-safe: every such request is guarded except a method that a known path does not take a body
+    on (`PUT /health`, `PUT /sample`): the router answers those 405 without reading the body.
+    `body_routes` holds the (method, path) pairs that take a body, `paths` every route path.
     """
 
-    def __init__(self, app, max_body_bytes: int, body_routes: set[tuple[str, str]]) -> None:
+    def __init__(self, app, max_body_bytes: int, body_routes: set[tuple[str, str]], paths: set[str]) -> None:
         self.app = app
         self.max_body_bytes = max_body_bytes
         self.body_routes = body_routes
+        self.paths = paths
 
     async def __call__(self, scope, receive, send):
-        if scope["type"] != "http" or (scope["method"], scope["path"]) not in self.body_routes:
+        if scope["type"] != "http" or scope["method"] not in ("POST", "PUT", "PATCH"):
             return await self.app(scope, receive, send)
+        if scope["path"] in self.paths and (scope["method"], scope["path"]) not in self.body_routes:
+            return await self.app(scope, receive, send)  # 405 from the router, body never read
         headers = dict(scope.get("headers") or [])
         ctype = headers.get(b"content-type", b"").split(b";")[0].strip().lower()
         if ctype != b"application/json":
@@ -266,7 +270,9 @@ def create_app(settings: ServiceSettings | None = None) -> FastAPI:
     _install_routes(app)
     body_routes = {(method, route.path) for route in app.routes
                    if isinstance(route, APIRoute) and route.body_field is not None for method in route.methods}
-    app.add_middleware(GuardMiddleware, max_body_bytes=settings.max_body_bytes, body_routes=body_routes)
+    paths = {route.path for route in app.routes if hasattr(route, "path")}
+    app.add_middleware(GuardMiddleware, max_body_bytes=settings.max_body_bytes, body_routes=body_routes,
+                       paths=paths)
     return app
 
 

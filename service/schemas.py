@@ -91,9 +91,45 @@ def validate_limits(req: SampleRequest, limits: Limits) -> list[dict]:
                 req.count,
             )
         )
-    if req.seed is not None and req.seed + req.count - 1 > SEED_MAX:
-        errors.append(_error("seed", f"seed + count - 1 must be at most {SEED_MAX}", req.seed))
+    if req.seed is not None and req.seed > seed_max(limits):
+        errors.append(_error("seed", f"seed must be between 0 and {seed_max(limits)} (sample i uses seed + i, "
+                             f"up to {SEED_MAX})", req.seed))
     return errors
+
+
+def seed_max(limits: Limits) -> int:
+    """Largest first seed: every count up to `max_count` keeps seed + i <= SEED_MAX.
+
+    NOTE: a fixed bound (not `SEED_MAX - count + 1`) so that the OpenAPI schema can state it exactly.
+    """
+    return SEED_MAX - (limits.max_count - 1)
+
+
+def publish_limits(openapi: dict, limits: Limits) -> dict:
+    """Write this server's request ranges into its OpenAPI document (in place) and return it.
+
+    The static schema only knows `length >= 1`; the loaded model and the operator's settings decide
+    the real ranges. Publishing them makes every schema-valid body acceptable (except the
+    `length * count` product, which JSON Schema cannot express: see its description) and every
+    out-of-range body schema-invalid, so schema-driven clients and fuzzers see the true contract.
+    Integer bounds are written as ints (pydantic renders `le=2**63 - 1` as the float 2**63).
+    """
+    body = openapi["components"]["schemas"]["SampleRequest"]
+    props = body["properties"]
+    props["length"].update(minimum=limits.min_length, maximum=limits.max_length)
+    props["length"]["description"] = f"Number of residues of each sampled backbone ({limits.min_length}-" \
+                                     f"{limits.max_length} on this server)."
+    props["count"].update(minimum=1, maximum=limits.max_count)
+    props["count"]["description"] = f"Number of independent samples (1-{limits.max_count}); length * count " \
+                                    f"must be at most {limits.max_total_residues}."
+    for option in props["seed"].get("anyOf", []):
+        if option.get("type") == "integer":
+            option.update(minimum=0, maximum=seed_max(limits))
+    fits = [ex for ex in body.get("examples", [])
+            if limits.min_length <= ex["length"] <= limits.max_length and ex.get("count", 1) <= limits.max_count
+            and ex["length"] * ex.get("count", 1) <= limits.max_total_residues]
+    body["examples"] = fits or [{"length": limits.max_length}]
+    return openapi
 
 
 def _error(field: str, msg: str, value) -> dict:
