@@ -140,3 +140,13 @@ def randomize_parameters(module: torch.nn.Module, *, seed: int = 0, scale: float
     for p in module.parameters():
         p.add_(torch.randn(p.shape, generator=gen, dtype=torch.float32).to(p.dtype) * scale)
     return module
+
+
+@pytest.fixture
+def one_thread():
+    """Run a test with one intra-op thread: on an oversubscribed 2-core machine OpenMP spin-waits
+    can stall small CPU steps for seconds."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

@@ -18,12 +18,7 @@ SEED = Path(__file__).resolve().parents[2] / "shared" / "seed" / "mhc_flash_ipa.
 runner = CliRunner()
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)  # the shared 2-core machine is oversubscribed: avoid OpenMP spin stalls
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _plain(text: str) -> str:

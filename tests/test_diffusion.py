@@ -14,13 +14,7 @@ ATOL_STEP = 1e-6  # reverse_step: batched vs separate rows (pure elementwise ari
 ATOL_SAMPLE = 1e-4  # sample(): same seed, different batch (denoiser padding invariance ~1e-5 per call)
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # The shared 2-core machine is oversubscribed; one intra-op thread avoids spin-wait stalls.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.mark.parametrize("T", [1000, 7])

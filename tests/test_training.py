@@ -36,12 +36,7 @@ OVERFIT_STEPS = 120  # optimizer steps on 4 chains (one batch per epoch)
 OVERFIT_FACTOR = 1.15  # fixed-noise loss must drop at least this factor (measured ~1.27 at 150 steps)
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)  # the shared 2-core machine is oversubscribed: avoid OpenMP spin stalls
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
