@@ -21,7 +21,7 @@ Heavy submodules are imported lazily, so ``import model.config`` stays cheap.
 
 from __future__ import annotations
 
-__all__ = ["build_denoiser"]
+__all__ = ["build_denoiser", "compile_denoiser"]
 
 
 def build_denoiser(config):
@@ -36,3 +36,10 @@ def build_denoiser(config):
     from model.denoiser import Denoiser
 
     return Denoiser(config)
+
+
+def compile_denoiser(denoiser, **kwargs):
+    """``torch.compile`` of a denoiser (see :func:`model.denoiser.compile_denoiser`)."""
+    from model.denoiser import compile_denoiser as _compile
+
+    return _compile(denoiser, **kwargs)
