@@ -310,5 +310,5 @@ def test_gpu_service_request_with_graphs(tmp_path):
     loaded = load_weights(weights, torch.device("cuda"))
     ref = reference_sample(loaded.denoiser, [22, 22], [11, 12], 0.6)
     for s, expected in zip(r.json()["samples"], ref):
-        err = abs(parse_ca(s["pdb"]) - expected.numpy()).max()
+        err = abs(parse_ca(s["pdb"]) - expected.cpu().numpy()).max()
         assert err < COORD_ATOL, f"sample {s['index']}: {err:.2e} A from model.diffusion.sample"
