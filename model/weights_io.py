@@ -22,15 +22,14 @@ a separate config, which `load_weights` also reads (a `.ckpt` next to `config.tx
 from __future__ import annotations
 
 import hashlib
-import os
 import pickle
 import re
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
+from model.atomic_io import atomic_write_bytes
 from model.config import Config, ConfigError, load_config
 
 __all__ = ["LoadedWeights", "WeightsError", "load_weights", "resolve_weights_dir", "save_weights"]
@@ -57,22 +56,10 @@ class LoadedWeights:
     path: Path  # the weights file that was read
 
 
-def _atomic_write(path: Path, write) -> None:
-    """Call `write(tmp_path)` then rename over `path`, so readers never see a half-written file."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        write(Path(tmp))
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def save_weights(directory: str | Path, denoiser: torch.nn.Module, extra_card: str | None = None,
                  *, dtype: torch.dtype | None = None) -> Path:
     """Write `config.txt` and `model.safetensors` (cast to `dtype`, e.g. bf16, if given); return the dir."""
-    from safetensors.torch import save_file
+    from safetensors.torch import save
 
     config = getattr(denoiser, "config", None)
     if not isinstance(config, Config):
@@ -85,12 +72,12 @@ def save_weights(directory: str | Path, denoiser: torch.nn.Module, extra_card: s
         if dtype is not None and value.is_floating_point():
             value = value.to(dtype)
         state[key] = value.contiguous().clone()  # clone: safetensors refuses shared storage
-    _atomic_write(directory / CONFIG_FILE, lambda p: p.write_text(config.to_text()))
+    atomic_write_bytes(directory / CONFIG_FILE, config.to_text().encode("utf-8"))
     # NOTE: a single metadata key: safetensors writes metadata in hash-map order, so several keys
     # would make the file bytes (and its sha256, the model's identity on /info) vary between saves.
-    _atomic_write(directory / WEIGHTS_FILE, lambda p: save_file(state, str(p), metadata={"format": "pt"}))
+    atomic_write_bytes(directory / WEIGHTS_FILE, save(state, metadata={"format": "pt"}))
     if extra_card is not None:
-        _atomic_write(directory / CARD_FILE, lambda p: p.write_text(extra_card))
+        atomic_write_bytes(directory / CARD_FILE, extra_card.encode("utf-8"))
     return directory
 
 

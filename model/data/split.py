@@ -19,8 +19,8 @@ import json
 from collections import defaultdict
 from pathlib import Path
 
+from model.atomic_io import atomic_write_bytes
 from model.data.build import BuildSummary, build_dataset
-from model.data.cache import atomic_write_bytes
 from model.data.parse import Chain
 
 TRAIN, VAL = "train", "val"
