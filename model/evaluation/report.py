@@ -42,6 +42,13 @@ def _plots(out: Path, comp: Comparison) -> list[tuple[str, str]]:
     sets = {"samples": comp.samples, "real": comp.real}
     made = []
 
+    def save(fig, name: str, caption: str, *, tight: bool = True) -> None:
+        if tight:
+            fig.tight_layout()
+        fig.savefig(out / name)
+        plt.close(fig)
+        made.append((name, caption))
+
     fig, ax = plt.subplots(figsize=(5.2, 3.6), dpi=110)
     bins = np.linspace(2.5, 5.0, 51)
     for name, s in sets.items():
@@ -50,10 +57,7 @@ def _plots(out: Path, comp: Comparison) -> list[tuple[str, str]]:
     ax.axvline(3.8, color="k", lw=1, ls="--", label="3.8 A")
     ax.set(xlabel="consecutive CA-CA distance (A)", ylabel="density", title="CA-CA distances")
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(out / "ca_ca_hist.png")
-    plt.close(fig)
-    made.append(("ca_ca_hist.png", "Consecutive CA-CA distances (clipped to 2.5-5 A)."))
+    save(fig, "ca_ca_hist.png", "Consecutive CA-CA distances (clipped to 2.5-5 A).")
 
     fig, ax = plt.subplots(figsize=(5.2, 3.6), dpi=110)
     lengths = np.array([c.length for s in sets.values() for c in s.chains])
@@ -66,10 +70,7 @@ def _plots(out: Path, comp: Comparison) -> list[tuple[str, str]]:
                    color=COLORS[name], label=name)
     ax.set(xlabel="length L (residues)", ylabel="radius of gyration (A)", title="Rg vs length")
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(out / "rg_vs_length.png")
-    plt.close(fig)
-    made.append(("rg_vs_length.png", "Radius of gyration against length with the folded-chain curve."))
+    save(fig, "rg_vs_length.png", "Radius of gyration against length with the folded-chain curve.")
 
     fig, ax = plt.subplots(figsize=(5.2, 3.6), dpi=110)
     names = list(sets)
@@ -83,10 +84,7 @@ def _plots(out: Path, comp: Comparison) -> list[tuple[str, str]]:
         bottom += vals
     ax.set(ylim=(0, 1), ylabel="fraction of residues", title="Secondary structure (CA-only P-SEA)")
     ax.legend(fontsize=8, loc="upper right", bbox_to_anchor=(1.32, 1.0))
-    fig.tight_layout()
-    fig.savefig(out / "sse_composition.png")
-    plt.close(fig)
-    made.append(("sse_composition.png", "Mean helix / strand / coil fractions per chain."))
+    save(fig, "sse_composition.png", "Mean helix / strand / coil fractions per chain.")
 
     mats = [(name, s.tm_matrix) for name, s in sets.items() if s.tm_matrix is not None]
     if mats:
@@ -95,9 +93,7 @@ def _plots(out: Path, comp: Comparison) -> list[tuple[str, str]]:
             im = ax.imshow(m, vmin=0, vmax=1, cmap="viridis")
             ax.set(title=f"pairwise TM-score: {name}", xlabel="chain", ylabel="chain")
         fig.colorbar(im, ax=axes[0].tolist(), shrink=0.85)
-        fig.savefig(out / "tm_heatmap.png")
-        plt.close(fig)
-        made.append(("tm_heatmap.png", "Pairwise TM-score (normalised by the shorter chain)."))
+        save(fig, "tm_heatmap.png", "Pairwise TM-score (normalised by the shorter chain).", tight=False)
     return made
 
 
