@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-__all__ = ["Config", "ConfigError", "load_config", "parse_config", "KEY_DOCS"]
+__all__ = ["KEY_DOCS", "Config", "ConfigError", "load_config", "parse_config"]
 
 
 class ConfigError(ValueError):
@@ -31,8 +31,8 @@ class ConfigError(ValueError):
 def _key(default: Any, doc: str, *, lo: float | None = None, hi: float | None = None,
          choices: tuple[str, ...] | None = None, optional: bool = False, lo_open: bool = False):
     """A config key: default, one-line meaning, and its valid range or choices."""
-    return field(default=default, metadata=dict(doc=doc, lo=lo, hi=hi, choices=choices,
-                                                optional=optional, lo_open=lo_open))
+    return field(default=default, metadata={"doc": doc, "lo": lo, "hi": hi, "choices": choices,
+                                            "optional": optional, "lo_open": lo_open})
 
 
 @dataclass(frozen=True)
@@ -146,7 +146,7 @@ class Config:
         return {(False, False): "standard", (True, False): "mhc",
                 (False, True): "flash", (True, True): "mhc_flash"}[(self.useMHCMode, self.useFlashMode)]
 
-    def replace(self, **changes: Any) -> "Config":
+    def replace(self, **changes: Any) -> Config:
         """A validated copy with ``changes`` applied (unknown keys raise ConfigError)."""
         names = {f.name for f in dataclasses.fields(self)}
         for k in changes:
