@@ -21,7 +21,6 @@ steps), loss spikes (same rule on the loss), first non-finite step, and for mHC 
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import math
 import statistics
@@ -37,6 +36,8 @@ if str(ROOT) not in sys.path:
 
 from model import build_denoiser
 from model.config import Config
+from model.data.parse import parse_cgdms_file
+from model.data.sources import cgdms_chain_dir
 from model.diffusion import Schedule, q_sample
 from model.diffusion import loss as diffusion_loss
 from model.mhc import mhc_diagnostics
@@ -70,18 +71,15 @@ TINY = {
 
 
 def cgdms_chains(max_len: int, min_len: int, limit: int) -> list[torch.Tensor]:
-    """Centred CA traces [L_i, 3] from ``<cgdms>/protein_data/train_val/*.txt`` (cgdms not imported)."""
-    spec = importlib.util.find_spec("cgdms")
-    if spec is None or not spec.submodule_search_locations:
+    """Centred CA traces [L_i, 3] from the cgdms chains, read by ``model.data`` (cgdms not imported)."""
+    root = cgdms_chain_dir()
+    if root is None:
         raise SystemExit("cgdms is not installed (pip install cgdms): it provides the real training chains")
-    root = Path(next(iter(spec.submodule_search_locations))) / "protein_data" / "train_val"
     chains = []
     for path in sorted(root.glob("*.txt")):
-        lines = path.read_text().split("\n")
-        rows = [list(map(float, ln.split())) for ln in lines[2:] if ln.strip()]
-        if not (min_len <= len(rows) <= max_len):
+        ca = torch.as_tensor(parse_cgdms_file(path).ca, dtype=torch.float32)  # [L, 3]
+        if not (min_len <= ca.shape[0] <= max_len):
             continue
-        ca = torch.tensor(rows, dtype=torch.float32)[:, 3:6]  # [L, 3] (N, CA, C, CB per row)
         chains.append(ca - ca.mean(dim=0))
         if len(chains) == limit:
             break

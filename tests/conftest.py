@@ -10,11 +10,13 @@
 
 from __future__ import annotations
 
-import importlib.util
 from pathlib import Path
 
 import pytest
 import torch
+
+from model.data.parse import parse_cgdms_file
+from model.data.sources import cgdms_chain_dir
 
 # Sizes and tolerances shared by the geometry / IPA / denoiser tests.
 TINY = {
@@ -65,9 +67,8 @@ def random_ca_trace(batch: int, length: int, *, generator: torch.Generator | Non
                     step: float = 3.8) -> torch.Tensor:
     """A chain-like random walk (steps of ``step`` +- 5% A, mildly persistent), centred.
 
-    The step lengths vary so that no two neighbours of a residue sit at exactly the same distance:
-    k-NN orderings (Flash-IPA factorizers) are discontinuous at exact ties, and an idealised trace
-    with all CA-CA steps equal would make every i-1 / i+1 pair a tie broken by rounding.
+    The step lengths vary, as in real chains (exact distance ties are covered separately by the
+    tie test in tests/test_flash_ipa.py: the factorizers pool neighbours order-independently).
     Returns [B, L, 3] float32.
     """
     dirs = torch.randn(batch, length, 3, generator=generator)
@@ -80,23 +81,12 @@ def random_ca_trace(batch: int, length: int, *, generator: torch.Generator | Non
 
 def cgdms_data_dir() -> Path | None:
     """``<cgdms package dir>/protein_data/train_val`` without importing cgdms, or None."""
-    spec = importlib.util.find_spec("cgdms")
-    if spec is None or not spec.submodule_search_locations:
-        return None
-    path = Path(next(iter(spec.submodule_search_locations))) / "protein_data" / "train_val"
-    return path if path.is_dir() else None
+    return cgdms_chain_dir()
 
 
 def load_cgdms_ca(path: Path) -> torch.Tensor:
-    """One cgdms chain file -> centred CA trace [L, 3] float32.
-
-    Format: line 1 sequence, line 2 secondary structure, then one line per residue with 12 floats
-    (N, CA, C, CB xyz).
-    """
-    lines = path.read_text().split("\n")
-    rows = [list(map(float, ln.split())) for ln in lines[2:] if ln.strip()]
-    coords = torch.tensor(rows, dtype=torch.float32)  # [L, 12]
-    ca = coords[:, 3:6]  # [L, 3]
+    """One cgdms chain file, parsed by the project's own reader -> centred CA trace [L, 3] float32."""
+    ca = torch.as_tensor(parse_cgdms_file(path).ca, dtype=torch.float32)  # [L, 3]
     return ca - ca.mean(dim=0)
 
 
