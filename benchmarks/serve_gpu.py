@@ -16,7 +16,6 @@ import argparse
 import asyncio
 import json
 import random
-import statistics
 import sys
 import time
 from pathlib import Path
@@ -25,14 +24,12 @@ import httpx
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from service.settings import ServiceSettings  # noqa: E402
-from service.testing import serve_in_thread  # noqa: E402
+from load_service import pct
 
-
-def pct(values, q):
-    values = sorted(values)
-    return values[min(len(values) - 1, max(0, round(q * (len(values) - 1))))] if values else float("nan")
+from service.settings import ServiceSettings
+from service.testing import serve_in_thread
 
 
 async def load(url: str, bodies: list[dict], clients: int, deadline_s: float) -> dict:
