@@ -22,6 +22,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from pack_chains import unpack  # noqa: E402
 
+from model.atomic_io import atomic_write  # noqa: E402
 from model.config import load_config  # noqa: E402
 from model.data.datamodule import ProteinDataModule  # noqa: E402
 from model.training import TrainOptions, run_training  # noqa: E402
@@ -33,12 +34,7 @@ def join_parts(state: Path, target: Path) -> bool:
     parts = sorted(state.glob("last.ckpt.part*"))
     if not parts or target.is_file():
         return False
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = target.with_suffix(".tmp")
-    with open(tmp, "wb") as f:
-        for p in parts:
-            f.write(p.read_bytes())
-    tmp.replace(target)
+    atomic_write(target, lambda f: [f.write(p.read_bytes()) for p in parts])
     return True
 
 
