@@ -4,6 +4,8 @@ Compares, at Genie's default IPA sizes (C_s 128, 12 heads, C 16, 4 / 8 points, C
 - ``flash``: model/flash_ipa.py FlashIPA on given factors (the attention backend chosen once);
 - ``dense_ref``: the same module's dense reference (materialised L x L logits and pair values);
 - ``ipa``: the standard dense IPA of model/ipa.py on a dense pair tensor z [B, L, L, C_p];
+- ``flash_graphed`` / ``ipa_graphed`` (``--graphed``): the same two layers, forward and backward
+  replayed from CUDA graphs, i.e. without the Python / launch overhead that dominates below L ~ 1024;
 - ``pairfree``: PairFreeFactorizer (k-NN, no L x L tensor) + FlashIPA, up to L = 16384.
 Plus the attention core alone: achieved FLOP/s (2 B H L^2 (D_qk + D_v) forward) against a bf16
 matmul rate measured in the same run.
@@ -33,7 +35,7 @@ from model.attention import attention, describe
 from model.config import Config
 from model.factorizer import PairFactors, PairFreeFactorizer
 from model.flash_ipa import FlashIPA
-from model.geometry import frenet_serret_frames
+from model.geometry import Frames, frenet_serret_frames
 from model.ipa import InvariantPointAttention
 
 
@@ -80,6 +82,38 @@ def is_oom(err: Exception) -> bool:
     return isinstance(err, torch.OutOfMemoryError) or "out of memory" in str(err).lower()
 
 
+class TensorArgs(torch.nn.Module):
+    """A layer called with plain tensors (what make_graphed_callables needs): frames and factors rebuilt."""
+
+    def __init__(self, layer, flash: bool):
+        super().__init__()
+        self.layer, self.flash = layer, flash
+
+    def forward(self, x, pair_a, pair_b, rots, trans, mask):
+        pair = PairFactors(pair_a, pair_b) if self.flash else pair_a
+        return self.layer(x, pair, Frames(rots, trans), mask)
+
+
+def graphed_step(layer, flash: bool, sets, dtype):
+    """fwd + bwd of ``layer`` replayed from CUDA graphs (torch.cuda.make_graphed_callables), per input set.
+
+    Inputs are copied into the graph's static tensors before each replay (part of the timed step).
+    """
+    wrapper = TensorArgs(layer, flash)
+    first = sets[0]
+    static = tuple(t.detach().clone().requires_grad_(t.requires_grad) for t in first)
+    with torch.autocast("cuda", dtype=dtype, enabled=dtype != torch.float32, cache_enabled=False):
+        graphed = torch.cuda.make_graphed_callables(wrapper, static, num_warmup_iters=3)
+
+    def step(i):
+        for dst, src in zip(static, sets[i]):
+            dst.data.copy_(src)
+        with torch.autocast("cuda", dtype=dtype, enabled=dtype != torch.float32, cache_enabled=False):
+            y = graphed(*static)
+        y.float().square().mean().backward()
+    return step
+
+
 def layer_step(model, x, pair, frames, mask, dtype, **kw):
     with torch.autocast(x.device.type, dtype=dtype, enabled=dtype != torch.float32):
         y = model(x, pair, frames, mask, **kw)
@@ -97,6 +131,8 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=10)
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--dense-max", type=int, default=4096, help="skip dense layers above this length")
+    ap.add_argument("--graphed", action="store_true",
+                    help="also time flash and standard IPA replayed from CUDA graphs (GPU only)")
     args = ap.parse_args()
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -107,6 +143,7 @@ def main() -> None:
         args.lengths, args.pair_free_lengths = [32, 64], [64, 128]
         args.repeats, args.warmup, args.dense_max = 2, 1, 64
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    graphed = args.graphed and device.type == "cuda"
     gen = torch.Generator().manual_seed(0)
     torch.manual_seed(0)
     flash = FlashIPA.from_config(config).to(device)
@@ -156,14 +193,23 @@ def main() -> None:
     for length in args.lengths:
         sets = inputs(length)
         zs = None
-        for name in ("flash", "dense_ref", "ipa"):
-            if name != "flash" and length > args.dense_max:
+        names = ("flash", "dense_ref", "ipa") + (("flash_graphed", "ipa_graphed") if graphed else ())
+        for name in names:
+            if name not in ("flash", "flash_graphed") and length > args.dense_max:
                 rows.append(dict(layer=name, L=length, ms=None, peak_mib=None, note="skipped"))
                 continue
             try:
                 if name == "ipa":
                     zs = [torch.randn(b, length, length, cp, device=device, dtype=dtype) for _ in range(1)]
                     fn = lambda i: layer_step(dense, sets[i][0], zs[0], sets[i][2], sets[i][3], dtype)
+                elif name == "flash_graphed":
+                    flat = [(x, f.left, f.right, fr.rots, fr.trans, m) for x, f, fr, m in sets]
+                    fn = graphed_step(flash, True, flat, dtype)
+                elif name == "ipa_graphed":
+                    z = torch.randn(b, length, length, cp, device=device, dtype=dtype)
+                    unused = torch.zeros(1, device=device)
+                    flat = [(x, z, unused, fr.rots, fr.trans, m) for x, f, fr, m in sets]
+                    fn = graphed_step(dense, False, flat, dtype)
                 else:
                     ref_flag = name == "dense_ref"
                     fn = lambda i, f=ref_flag: layer_step(flash, *sets[i], dtype, reference=f)
@@ -236,7 +282,7 @@ def plot(rows, core, mm_tflops, info, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, 3, figsize=(16, 4.5))
-    for name in ("flash", "dense_ref", "ipa", "pairfree"):
+    for name in ("flash", "dense_ref", "ipa", "flash_graphed", "ipa_graphed", "pairfree"):
         pts = [(r["L"], r["ms"], r["peak_mib"]) for r in rows if r["layer"] == name and r["ms"] is not None]
         if not pts:
             continue

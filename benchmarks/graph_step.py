@@ -10,7 +10,7 @@ inputs, and what the step time means for a request of T steps (B = 1) and for th
 (B / (T * step) backbones/s). Prints a table and JSON (also written to --json if given).
 
     python benchmarks/graph_step.py [--weights weights/mhc_flash_v1] [--precision bf16] \
-        [--shapes 1x128,16x128,64x128,8x256] [--iters 20] [--json out.json]
+        [--shapes 1x128,16x128,64x128,8x256] [--iters 20] [--json out.json] [--mode flash] [--profile 64x128]
 """
 
 from __future__ import annotations
@@ -81,6 +81,11 @@ def main() -> None:
     ap.add_argument("--shapes", default="1x128,16x128,64x128,8x256", help="comma-separated BxL")
     ap.add_argument("--iters", type=int, default=20)
     ap.add_argument("--json", default=None, help="also write the JSON here")
+    ap.add_argument("--mode", choices=("standard", "mhc", "flash", "mhc_flash"), default=None,
+                    help="time a randomly initialised denoiser of the weights' config in this mode instead "
+                         "(e.g. flash vs the shipped mhc_flash: the sampling cost of mHC)")
+    ap.add_argument("--profile", default=None, metavar="BxL",
+                    help="also profile eager steps at this shape: top CUDA kernels by total time")
     args = ap.parse_args()
     if not torch.cuda.is_available():
         sys.exit("graph_step.py needs a CUDA device")
@@ -88,6 +93,14 @@ def main() -> None:
     autocast = torch.bfloat16 if args.precision == "bf16" else None
     loaded = load_weights(args.weights, device)
     denoiser, config = loaded.denoiser.eval(), loaded.config
+    if args.mode is not None:
+        from model import build_denoiser
+
+        mhc, flash = {"standard": (False, False), "mhc": (True, False), "flash": (False, True),
+                      "mhc_flash": (True, True)}[args.mode]
+        config = config.replace(useMHCMode=mhc, useFlashMode=flash)
+        torch.manual_seed(0)
+        denoiser = build_denoiser(config).to(device).eval()
     schedule = Schedule.from_config(config)
     T = schedule.num_timesteps
     shapes = [tuple(int(v) for v in s.lower().split("x")) for s in args.shapes.split(",")]
@@ -130,13 +143,31 @@ def main() -> None:
         rows.append(row)
         print(f"done {batch}x{length}", file=sys.stderr, flush=True)
 
+    profile = None
+    if args.profile:
+        from torch.profiler import ProfilerActivity, profile as torch_profile
+
+        batch, length = (int(v) for v in args.profile.lower().split("x"))
+        inputs = make_inputs(batch, length, T, device)
+        with torch.no_grad():
+            eager_step(denoiser, schedule, *inputs, autocast_dtype=autocast)
+            torch.cuda.synchronize(device)
+            with torch_profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+                for _ in range(3):
+                    eager_step(denoiser, schedule, *inputs, autocast_dtype=autocast)
+                torch.cuda.synchronize(device)
+        table = prof.key_averages().table(sort_by="cuda_time_total", row_limit=30)
+        print(f"profile {batch}x{length} (3 eager steps):\n{table}")
+        profile = {"shape": args.profile, "table": table}
+
     result = {
         "device": torch.cuda.get_device_name(device), "torch": torch.__version__, "weights": loaded.name,
+        "random_init_mode": args.mode,
         "mode": config.mode, "precision": args.precision, "timesteps": T, "iters": args.iters,
         "graphs": {"captures": runner.stats.captures, "disabled_reason": runner.stats.disabled_reason},
         "max_memory_allocated_GiB": torch.cuda.max_memory_allocated(device) / 2**30,
         "memory_reserved_GiB": torch.cuda.memory_reserved(device) / 2**30,
-        "rows": rows,
+        "rows": rows, "profile": profile,
     }
     head = (f"{'B':>4} {'L':>4} {'eager ms':>9} {'graph ms':>9} {'x':>5} {'eng eager':>10} {'eng graph':>10} "
             f"{'x':>5} {'capture s':>9} {'|diff| A':>9} {'req s':>7} {'bb/s':>7}")

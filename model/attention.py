@@ -43,6 +43,8 @@ __all__ = [
     "describe",
     "mask_value",
     "math_attention",
+    "pack_rows",
+    "packed_attention",
     "resolve_backend",
 ]
 
@@ -278,17 +280,69 @@ def _math_attention(q, k, v, key_padding_mask, scale):
     return out.to(v.dtype)
 
 
-def _fold_mask(q: torch.Tensor, k: torch.Tensor, key_padding_mask: torch.Tensor | None,
-               scale: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """Pre-scale q and append the mask column: q [.., D] -> [.., D + 1] (1), k -> (0 or -mask_value)."""
-    q = q * scale
-    one = torch.ones_like(q[..., :1])  # [B, L, H, 1]
+_CONSTANT_ROWS: dict[tuple, torch.Tensor] = {}
+
+
+def _constant_row(width: int, ones: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """A [width] row: ``ones`` leading ones, then zeros. Cached per (width, ones, dtype, device) so the
+    packing launches no fill kernels, except while a CUDA graph is being captured (a tensor made then
+    lives in the graph's pool and must not outlive the graph: it is made afresh and not cached)."""
+    key = (width, ones, dtype, torch.device(device))
+    row = _CONSTANT_ROWS.get(key)
+    if row is None:
+        row = torch.zeros(width, dtype=dtype, device=device)
+        row[:ones].fill_(1.0)  # on the device: no host copy (allowed during capture)
+        capturing = row.is_cuda and torch.cuda.is_current_stream_capturing()
+        if not capturing and not torch.compiler.is_compiling():
+            _CONSTANT_ROWS[key] = row
+    return row
+
+
+def pack_rows(q_cols: list[torch.Tensor], k_cols: list[torch.Tensor], v_cols: list[torch.Tensor],
+              key_padding_mask: torch.Tensor | None, name: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Concatenate column blocks into the q / k / v rows the kernel ``name`` takes, mask folded in.
+
+    q_cols / k_cols: blocks [B, L, H, d_i] (views or expanded tensors are fine) whose concatenated dot
+    product is the full logit (any softmax scale already applied); v_cols likewise for the values.
+    Appends the key-padding column (q: 1; k: 0 for a real key, -mask_value for a padded one) and the
+    zero padding to the kernel's widths (``_padded_dims``) in the SAME ``cat``: one copy per tensor.
+    Returns contiguous q, k [B, L, H, W_qk] and v [B, L, H, W_v]; the caller cuts the output to D_v.
+    """
+    dtype = q_cols[0].dtype
+    b, l, h = q_cols[0].shape[:3]
+    dim_qk, dim_v = sum(t.shape[-1] for t in q_cols), sum(t.shape[-1] for t in v_cols)
+    pad_qk, pad_v = _padded_dims(name, dim_qk + 1, dim_v)
+    q_tail = _constant_row(pad_qk - dim_qk, 1, dtype, q_cols[0].device)  # [1, 0, ..., 0]
     if key_padding_mask is None:
-        col = torch.zeros_like(k[..., :1])
+        k_tail = torch.zeros(b, l, 1, pad_qk - dim_qk, dtype=dtype, device=q_cols[0].device)
     else:
-        real = key_padding_mask.bool()[:, :, None, None].expand_as(k[..., :1])  # [B, L, H, 1]
-        col = torch.zeros_like(k[..., :1]).masked_fill(~real, -mask_value(k.dtype))
-    return torch.cat([q, one], dim=-1), torch.cat([k, col], dim=-1)
+        col = (~key_padding_mask.bool()).to(dtype) * -mask_value(dtype)  # [B, L]
+        k_tail = F.pad(col[:, :, None, None], (0, pad_qk - dim_qk - 1))  # [B, L, 1, W - D]
+    q = torch.cat([*q_cols, q_tail.expand(b, l, h, -1)], dim=-1)
+    k = torch.cat([*k_cols, k_tail.expand(b, l, h, -1)], dim=-1)
+    if pad_v > dim_v:
+        v_cols = [*v_cols, _constant_row(pad_v - dim_v, 0, dtype, v_cols[0].device).expand(b, l, h, -1)]
+    v = torch.cat(v_cols, dim=-1)
+    return q, k, v
+
+
+def packed_attention(q_cols: list[torch.Tensor], k_cols: list[torch.Tensor], v_cols: list[torch.Tensor],
+                     key_padding_mask: torch.Tensor | None, *, backend: BackendChoice | str) -> torch.Tensor:
+    """``softmax(q.k) v`` over rows given as column blocks (see :func:`pack_rows`), softmax scale 1.
+
+    The entry point for callers that build widened rows (Flash-IPA): the mask fold and the kernel's
+    padding cost no extra copies. Every backend, ``math`` included, runs on the same packed rows.
+    Returns [B, L, H, D_v] in the blocks' dtype. NOTE: padded QUERY rows are not zeroed (they hold
+    finite values of no meaning); the caller masks its output.
+    """
+    name = backend.name if isinstance(backend, BackendChoice) else str(backend)
+    if name not in BACKEND_ORDER:
+        raise ValueError(f"unknown attention backend {name!r}; one of {BACKEND_ORDER}")
+    dim_v = sum(t.shape[-1] for t in v_cols)
+    q, k, v = pack_rows(q_cols, k_cols, v_cols, key_padding_mask, name)
+    if name == "math":
+        return math_attention(q, k, v, None, scale=1.0)
+    return _run_fused(name, q, k, v)[..., :dim_v]
 
 
 def _run_fused(name: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
@@ -329,12 +383,7 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_padding_mas
         raise ValueError(f"unknown attention backend {name!r}; one of {BACKEND_ORDER}")
     if name == "math":
         return math_attention(q, k, v, key_padding_mask, scale=scale)
-    qf, kf = _fold_mask(q, k, key_padding_mask, scale)  # [B, L, H, D_qk + 1]
-    pad_qk, pad_v = _padded_dims(name, dim_qk + 1, dim_v)
-    qf = F.pad(qf, (0, pad_qk - qf.shape[-1]))
-    kf = F.pad(kf, (0, pad_qk - kf.shape[-1]))
-    vf = F.pad(v, (0, pad_v - dim_v))
-    out = _run_fused(name, qf.contiguous(), kf.contiguous(), vf.contiguous())[..., :dim_v]  # [B, L, H, D_v]
+    out = packed_attention([q * scale], [k], [v], key_padding_mask, backend=name)  # [B, L, H, D_v]
     if key_padding_mask is not None and q.shape[1] == k.shape[1]:
         out = out * key_padding_mask.to(out.dtype)[:, :, None, None]
     return out

@@ -85,6 +85,7 @@ def atomic_torch_save(obj: Any, path: Path) -> None:
 def load_checkpoint_denoiser(path: str | Path, device: torch.device | str = "cpu") -> torch.nn.Module:
     """The denoiser of a training checkpoint (config from the checkpoint itself), eval mode."""
     from model import build_denoiser
+    from model.flash_ipa import upgrade_legacy_state
 
     path = Path(path)
     ckpt = torch.load(path, map_location="cpu", weights_only=True)
@@ -93,6 +94,7 @@ def load_checkpoint_denoiser(path: str | Path, device: torch.device | str = "cpu
     config = parse_config(ckpt[CONFIG_KEY], source=f"{path} (stored config)")
     denoiser = build_denoiser(config)
     state = {k[len("denoiser."):]: v for k, v in ckpt["state_dict"].items() if k.startswith("denoiser.")}
+    state = upgrade_legacy_state(state)
     check_checkpoint({CONFIG_KEY: ckpt[CONFIG_KEY], "state_dict": state}, config, denoiser.state_dict(), str(path))
     denoiser.load_state_dict(state)
     return denoiser.to(device).eval()

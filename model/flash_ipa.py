@@ -15,7 +15,7 @@ the softmax) gives widened rows (all fp32 before the cast to the attention dtype
     k~_j = [ k_j               | w_L gamma K_j (3P)    | -w_L gamma / 2 |K_j|^2  | br_j (r)     ]
     v~_j = [ v_j (C)           | V_j (3 P_v, global)   | pr_j (r * C_pv)                         ]
 
-so ``attention(q~, k~, v~, mask, scale=1)`` (model/attention.py: FA3 / FA2 / SDPA / math) returns
+so ``packed_attention(q~, k~, v~, mask)`` (model/attention.py: FA3 / FA2 / SDPA / math) returns
 sum_j a_ij v~_j, from which the scalar, point (moved into the local frame of i, plus norms) and pair
 outputs (sum_r pl_ir * (sum_j a_ij pr_jr)) are read, concatenated and projected to C_s (AF2).
 
@@ -41,7 +41,7 @@ import math
 import torch
 from torch import nn
 
-from model.attention import BackendChoice, attention, mask_value, resolve_backend
+from model.attention import BackendChoice, mask_value, packed_attention, resolve_backend
 from model.factorizer import PairFactorizer, PairFactors, PairFreeFactorizer, build_factorizer
 from model.geometry import Frames
 from model.knn import Neighbours, knn
@@ -49,7 +49,7 @@ from model.knn import Neighbours, knn
 # The factorizers and the k-NN search live in model/factorizer.py and model/knn.py (one concept per
 # file); they are re-exported here because docs/ARCHITECTURE.md places them under flash_ipa.
 __all__ = ["FlashIPA", "Neighbours", "PairFactorizer", "PairFactors", "PairFreeFactorizer", "build_factorizer",
-           "flash_ipa_head_dims", "knn"]
+           "flash_ipa_head_dims", "knn", "upgrade_legacy_state"]
 
 POINT_NORM_EPS = 1e-8  # inside sqrt of the output point norms (AF2 / OpenFold)
 
@@ -57,23 +57,54 @@ POINT_NORM_EPS = 1e-8  # inside sqrt of the output point norms (AF2 / OpenFold)
 def flash_ipa_head_dims(*, hidden: int, qk_points: int, v_points: int, rank: int, pair_value_dim: int,
                         split: bool) -> tuple[int, int]:
     """Widened (q / k, v) head widths, before the attention module's +1 mask column and padding."""
-    dim_qk = hidden + 3 * qk_points * (3 if split else 1) + (2 if split else 1) + rank
+    dim_qk = hidden + (3 * qk_points + 1) * (3 if split else 1) + rank
     dim_v = hidden + 3 * v_points + rank * pair_value_dim
     return dim_qk, dim_v
 
 
-def _split_dot(a: torch.Tensor, b: torch.Tensor, dtype: torch.dtype, split: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """Columns (for the q side, for the k side) whose dot product is a.b, cast to ``dtype``.
+def _split_dot(a: torch.Tensor, b: torch.Tensor, dtype: torch.dtype,
+               split: bool) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """Column blocks (for the q side, for the k side) whose dot product is a.b, in ``dtype``.
 
     With ``split``: a = ah + al, b = bh + bl in 16-bit parts; [ah, ah, al] . [bh, bl, bh] = a.b up to
     the al.bl term (~2^-16 relative). Gradients: d/da flows through ah (al has zero net gradient), and
-    the two ah columns sum to the exact b; likewise for b.
+    the two ah columns sum to the exact b; likewise for b. Both sides are split together (one stack,
+    one cast, one difference, one cast) and the blocks go straight into the packed rows.
     """
     if not split:
-        return a.to(dtype), b.to(dtype)
-    ah, bh = a.to(dtype), b.to(dtype)
-    al, bl = (a - ah.float()).to(dtype), (b - bh.float()).to(dtype)
-    return torch.cat([ah, ah, al], dim=-1), torch.cat([bh, bl, bh], dim=-1)
+        return [a.to(dtype)], [b.to(dtype)]
+    both = torch.stack([a, b])  # [2, ..., D] fp32
+    hi = both.to(dtype)
+    lo = (both - hi).to(dtype)  # fp32 difference (type promotion), then rounded
+    (ah, bh), (al, bl) = hi.unbind(0), lo.unbind(0)
+    return [ah, ah, al], [bh, bl, bh]
+
+
+# Tensors of the earlier layout (separate Linears) and the fused tensor each concatenates into.
+_LEGACY_GROUPS = {
+    "linear_in.weight": ("linear_q.weight", "linear_kv.weight", "linear_q_points.weight", "linear_kv_points.weight"),
+    "linear_in.bias": ("linear_q.bias", "linear_kv.bias", "linear_q_points.bias", "linear_kv_points.bias"),
+    "factor_left.weight": ("bias_left.weight", "value_left.weight"),
+    "factor_right.weight": ("bias_right.weight", "value_right.weight"),
+}
+
+
+def upgrade_legacy_state(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A state dict with FlashIPA's earlier separate projections rewritten to the fused names.
+
+    Rows of the fused Linear are the old Linears' rows in order, so the layer computes exactly the
+    same function. States already in the fused layout (or without FlashIPA) come back unchanged.
+    """
+    marker = "bias_left.weight"
+    prefixes = {key[: -len(marker)] for key in state if key.endswith(marker)}
+    if not prefixes:
+        return state
+    out = dict(state)
+    for prefix in prefixes:
+        for fused, parts in _LEGACY_GROUPS.items():
+            if all(prefix + part in out for part in parts):
+                out[prefix + fused] = torch.cat([out.pop(prefix + part) for part in parts])
+    return out
 
 
 class FlashIPA(nn.Module):
@@ -86,14 +117,14 @@ class FlashIPA(nn.Module):
         self.pair_value_dim = max(1, factor_dim // 4)
         self.config = config  # only useFlashAttn3 is read (backend choice)
         h, c, p, pv = heads, hidden, qk_points, v_points
-        self.linear_q = nn.Linear(single_dim, h * c)
-        self.linear_kv = nn.Linear(single_dim, 2 * h * c)
-        self.linear_q_points = nn.Linear(single_dim, h * p * 3)
-        self.linear_kv_points = nn.Linear(single_dim, h * (p + pv) * 3)
-        self.bias_left = nn.Linear(factor_dim, h, bias=False)  # bl [B, L, r, H]
-        self.bias_right = nn.Linear(factor_dim, h, bias=False)  # br [B, L, r, H]
-        self.value_left = nn.Linear(factor_dim, self.pair_value_dim, bias=False)  # pl [B, L, r, C_pv]
-        self.value_right = nn.Linear(factor_dim, self.pair_value_dim, bias=False)  # pr [B, L, r, C_pv]
+        # One projection of the single representation: scalar q (H C) | k, v (H 2C, per head [k | v]),
+        # then local points q (H P 3) | k and v (H (P + P_v) 3). One projection per factor: pair bias (H) | pair value
+        # (C_pv). NOTE (launch count): fused rather than six Linears; `upgrade_legacy_state` maps the
+        # older separate tensors (weights/mhc_flash_v1) onto these by concatenation, the same function.
+        self.in_splits = (3 * h * c, h * p * 3, h * (p + pv) * 3)
+        self.linear_in = nn.Linear(single_dim, sum(self.in_splits))
+        self.factor_left = nn.Linear(factor_dim, h + self.pair_value_dim, bias=False)  # [bl (H) | pl (C_pv)]
+        self.factor_right = nn.Linear(factor_dim, h + self.pair_value_dim, bias=False)  # [br (H) | pr (C_pv)]
         # softplus^-1(1) so gamma starts at sqrt(2 / 9P) (AF2 / OpenFold initialisation)
         self.head_weights = nn.Parameter(torch.full((h,), math.log(math.e - 1.0)))
         self.linear_out = nn.Linear(h * (c + 4 * pv + self.pair_value_dim), single_dim)
@@ -107,6 +138,13 @@ class FlashIPA(nn.Module):
         return cls(single_dim=config.singleFeatureDimension, factor_dim=config.pairFeatureDimension,
                    hidden=config.ipaHiddenDimension, heads=config.ipaNumHeads, qk_points=config.ipaNumQkPoints,
                    v_points=config.ipaNumVPoints, rank=config.zFactorRank, config=config)
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        """Accept the earlier separate-projection tensors (see ``upgrade_legacy_state``)."""
+        if prefix + "bias_left.weight" in state_dict:
+            mine = {key: state_dict.pop(key) for key in [k for k in state_dict if k.startswith(prefix)]}
+            state_dict.update(upgrade_legacy_state(mine))
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def head_dims(self, dtype: torch.dtype) -> tuple[int, int]:
         """(q / k, v) head widths the attention kernel sees for an attention dtype."""
@@ -124,32 +162,40 @@ class FlashIPA(nn.Module):
 
     # ------------------------------------------------------------------------------------ shared
     def _project(self, x: torch.Tensor, factors: PairFactors, frames: Frames, centre: torch.Tensor):
-        """Scalar q / k / v, global points (fp32, minus ``centre`` [B, 1, 3]), factor projections."""
+        """Scalar q / k / v (activation dtype), global points (fp32, minus ``centre`` [B, 1, 3]), factor terms.
+
+        NOTE (launch count): one matmul for all single projections, one per factor, and ONE batched
+        rotation for all 2P + P_v points; the geometry is written out (fp32, autocast off) instead
+        of going through Frames' dtype checks.
+        """
         b, l, _ = x.shape
         h, c, p, pv = self.heads, self.hidden, self.qk_points, self.v_points
-        q = self.linear_q(x).view(b, l, h, c).float()  # [B, L, H, C]
-        k, v = self.linear_kv(x).view(b, l, h, 2 * c).float().split(c, dim=-1)  # [B, L, H, C] x 2
-        qp = self.linear_q_points(x).view(b, l, h, p, 3).float()  # [B, L, H, P, 3] local
-        kvp = self.linear_kv_points(x).view(b, l, h, p + pv, 3).float()  # [B, L, H, P + P_v, 3]
+        q, kv, qp, kvp = self.linear_in(x).split((h * c, 2 * h * c) + self.in_splits[1:], dim=-1)
+        q = q.view(b, l, h, c)  # [B, L, H, C]
+        k, v = kv.view(b, l, h, 2 * c).split(c, dim=-1)  # [B, L, H, C] x 2
         with torch.autocast(x.device.type, enabled=False):
-            fr = Frames(frames.rots.float(), frames.trans.float() - centre)[:, :, None, None]  # [B, L, 1, 1]
-            qg = fr.apply(qp)  # [B, L, H, P, 3]
-            kg, vg = fr.apply(kvp).split([p, pv], dim=-2)  # [B, L, H, P, 3], [B, L, H, P_v, 3]
-        left, right = factors.left, factors.right  # [B, L, r, C_f]
-        bl, br = self.bias_left(left).float(), self.bias_right(right).float()  # [B, L, r, H]
-        pl, pr = self.value_left(left).float(), self.value_right(right).float()  # [B, L, r, C_pv]
+            rots, trans = frames.rots.float(), frames.trans.float() - centre  # [B, L, 3, 3], [B, L, 3]
+            local = torch.cat([qp.view(b, l, h, p, 3), kvp.view(b, l, h, p + pv, 3)], dim=-2).float()
+            glob = (local.flatten(2, 3) @ rots.transpose(-1, -2)).view(b, l, h, 2 * p + pv, 3) + trans[:, :, None, None]
+            qg, kg, vg = glob.split([p, p, pv], dim=-2)  # [B, L, H, P | P | P_v, 3]
+        bl, pl = self.factor_left(factors.left).split([h, self.pair_value_dim], dim=-1)  # [B, L, r, H], [B, L, r, C_pv]
+        br, pr = self.factor_right(factors.right).split([h, self.pair_value_dim], dim=-1)
         gamma = nn.functional.softplus(self.head_weights.float()) * math.sqrt(2.0 / (9.0 * p))  # [H]
         return q, k, v, qg, kg, vg, bl, br, pl, pr, gamma
 
     def _output(self, o: torch.Tensor, o_pt: torch.Tensor, o_pair: torch.Tensor, frames: Frames,
                 centre: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """o [B, L, H, C], o_pt [B, L, H, P_v, 3] global (minus centre), o_pair [B, L, H, C_pv] -> [B, L, C_s]."""
+        b, l, h = o.shape[:3]
         with torch.autocast(o.device.type, enabled=False):
-            fr = Frames(frames.rots.float(), frames.trans.float() - centre)[:, :, None, None]
-            local = fr.invert_apply(o_pt.float())  # [B, L, H, P_v, 3]
+            rots, trans = frames.rots.float(), frames.trans.float() - centre  # [B, L, 3, 3], [B, L, 3]
+            rel = (o_pt.float() - trans[:, :, None, None]).flatten(2, 3)  # [B, L, H P_v, 3]
+            local = (rel @ rots).view(b, l, h, self.v_points, 3)  # R^T (x - t), row-vector form
             norms = torch.sqrt((local * local).sum(-1) + POINT_NORM_EPS)  # [B, L, H, P_v]
-        feats = torch.cat([o.float(), local.flatten(-2), norms, o_pair.float()], dim=-1)  # [B, L, H, C + 4 P_v + C_pv]
-        out = self.linear_out(feats.flatten(-2).to(self.linear_out.weight.dtype))  # [B, L, C_s]
+        dtype = self.linear_out.weight.dtype if not torch.is_autocast_enabled(o.device.type) else o.dtype
+        feats = torch.cat([o.to(dtype), local.flatten(-2).to(dtype), norms.to(dtype), o_pair.to(dtype)],
+                          dim=-1)  # [B, L, H, C + 4 P_v + C_pv]
+        out = self.linear_out(feats.flatten(-2))  # [B, L, C_s]
         return out * mask.to(out.dtype)[..., None]
 
     # ------------------------------------------------------------------------------------ forward
@@ -174,35 +220,40 @@ class FlashIPA(nn.Module):
         return self._output(o, o_pt, o_pair, frames, centre, mask)
 
     def _flash_core(self, q, k, v, qg, kg, vg, bl, br, pl, pr, gamma, mask):
-        """Widened q~ / k~ / v~ (module docstring) through one softmax attention."""
+        """Widened q~ / k~ / v~ (module docstring) through one softmax attention.
+
+        The rows are packed exactly as the kernel takes them (model/attention.py ``packed_attention``):
+        the folded key-padding column and the zero padding to the kernel's width are part of the same
+        ``cat``, so each of q~ / k~ / v~ is built by one copy kernel.
+        """
         b, l, h, c = q.shape
-        dtype = torch.get_autocast_dtype(q.device.type) if torch.is_autocast_enabled(q.device.type) else self.linear_q.weight.dtype
+        dtype = torch.get_autocast_dtype(q.device.type) if torch.is_autocast_enabled(q.device.type) else self.linear_in.weight.dtype
         split = dtype in (torch.float16, torch.bfloat16)
         w_l = math.sqrt(1.0 / 3.0)
-        kg_scaled = kg * (w_l * gamma)[:, None, None]  # [B, L, H, P, 3]
-        k_norm = -0.5 * (kg_scaled * kg).sum(dim=(-1, -2))  # [B, L, H]  -w_L gamma / 2 |K|^2
-        pq, pk = _split_dot(qg.flatten(-2), kg_scaled.flatten(-2), dtype, split)  # [B, L, H, 3P or 9P]
-        nq, nk = _split_dot(torch.ones_like(k_norm)[..., None], k_norm[..., None], dtype, split)  # [B, L, H, 1|3]
-        if split:  # the norm column needs only [1, 1] . [nh, nl]
-            nq, nk = nq[..., :2], torch.cat([nk[..., :1], nk[..., 1:2]], dim=-1)
-        q_wide = torch.cat([(q * (w_l / math.sqrt(c))).to(dtype), pq, nq,
-                            (w_l * bl.transpose(-1, -2)).to(dtype)], dim=-1)  # [B, L, H, D_qk]
-        k_wide = torch.cat([k.to(dtype), pk, nk, br.transpose(-1, -2).to(dtype)], dim=-1)  # [B, L, H, D_qk]
-        pair_v = pr.flatten(-2)[:, :, None].expand(b, l, h, -1)  # [B, L, H, r * C_pv]
-        v_wide = torch.cat([v, vg.flatten(-2), pair_v], dim=-1).to(dtype)  # [B, L, H, D_v]
         choice = self.backend(q.device, dtype)
         self.last_backend = choice
-        out = attention(q_wide, k_wide, v_wide, mask, backend=choice, scale=1.0).float()  # [B, L, H, D_v]
+        with torch.autocast(q.device.type, enabled=False):
+            kg_scaled = kg * (w_l * gamma)[:, None, None]  # [B, L, H, P, 3]
+            k_norm = -0.5 * (kg_scaled * kg).sum(dim=(-1, -2))[..., None]  # [B, L, H, 1]  -w_L gamma / 2 |K|^2
+            # points and the norm column share one hi / lo split: [Q | 1] . [w gamma K | k_norm]
+            pq = nn.functional.pad(qg.flatten(-2), (0, 1), value=1.0)  # [B, L, H, 3P + 1]
+            pk = torch.cat([kg_scaled.flatten(-2), k_norm], dim=-1)  # [B, L, H, 3P + 1]
+            pq, pk = _split_dot(pq, pk, dtype, split)  # blocks of [B, L, H, 3P + 1]
+            q_cols = [(q * (w_l / math.sqrt(c))).to(dtype), *pq, (w_l * bl.transpose(-1, -2)).to(dtype)]
+            k_cols = [k.to(dtype), *pk, br.transpose(-1, -2).to(dtype)]
+            pair_v = pr.flatten(-2).to(dtype)[:, :, None].expand(b, l, h, -1)  # [B, L, H, r * C_pv]
+            v_cols = [v.to(dtype), vg.flatten(-2).to(dtype), pair_v]
+            out = packed_attention(q_cols, k_cols, v_cols, mask, backend=choice)  # [B, L, H, D_v]
         return self._read_out(out, pl)
 
     @torch.autocast("cuda", enabled=False)
     @torch.autocast("cpu", enabled=False)
     def _read_out(self, out: torch.Tensor, pl: torch.Tensor):
-        """Attention output [B, L, H, D_v] -> o [B, L, H, C], o_pt [B, L, H, P_v, 3], o_pair [B, L, H, C_pv]."""
+        """Attention output [B, L, H, D_v] -> o [B, L, H, C], o_pt [B, L, H, P_v, 3] (fp32), o_pair [B, L, H, C_pv]."""
         c = self.hidden
         o, o_pt, o_pair_r = out.split([c, 3 * self.v_points, self.rank * self.pair_value_dim], dim=-1)
-        o_pt = o_pt.unflatten(-1, (self.v_points, 3))  # [B, L, H, P_v, 3]
-        o_pair = torch.einsum("blhrc,blrc->blhc", o_pair_r.unflatten(-1, (self.rank, -1)), pl)  # [B, L, H, C_pv]
+        o_pt = o_pt.float().unflatten(-1, (self.v_points, 3))  # [B, L, H, P_v, 3]
+        o_pair = (o_pair_r.unflatten(-1, (self.rank, -1)) * pl[:, :, None].to(out.dtype)).sum(-2)  # [B, L, H, C_pv]
         return o, o_pt, o_pair
 
     @torch.autocast("cuda", enabled=False)
@@ -211,6 +262,7 @@ class FlashIPA(nn.Module):
         """Reference: materialised [B, H, L, L] logits and [B, L, L, C_pv] pair values, fp32."""
         c = q.shape[-1]
         w_l = math.sqrt(1.0 / 3.0)
+        q, k, v, bl, br, pl, pr = (t.float() for t in (q, k, v, bl, br, pl, pr))
         scalar = torch.einsum("bihc,bjhc->bhij", q, k) / math.sqrt(c)  # [B, H, L, L]
         bias = torch.einsum("birh,bjrh->bhij", bl, br)  # [B, H, L, L]
         diff = qg[:, :, None] - kg[:, None, :]  # [B, L, L, H, P, 3]

@@ -44,6 +44,7 @@ from model.checkpoints import (
     load_checkpoint_denoiser,
 )
 from model.config import Config
+from model.flash_ipa import upgrade_legacy_state
 from model.diffusion import Schedule, q_sample
 from model.diffusion import loss as genie_loss
 
@@ -263,6 +264,12 @@ class DiffusionModule(pl.LightningModule):
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         source = str(getattr(getattr(self, "_trainer", None), "ckpt_path", None) or "checkpoint")
+        state = checkpoint.get("state_dict", {})
+        if upgrade_legacy_state(state) is not state:
+            raise CheckpointMismatchError(
+                f"{source} predates the fused Flash-IPA projections: its weights still load for sampling "
+                "and serving (they are converted), but its optimizer state cannot resume training. Start a "
+                "new run (another name or logDirectory).")
         check_checkpoint(checkpoint, self.config, self.state_dict(), source)
 
 

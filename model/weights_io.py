@@ -199,6 +199,7 @@ def load_weights(directory: str | Path, device: torch.device | str = "cpu",
     file (`.safetensors` / `.ckpt` / `.pt`) whose directory holds `config.txt`.
     """
     from model import build_denoiser
+    from model.flash_ipa import upgrade_legacy_state
 
     path = Path(directory)
     explicit = path if path.is_file() else None
@@ -214,7 +215,7 @@ def load_weights(directory: str | Path, device: torch.device | str = "cpu",
     state = _read_state(weights_path)
     denoiser = build_denoiser(config)
     expected = denoiser.state_dict()
-    state = _strip_prefixes(state, set(expected))
+    state = upgrade_legacy_state(_strip_prefixes(state, set(expected)))
     _check_state(weights_path, state, expected)
     denoiser.load_state_dict({k: v.to(expected[k].dtype) for k, v in state.items()}, strict=True)
     denoiser = denoiser.to(device=device, dtype=dtype).eval()

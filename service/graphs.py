@@ -20,7 +20,7 @@ Padding rows never change real rows: every op of the denoiser and of ``reverse_s
 Layout: :func:`eager_step` is the reference (the engine's eager path); :class:`StepGraphRunner`
 holds the buckets, static buffers, copy-in / copy-out and the LRU of captured graphs, and takes a
 ``capture`` function so its logic runs on CPU in tests (:func:`eager_capture`) and on GPU with
-:func:`cuda_capture`.
+:class:`CudaCapture` (one per runner).
 
 NOTE: all graphs share one private memory pool (``torch.cuda.graph_pool_handle``), so their memory is
 about that of the largest step, not the sum. That is safe here because graphs never consume each
@@ -52,6 +52,7 @@ __all__ = [
     "GraphStats",
     "StepGraphRunner",
     "batch_bucket",
+    "CudaCapture",
     "cuda_capture",
     "eager_capture",
     "eager_step",
@@ -132,11 +133,21 @@ def eager_capture(fn: StepFn, device: torch.device) -> tuple[Callable[[], None],
     return replay, out
 
 
-class _CudaCapture:
-    """Captures with one shared private pool per device (see the module NOTE)."""
+class CudaCapture:
+    """Captures into one private memory pool per device, shared by this instance's graphs (module NOTE).
+
+    One instance per :class:`StepGraphRunner`. NOTE: a pool handle must not outlive the graphs that
+    use it: once they are all freed the allocator keeps the pool with a zero use count, and capturing
+    into that handle again trips an internal assert (``use_count > 0``, seen on the H100 with torch
+    2.11). ``reset()`` (called when the runner drops its graphs) therefore forgets the handles, and
+    the next capture takes a fresh pool.
+    """
 
     def __init__(self) -> None:
         self.pools: dict[torch.device, object] = {}
+
+    def reset(self) -> None:
+        self.pools.clear()
 
     def __call__(self, fn: StepFn, device: torch.device) -> tuple[Callable[[], None], torch.Tensor]:
         side = torch.cuda.Stream(device)
@@ -153,13 +164,30 @@ class _CudaCapture:
             with torch.cuda.graph(graph, pool=pool, capture_error_mode="thread_local"), skip_input_checks():
                 out = fn()  # [B_b, L, 3], lives in the pool
         except torch.cuda.OutOfMemoryError:
+            _restore_rng_capture_state(device)
             raise
         except Exception as exc:  # e.g. a host sync inside the step: "operation not permitted when capturing"
+            _restore_rng_capture_state(device)
             raise GraphCaptureError(f"{type(exc).__name__}: {exc}") from exc
         return graph.replay, out
 
 
-cuda_capture = _CudaCapture()
+def _restore_rng_capture_state(device: torch.device) -> None:
+    """After a failed capture: one empty, successful capture, so that the default CUDA generator
+    leaves its capture bookkeeping. NOTE: without this, the next ``torch.randn`` on the device failed
+    with "Offset increment outside graph capture encountered unexpectedly" (H100, torch 2.11), i.e.
+    one failed capture broke every later noise draw of the service."""
+    try:
+        torch.cuda.synchronize(device)
+        scratch = torch.zeros(1, device=device)
+        with torch.cuda.graph(torch.cuda.CUDAGraph()):
+            scratch.add_(1.0)
+        torch.cuda.synchronize(device)
+    except Exception as exc:  # noqa: BLE001 - best effort; the caller reports the original failure
+        log.warning("could not reset the CUDA generator after a failed capture: %s", exc)
+
+
+cuda_capture = CudaCapture()  # for one-off captures (tests); runners make their own
 
 
 # --------------------------------------------------------------------------------------- runner
@@ -206,7 +234,7 @@ class StepGraphRunner:
         self.schedule = schedule
         self.device = torch.device(device)
         self.autocast_dtype = autocast_dtype if self.device.type == "cuda" else None
-        self.capture = capture if capture is not None else cuda_capture
+        self.capture = capture if capture is not None else CudaCapture()
         self.buckets = tuple(sorted(buckets))
         self.max_graphs = int(max_graphs)
         self.stats = GraphStats()
@@ -222,6 +250,9 @@ class StepGraphRunner:
 
     def clear(self) -> None:
         self._graphs.clear()
+        reset = getattr(self.capture, "reset", None)
+        if reset is not None:  # the freed graphs' pool must not be captured into again (CudaCapture)
+            reset()
         self.stats.cached = 0
 
     def eager(self, x, t, mask, noise, noise_scale) -> torch.Tensor:

@@ -41,13 +41,22 @@ def test_math_matches_naive_and_is_chunked(monkeypatch):
     torch.testing.assert_close(att.math_attention(q, k, v, mask, scale=0.3), ref, atol=ATOL_FP32, rtol=0)
 
 
-def test_folded_mask_column_equals_masked_logits():
-    """The fused backends' mask fold: softmax(q~.k~) equals softmax(scale q.k + mask bias)."""
-    q, k, v, mask = make(seed=1)
-    qf, kf = att._fold_mask(q, k, mask, 0.25)  # [B, L, H, D + 1]
-    assert qf.shape[-1] == q.shape[-1] + 1
-    folded = att.math_attention(qf, kf, v, None, scale=1.0) * mask[:, :, None, None]
-    torch.testing.assert_close(folded, naive(q, k, v, mask, 0.25), atol=ATOL_FP32, rtol=0)
+@pytest.mark.parametrize("name", ["math", "sdpa_cudnn", "sdpa_efficient"])
+def test_packed_rows_fold_the_mask_and_pad_to_the_kernel_width(name):
+    """pack_rows: column blocks + folded mask column + zero padding; softmax(q~.k~) v~ equals the
+    masked softmax(scale q.k) v for real query rows, at each kernel's padded widths."""
+    q, k, v, mask = make(seed=1)  # mask has real zeros (a padded tail and an empty chain)
+    dq, dv = q.shape[-1], v.shape[-1]
+    qs, ks, vs = att.pack_rows([q[..., :5] * 0.25, q[..., 5:] * 0.25], [k[..., :5], k[..., 5:]],
+                               [v[..., :3], v[..., 3:]], mask, name)
+    assert (qs.shape[-1], vs.shape[-1]) == att._padded_dims(name, dq + 1, dv)
+    assert qs.is_contiguous() and ks.is_contiguous() and vs.is_contiguous()
+    assert bool((qs[..., dq] == 1).all()) and bool((qs[..., dq + 1:] == 0).all())
+    assert bool((ks[..., dq][mask.bool()] == 0).all()) and bool((ks[..., dq][~mask.bool()] < -1e5).all())
+    out = att.math_attention(qs, ks, vs, None, scale=1.0)[..., :dv] * mask[:, :, None, None]
+    torch.testing.assert_close(out, naive(q, k, v, mask, 0.25), atol=ATOL_FP32, rtol=0)
+    packed = att.packed_attention([q * 0.25], [k], [v], mask, backend="math") * mask[:, :, None, None]
+    torch.testing.assert_close(packed, out, atol=ATOL_FP32, rtol=0)
 
 
 def test_cpu_resolves_to_math_and_attention_runs():

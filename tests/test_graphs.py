@@ -68,7 +68,10 @@ class CountingCapture:
     """eager_capture that counts captures and can be told to fail."""
 
     def __init__(self, fail: Exception | None = None) -> None:
-        self.calls, self.fail = 0, fail
+        self.calls, self.fail, self.resets = 0, fail, 0
+
+    def reset(self) -> None:  # CudaCapture forgets its pool handle when the runner drops its graphs
+        self.resets += 1
 
     def __call__(self, fn, device):
         self.calls += 1
@@ -165,6 +168,7 @@ def test_capture_failure_falls_back_to_eager_once(model, caplog):
             assert torch.equal(runner.step(*inputs), eager_step(denoiser, schedule, *inputs))
     assert capture.calls == 1 and not runner.enabled and "not permitted" in runner.stats.disabled_reason
     assert runner.stats.eager_steps == 2 and runner.keys() == []
+    assert capture.resets == 1  # the pool of the dropped graphs is never captured into again
     assert caplog.text.count("CUDA graph capture failed") == 1
 
 
@@ -289,6 +293,16 @@ def test_gpu_capture_of_a_host_sync_fails_cleanly():
     with pytest.raises(GraphCaptureError):
         cuda_capture(bad, dev)
     assert torch.equal(a * 2, torch.full((4,), 2.0, device=dev))  # the device still works
+    torch.randn(8, device=dev)  # the generator left its capture state ("Offset increment ..." before)
+    from service.graphs import CudaCapture
+
+    capture = CudaCapture()
+    for factor in (3.0, 5.0):  # capture, drop every graph, reset, capture again: a fresh pool each time
+        replay, out = capture(lambda f=factor: a * f, dev)
+        replay()
+        assert torch.equal(out, torch.full((4,), factor, device=dev))
+        del replay, out
+        capture.reset()
 
 
 @gpu
