@@ -11,7 +11,9 @@ Plus the attention core alone: achieved FLOP/s (2 B H L^2 (D_qk + D_v) forward) 
 matmul rate measured in the same run.
 
 Timing: CUDA events, warm-up, median over repeats, inputs rotated among 3 pre-built sets (no cached
-outputs); peak memory = max_memory_allocated during the step minus what was allocated before.
+outputs). Up to --h2h-max, flash and standard IPA are also timed head to head, alternating calls
+(--h2h-repeats each), because below L ~ 1024 both are launch-bound at ~1-9 ms and run-to-run drift
+between separately timed variants is as large as their difference. Peak memory = max_memory_allocated during the step minus what was allocated before.
 Correctness is checked against the dense reference before anything is timed.
 
 Usage (GPU): python benchmarks/bench_ipa.py --out bench_out
@@ -78,6 +80,26 @@ class Timer:
         return statistics.median(times), peak
 
 
+def interleaved(fn_a, fn_b, n_inputs: int, repeats: int, device) -> tuple[float, float]:
+    """Median ms of fn_a and fn_b timed alternately (a, b, a, b, ...), so that clock and load drift
+    hit both alike: the head-to-head figure for the launch-bound small lengths."""
+    times = ([], [])
+    for i in range(repeats):
+        for fn, out in ((fn_a, times[0]), (fn_b, times[1])):
+            if device.type == "cuda":
+                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                start.record()
+                fn(i % n_inputs)
+                end.record()
+                torch.cuda.synchronize()
+                out.append(start.elapsed_time(end))
+            else:
+                t0 = time.perf_counter()
+                fn(i % n_inputs)
+                out.append(1e3 * (time.perf_counter() - t0))
+    return statistics.median(times[0]), statistics.median(times[1])
+
+
 def is_oom(err: Exception) -> bool:
     return isinstance(err, torch.OutOfMemoryError) or "out of memory" in str(err).lower()
 
@@ -131,6 +153,9 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=10)
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--dense-max", type=int, default=4096, help="skip dense layers above this length")
+    ap.add_argument("--h2h-max", type=int, default=1024,
+                    help="up to this L, also time flash vs standard IPA interleaved (eager and graphed)")
+    ap.add_argument("--h2h-repeats", type=int, default=200)
     ap.add_argument("--graphed", action="store_true",
                     help="also time flash and standard IPA replayed from CUDA graphs (GPU only)")
     args = ap.parse_args()
@@ -141,7 +166,7 @@ def main() -> None:
         config = config.replace(singleFeatureDimension=32, pairFeatureDimension=16, ipaNumHeads=4,
                                 ipaHiddenDimension=8, kNeighbors=6)
         args.lengths, args.pair_free_lengths = [32, 64], [64, 128]
-        args.repeats, args.warmup, args.dense_max = 2, 1, 64
+        args.repeats, args.warmup, args.dense_max, args.h2h_repeats = 2, 1, 64, 3
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     graphed = args.graphed and device.type == "cuda"
     gen = torch.Generator().manual_seed(0)
@@ -189,10 +214,11 @@ def main() -> None:
     if err32 > 1e-3:
         raise SystemExit("flash path disagrees with the dense reference; not timing")
 
-    rows = []
+    rows, h2h = [], []
     for length in args.lengths:
         sets = inputs(length)
         zs = None
+        kept = {}  # name -> timed fn, kept for the head-to-head below (L <= --h2h-max)
         names = ("flash", "dense_ref", "ipa") + (("flash_graphed", "ipa_graphed") if graphed else ())
         for name in names:
             if name not in ("flash", "flash_graphed") and length > args.dense_max:
@@ -215,15 +241,25 @@ def main() -> None:
                     fn = lambda i, f=ref_flag: layer_step(flash, *sets[i], dtype, reference=f)
                 ms, peak = timer(fn, len(sets))
                 rows.append(dict(layer=name, L=length, ms=ms, peak_mib=peak, note=""))
+                if length <= args.h2h_max and name != "dense_ref":
+                    kept[name] = fn
             except Exception as err:
                 if not is_oom(err):
                     raise
                 rows.append(dict(layer=name, L=length, ms=None, peak_mib=None, note="OOM"))
             finally:
-                zs = None
+                if length > args.h2h_max:
+                    zs = None
                 if device.type == "cuda":
                     torch.cuda.empty_cache()
             print(rows[-1])
+        for a, b_name in (("flash", "ipa"), ("flash_graphed", "ipa_graphed")):
+            if a in kept and b_name in kept:
+                ms_a, ms_b = interleaved(kept[a], kept[b_name], len(sets), args.h2h_repeats, device)
+                h2h.append(dict(L=length, pair=f"{a} vs {b_name}", ms_a=ms_a, ms_b=ms_b, ratio=ms_a / ms_b))
+                print(h2h[-1])
+        kept.clear()
+        zs = None
 
     for length in args.pair_free_lengths:
         sets = inputs(length)
@@ -268,8 +304,12 @@ def main() -> None:
         mem = f"{row['peak_mib']:.0f}" if row["peak_mib"] is not None and row["peak_mib"] == row["peak_mib"] else "-"
         print(f"| {row['layer']} | {row['L']} | {ms} | {mem} | {row['note']} |")
 
+    if h2h:
+        print("\n| L | head-to-head (interleaved) | ms | ms | ratio |\n|---|---|---|---|---|")
+        for r in h2h:
+            print(f"| {r['L']} | {r['pair']} | {r['ms_a']:.3f} | {r['ms_b']:.3f} | {r['ratio']:.2f} |")
     args.out.mkdir(parents=True, exist_ok=True)
-    result = dict(info=info, rows=rows, core=core, matmul_tflops=mm_tflops, command=" ".join(sys.argv))
+    result = dict(info=info, rows=rows, head_to_head=h2h, core=core, matmul_tflops=mm_tflops, command=" ".join(sys.argv))
     (args.out / "bench_ipa.json").write_text(json.dumps(result, indent=2))
     plot(rows, core, mm_tflops, info, args.out / "bench_ipa.png")
     print(f"wrote {args.out / 'bench_ipa.json'} and {args.out / 'bench_ipa.png'}")

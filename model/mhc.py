@@ -224,6 +224,18 @@ class MHCMappings(nn.Module):
         return h_pre, h_post, h_res
 
 
+def _mix(h: torch.Tensor, streams: torch.Tensor, matmul: bool) -> torch.Tensor:
+    """h [B, L, m, n] times streams [B, L, n, C] -> [B, L, m, C], per residue.
+
+    ``matmul``: one batched GEMM (the GPU path: one kernel each way instead of a [B, L, m, n, C]
+    broadcast product and its reduction). Otherwise the broadcast multiply-sum, the reference and
+    the CPU path (CPU bmm over B * L tiny matrices is a slow per-matrix loop). Tests compare them.
+    """
+    if matmul:
+        return h @ streams
+    return (h.unsqueeze(-1) * streams.unsqueeze(-3)).sum(dim=-2)
+
+
 class MHCResidual(nn.Module):
     """Eq. (3) around any branch: S <- H_res S + H_post^T branch(H_pre S, *args, **kwargs).
 
@@ -251,6 +263,7 @@ class MHCResidual(nn.Module):
         self.mappings = MHCMappings(dim, self.n, config) if self.n > 1 else None
         self.record = True
         self.last_h_res: torch.Tensor | None = None
+        self.matmul_mixing: bool | None = None  # None: batched GEMM on CUDA, broadcast sums on CPU
 
     def forward(self, streams: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         if streams.shape[-2:] != (self.n, self.dim):
@@ -267,15 +280,13 @@ class MHCResidual(nn.Module):
         dt = streams.dtype
         # NOTE: stream mixing outside autocast, in the streams' dtype (float32 in training), so the
         # residual stream is never rounded to bf16 (the plain residual s + y promotes the same way).
-        # The n x n products are broadcast multiply-sums, not bmm: a batch of B*L tiny matrices is
-        # slow in CPU bmm (a per-matrix loop), and on GPU this is memory-bound either way. A fused
-        # kernel would replace these three lines.
+        matmul = streams.is_cuda if self.matmul_mixing is None else self.matmul_mixing
         with torch.autocast(device_type=streams.device.type, enabled=False):
-            x = (h_pre.to(dt).unsqueeze(-1) * streams).sum(dim=-2)  # [B, L, C]
+            x = _mix(h_pre.to(dt).unsqueeze(-2), streams, matmul).squeeze(-2)  # [B, L, C]
         y = self.branch(x, *args, **kwargs)  # [B, L, C]
         with torch.autocast(device_type=streams.device.type, enabled=False):
-            mixed = (h_res.to(dt).unsqueeze(-1) * streams.unsqueeze(-3)).sum(dim=-2)  # [B, L, n, C]
-            return mixed + h_post.to(dt).unsqueeze(-1) * y.to(dt).unsqueeze(-2)  # [B, L, n, C]
+            mixed = _mix(h_res.to(dt), streams, matmul)  # [B, L, n, C]
+            return torch.addcmul(mixed, h_post.to(dt).unsqueeze(-1), y.to(dt).unsqueeze(-2))  # + H_post^T y
 
 
 class MeanReadout(nn.Module):
