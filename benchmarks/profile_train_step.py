@@ -77,7 +77,7 @@ def _sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def profile_ops(step, device: str, stacks: bool = False, steps: int = 2) -> dict:
+def profile_ops(step, device: str, stacks: bool = False, steps: int = 2, table: bool = False) -> dict:
     """aten op counts per step (CPU and CUDA), optionally the source lines of copies / elementwise ops."""
     from torch.profiler import ProfilerActivity, profile
 
@@ -93,6 +93,9 @@ def profile_ops(step, device: str, stacks: bool = False, steps: int = 2) -> dict
     if device.startswith("cuda"):
         res["cuda_kernels_per_step"] = sum(e.count for e in prof.key_averages()
                                            if e.device_type.name == "CUDA") / steps
+    if table:
+        res["top_ops_table"] = prof.key_averages().table(
+            sort_by="cuda_time_total" if device.startswith("cuda") else "cpu_time_total", row_limit=25)
     if stacks:
         where: dict[str, Counter] = {}
         for e in events:
@@ -113,6 +116,7 @@ def main() -> None:
     ap.add_argument("--length", type=int, default=72)
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--stacks", action="store_true", help="source lines of copies / elementwise ops")
+    ap.add_argument("--table", action="store_true", help="print the top operators by (CUDA) time")
     ap.add_argument("--compile", action="store_true", help="model.compile_denoiser (torch.compile)")
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args()
@@ -128,7 +132,8 @@ def main() -> None:
         step()
         _sync(args.device)
         times.append((time.perf_counter() - t0) * 1e3)
-    ops = profile_ops(step, args.device, stacks=args.stacks, steps=1 if args.device == "cpu" else 2)
+    ops = profile_ops(step, args.device, stacks=args.stacks, steps=1 if args.device == "cpu" else 2,
+                      table=args.table)
     res = dict(config=args.config, mode=cfg.mode, device=args.device, dtype=args.dtype, batch=args.batch,
                length=args.length, compiled=args.compile, step_ms_median=statistics.median(times),
                samples_per_s=args.batch / statistics.median(times) * 1e3, **ops)
@@ -137,7 +142,10 @@ def main() -> None:
     if args.out is not None:
         args.out.mkdir(parents=True, exist_ok=True)
         (args.out / "profile.json").write_text(json.dumps(res, indent=1))
+    table = res.pop("top_ops_table", None)
     print(json.dumps(res, indent=1))
+    if table:
+        print(table)
 
 
 if __name__ == "__main__":

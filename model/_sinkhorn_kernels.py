@@ -35,7 +35,7 @@ def forward_kernel(z_ptr, out_ptr, count, ITERS: tl.constexpr, N: tl.constexpr, 
     tl.store(out_ptr + offs, tl.reshape(m, (BLOCK, N * N)).to(out_ptr.dtype.element_ty), mask=valid)
 
 @triton.jit
-def backward_kernel(z_ptr, gout_ptr, gz_ptr, count, ITERS: tl.constexpr, N: tl.constexpr,
+def backward_kernel(z_ptr, gout_ptr, gz_ptr, sums_ptr, count, ITERS: tl.constexpr, N: tl.constexpr,
                     FLOOR: tl.constexpr, BLOCK: tl.constexpr):
     rows = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     offs = rows[:, None] * (N * N) + tl.arange(0, N * N)[None, :]
@@ -44,16 +44,24 @@ def backward_kernel(z_ptr, gout_ptr, gz_ptr, count, ITERS: tl.constexpr, N: tl.c
     g = tl.reshape(tl.load(gout_ptr + offs, mask=valid, other=0.0).to(tl.float64), (BLOCK, N, N))
     shift = tl.max(tl.max(z, axis=2), axis=1)
     m0, live = _init(z, shift, FLOOR)
-    for back in range(2 * ITERS):
-        k = 2 * ITERS - 1 - back  # differentiate half step k: m_{k+1} = half_k(m_k)
-        m = m0
-        for j in range(2 * ITERS):  # recompute m_k: half steps j < k (alternating T_c, T_r)
-            m = tl.where(j < k, _half(m, j % 2 == 1), m)
-        r = tl.sum(m, axis=2, keep_dims=True)  # [BLOCK, N, 1] row sums
-        c = tl.sum(m, axis=1, keep_dims=True)  # [BLOCK, 1, N] column sums
-        is_row = k % 2 == 1
-        gy = g * tl.where(is_row, m / r, m / c)
-        g = tl.where(is_row, (g - tl.sum(gy, axis=2, keep_dims=True)) / r,
-                     (g - tl.sum(gy, axis=1, keep_dims=True)) / c)
+    # forward again, recording each half step's sums (scratch [count, 2 ITERS, N], float64)
+    sums = sums_ptr + rows[:, None] * (2 * ITERS * N) + tl.arange(0, N)[None, :]  # [BLOCK, N] pointers
+    m = m0
+    for it in range(ITERS):
+        c = tl.sum(m, axis=1)  # [BLOCK, N] column sums (T_c)
+        tl.store(sums + (2 * it) * N, c, mask=valid)
+        m = m / tl.expand_dims(c, 1)
+        r = tl.sum(m, axis=2)  # [BLOCK, N] row sums (T_r)
+        tl.store(sums + (2 * it + 1) * N, r, mask=valid)
+        m = m / tl.expand_dims(r, 2)
+    # backwards through the half steps: y = m / s  =>  g_m = (g_y - sum_s g_y y) / s, and m = y s
+    for back in range(ITERS):
+        it = ITERS - 1 - back
+        r = tl.expand_dims(tl.load(sums + (2 * it + 1) * N, mask=valid, other=1.0), 2)  # [BLOCK, N, 1]
+        g = (g - tl.sum(g * m, axis=2, keep_dims=True)) / r
+        m = m * r
+        c = tl.expand_dims(tl.load(sums + (2 * it) * N, mask=valid, other=1.0), 1)  # [BLOCK, 1, N]
+        g = (g - tl.sum(g * m, axis=1, keep_dims=True)) / c
+        m = m * c
     gz = tl.where(live, g * m0, 0.0)
     tl.store(gz_ptr + offs, tl.reshape(gz, (BLOCK, N * N)).to(gz_ptr.dtype.element_ty), mask=valid)

@@ -9,12 +9,14 @@ Same math as the reference, per [n, n] matrix of logits z, in float64 registers:
 
     m_0 = exp(max(z - max(z), -FLOOR));  m <- m / colsum(m);  m <- m / rowsum(m)   (ITERS times)
 
-Backward (recomputation, no saved intermediates): the half step y = m / s (s the column or row sums
-of m) has the vector-Jacobian product  g_m = (g_y - sum_{along s} g_y * y) / s.  The kernel walks the
-2 ITERS half steps backwards; for half step k it recomputes m_k from m_0 (a fixed 2 ITERS-step loop
-that applies only the first k steps, so the loops have constant bounds: O(ITERS^2) tiny matrix
-operations in registers, no memory traffic), then  g_z = g_m0 * m_0 where z - max(z) > -FLOOR
-(the max shift is detached: Sinkhorn is invariant to it).
+Backward: the half step y = m / s (s the column or row sums of m) has the vector-Jacobian product
+g_m = (g_y - sum_{along s} g_y * y) / s, and m = y * s. The backward kernel reruns the forward from z
+(2 ITERS half steps in registers), writing each half step's sums to a float64 scratch [count, 2 ITERS,
+n] (n values per matrix and half step; allocated for the call, nothing kept between forward and
+backward), then walks the half steps backwards, recovering each m_k from m_{k+1} and its sums. Finally
+g_z = g_m0 * m_0 where z - max(z) > -FLOOR (the max shift is detached: Sinkhorn is invariant to it).
+NOTE: the first version recomputed m_k from m_0 for every k (O(ITERS^2) half steps, no scratch); on the
+H100 that kernel took 1.9 ms per call, 7.5 % of the shipped model's training step.
 
 One program handles BLOCK matrices; n * n must be a power of two (n = 1, 2, 4, 8: mhcExpansionRate
 4 is the paper's and ours); other n fall back to the reference. Imported lazily: the package never
@@ -86,7 +88,8 @@ class _SinkhornFused(torch.autograd.Function):
         grad = torch.empty_like(z)
         count, n = z.numel() // (z.shape[-1] ** 2), z.shape[-1]
         if count:
-            _launch(_kernels()[1], count, z, grad_out.float().contiguous(), grad, iters=ctx.iters, n=n,
+            sums = torch.empty(count, 2 * ctx.iters, n, dtype=torch.float64, device=z.device)  # scratch
+            _launch(_kernels()[1], count, z, grad_out.float().contiguous(), grad, sums, iters=ctx.iters, n=n,
                     floor=ctx.floor)
         return grad, None, None
 

@@ -298,16 +298,29 @@ class StretchTimeLimit(pl.Callback):
 
     NOTE: Lightning's own ``max_time`` restores its elapsed time from the checkpoint, so a resumed
     run stops at once; a stretch of limited GPU time needs the time since this fit started.
+    NOTE (DDP): ranks must stop after the same batch, or the others wait forever in the next
+    gradient all-reduce. With several processes the decision is taken every ``sync_every`` batches,
+    on all ranks at once, and reduced (any rank over time stops all): one tiny collective per
+    ``sync_every`` steps instead of a host sync per step.
     """
 
-    def __init__(self, minutes: float):
-        self.seconds, self.start = 60.0 * minutes, None
+    def __init__(self, minutes: float, sync_every: int = 10):
+        self.seconds, self.start, self.sync_every, self.batches = 60.0 * minutes, None, int(sync_every), 0
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self.start = time.monotonic()
+        self.start, self.batches = time.monotonic(), 0
 
     def on_train_batch_end(self, trainer: pl.Trainer, *args) -> None:
-        if self.start is not None and time.monotonic() - self.start >= self.seconds:
+        if self.start is None:
+            return
+        self.batches += 1
+        distributed = trainer.world_size > 1
+        if distributed and self.batches % self.sync_every:
+            return
+        over = time.monotonic() - self.start >= self.seconds
+        if distributed:
+            over = trainer.strategy.reduce_boolean_decision(over, all=False)
+        if over:
             trainer.should_stop = True
 
 

@@ -267,3 +267,33 @@ def test_kill_9_during_training_then_resume(tmp_path, chains):
     result = run_training(cfg, _opts(), datamodule=_dm(cfg, chains))
     assert result.resumed_from == ckpt_dir / "last.ckpt"
     assert result.global_step == step + 2  # one more epoch of 2 steps
+
+
+def test_stretch_time_limit_stops_all_ddp_ranks_at_the_same_batch():
+    """With several ranks the time check runs every sync_every batches on every rank and is reduced
+    (any rank over time stops all), so no rank waits alone in the next all-reduce."""
+    from types import SimpleNamespace
+
+    from model.training import StretchTimeLimit
+
+    calls = []
+
+    def reduce(decision, all=True):  # Lightning's Strategy.reduce_boolean_decision; rank 1 is over time
+        calls.append((decision, all))
+        return decision or True
+
+    trainer = SimpleNamespace(world_size=2, should_stop=False,
+                              strategy=SimpleNamespace(reduce_boolean_decision=reduce))
+    limit = StretchTimeLimit(minutes=60.0, sync_every=5)
+    limit.on_train_start(trainer, None)
+    for _ in range(4):
+        limit.on_train_batch_end(trainer)
+    assert calls == [] and not trainer.should_stop  # no collective between sync points
+    limit.on_train_batch_end(trainer)
+    assert calls == [(False, False)] and trainer.should_stop  # this rank is in time; another was not
+
+    single = SimpleNamespace(world_size=1, should_stop=False, strategy=None)
+    limit = StretchTimeLimit(minutes=0.0)
+    limit.on_train_start(single, None)
+    limit.on_train_batch_end(single)
+    assert single.should_stop  # one process: checked every batch, no collective
