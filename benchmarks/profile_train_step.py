@@ -7,7 +7,8 @@
 
 On CPU the op counts are what matters (each aten op is one or more kernels on the GPU, and the GPU
 step is bound by their number, not by FLOPs); ``--stacks`` adds the model source lines that issue
-the most ``aten::copy_`` (casts) and elementwise ops. ``--mode`` overrides useMHCMode / useFlashMode.
+the most ``aten::copy_`` (casts) and elementwise ops. ``--mode`` overrides useMHCMode / useFlashMode;
+``--ab flash,mhc_flash`` times two modes alternately in one process (the cost of mHC).
 """
 
 from __future__ import annotations
@@ -106,6 +107,40 @@ def profile_ops(step, device: str, stacks: bool = False, steps: int = 2, table: 
     return res
 
 
+def ab_compare(args) -> None:
+    """Two modes in one process, steps alternated A, B, A, B, ... so clock / load drift hits both."""
+    import copy
+
+    names = args.ab.split(",")
+    if len(names) != 2 or any(n not in MODES for n in names):
+        raise SystemExit(f"--ab takes two of {sorted(MODES)}, e.g. flash,mhc_flash")
+    steps = {}
+    for name in names:
+        a = copy.copy(args)
+        a.mode = name
+        steps[name] = _setup(a)[1]
+        for _ in range(1 if args.device == "cpu" else 5):
+            steps[name]()
+    times = {name: [] for name in names}
+    for _ in range(args.steps):
+        for name in names:
+            _sync(args.device)
+            t0 = time.perf_counter()
+            steps[name]()
+            _sync(args.device)
+            times[name].append((time.perf_counter() - t0) * 1e3)
+    med = {name: statistics.median(t) for name, t in times.items()}
+    res = dict(config=args.config, device=args.device, batch=args.batch, length=args.length, steps=args.steps,
+               step_ms_median=med, overhead=med[names[1]] / med[names[0]] - 1.0,
+               step_ms_quartiles={n: statistics.quantiles(t, n=4) for n, t in times.items()})
+    if args.device.startswith("cuda"):
+        res["gpu"] = torch.cuda.get_device_name()
+    if args.out is not None:
+        args.out.mkdir(parents=True, exist_ok=True)
+        (args.out / "ab.json").write_text(json.dumps(res, indent=1))
+    print(json.dumps(res, indent=1))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("config")
@@ -119,7 +154,13 @@ def main() -> None:
     ap.add_argument("--table", action="store_true", help="print the top operators by (CUDA) time")
     ap.add_argument("--compile", action="store_true", help="model.compile_denoiser (torch.compile)")
     ap.add_argument("--out", type=Path, default=None)
+    ap.add_argument("--ab", default=None, metavar="MODE_A,MODE_B",
+                    help="A/B: build both modes, time their steps alternately (--steps each), report both "
+                         "medians and B / A - 1 (e.g. flash,mhc_flash: the training cost of mHC)")
     args = ap.parse_args()
+    if args.ab:
+        ab_compare(args)
+        return
     cfg, step = _setup(args)
 
     for _ in range(1 if args.device == "cpu" else 5):
