@@ -95,6 +95,9 @@ def profile_ops(step, device: str, stacks: bool = False, steps: int = 2, table: 
         res["cuda_kernels_per_step"] = sum(e.count for e in prof.key_averages()
                                            if e.device_type.name == "CUDA") / steps
     if table:
+        res["ops"] = {e.key: {"count": e.count / steps, "self_device_us": getattr(e, "self_device_time_total",
+                                                                                 getattr(e, "self_cuda_time_total", 0.0)) / steps}
+                      for e in prof.key_averages()}
         res["top_ops_table"] = prof.key_averages().table(
             sort_by="cuda_time_total" if device.startswith("cuda") else "cpu_time_total", row_limit=25)
     if stacks:
