@@ -40,7 +40,7 @@ def summarize(out: Path) -> None:
     rows = []
     for n, r in sorted(runs.items()):
         eff = r["global_samples_per_s"] / (n * base)
-        rows.append(dict(devices=n, global_samples_per_s=r["global_samples_per_s"], efficiency=eff))
+        rows.append({"devices": n, "global_samples_per_s": r["global_samples_per_s"], "efficiency": eff})
         print(f"{n:>5} {r['global_samples_per_s']:>10.1f} {r['per_rank_samples_per_s']:>9.1f} {eff:>11.1%}")
     (out / "ddp_summary.json").write_text(json.dumps({"rows": rows, "gpu": runs[1].get("gpu")}, indent=1))
 
@@ -81,15 +81,15 @@ def main() -> None:
     wall = time.time() - t0
     if int(os.environ.get("LOCAL_RANK", "0")) != 0:
         return
-    metrics = sorted((result.run_dir / "csv").glob("version_*/metrics.csv"), key=lambda p: p.stat().st_mtime)[-1]
+    metrics = max((result.run_dir / "csv").glob("version_*/metrics.csv"), key=lambda p: p.stat().st_mtime)
     with metrics.open() as f:
         rates = [float(r["train/samples_per_s"]) for r in csv.DictReader(f) if r.get("train/samples_per_s")]
     kept = rates[args.skip:] or rates
     per_rank = statistics.median(kept)
-    res = dict(devices=args.devices, gpu=torch.cuda.get_device_name(), torch=torch.__version__,
-               config=args.config, minutes=args.minutes, wall_s=wall, global_step=result.global_step,
-               intervals=len(rates), per_rank_samples_per_s=per_rank,
-               global_samples_per_s=per_rank * args.devices)
+    res = {"devices": args.devices, "gpu": torch.cuda.get_device_name(), "torch": torch.__version__,
+           "config": args.config, "minutes": args.minutes, "wall_s": wall, "global_step": result.global_step,
+           "intervals": len(rates), "per_rank_samples_per_s": per_rank,
+           "global_samples_per_s": per_rank * args.devices}
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / f"ddp_{args.devices}.json").write_text(json.dumps(res, indent=1))
     print(json.dumps(res, indent=1))

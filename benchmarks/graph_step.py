@@ -145,7 +145,8 @@ def main() -> None:
 
     profile = None
     if args.profile:
-        from torch.profiler import ProfilerActivity, profile as torch_profile
+        from torch.profiler import ProfilerActivity
+        from torch.profiler import profile as torch_profile
 
         batch, length = (int(v) for v in args.profile.lower().split("x"))
         inputs = make_inputs(batch, length, T, device)

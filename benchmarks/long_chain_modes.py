@@ -22,7 +22,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from profile_train_step import _setup  # noqa: E402
+from profile_train_step import _setup
 
 CONFIG = Path(__file__).resolve().parents[1] / "configs" / "mhc_flash.txt"
 RUNS = [("standard", False), ("mhc", False), ("flash", False), ("mhc_flash", False), ("mhc_flash", True)]

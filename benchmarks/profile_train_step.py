@@ -24,7 +24,8 @@ import torch
 
 from model import build_denoiser
 from model.config import load_config
-from model.diffusion import Schedule, loss as diffusion_loss, q_sample
+from model.diffusion import Schedule, q_sample
+from model.diffusion import loss as diffusion_loss
 
 MODES = {"standard": (False, False), "mhc": (True, False), "flash": (False, True), "mhc_flash": (True, True)}
 COUNTED = ("aten::copy_", "aten::mul", "aten::add", "aten::sum", "aten::native_layer_norm",

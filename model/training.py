@@ -44,9 +44,9 @@ from model.checkpoints import (
     load_checkpoint_denoiser,
 )
 from model.config import Config
-from model.flash_ipa import upgrade_legacy_state
 from model.diffusion import Schedule, q_sample
 from model.diffusion import loss as genie_loss
+from model.flash_ipa import upgrade_legacy_state
 
 __all__ = [
     "ARCH_KEYS",

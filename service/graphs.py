@@ -48,11 +48,11 @@ log = logging.getLogger("mhcflash.graphs")
 
 __all__ = [
     "BATCH_BUCKETS",
+    "CudaCapture",
     "GraphCaptureError",
     "GraphStats",
     "StepGraphRunner",
     "batch_bucket",
-    "CudaCapture",
     "cuda_capture",
     "eager_capture",
     "eager_step",
