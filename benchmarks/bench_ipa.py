@@ -49,6 +49,20 @@ def chain(batch: int, length: int, device, generator) -> torch.Tensor:
     return (x - x.mean(1, keepdim=True)).to(device)
 
 
+def time_call(fn, i: int, device) -> float:
+    """ms of one call ``fn(i)``: CUDA events on GPU (synchronised after), wall clock on CPU."""
+    if device.type == "cuda":
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn(i)
+        end.record()
+        torch.cuda.synchronize()
+        return start.elapsed_time(end)
+    t0 = time.perf_counter()
+    fn(i)
+    return 1e3 * (time.perf_counter() - t0)
+
+
 class Timer:
     """Median wall time of ``fn`` (CUDA events on GPU) and its peak extra memory."""
 
@@ -59,23 +73,11 @@ class Timer:
         cuda = self.device.type == "cuda"
         for i in range(self.warmup):
             fn(i % n_inputs)
-        times = []
         if cuda:
             torch.cuda.synchronize()
             base = torch.cuda.memory_allocated()
             torch.cuda.reset_peak_memory_stats()
-        for i in range(self.repeats):
-            if cuda:
-                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-                start.record()
-                fn(i % n_inputs)
-                end.record()
-                torch.cuda.synchronize()
-                times.append(start.elapsed_time(end))
-            else:
-                t0 = time.perf_counter()
-                fn(i % n_inputs)
-                times.append(1e3 * (time.perf_counter() - t0))
+        times = [time_call(fn, i % n_inputs, self.device) for i in range(self.repeats)]
         peak = (torch.cuda.max_memory_allocated() - base) / 2**20 if cuda else float("nan")
         return statistics.median(times), peak
 
@@ -86,17 +88,7 @@ def interleaved(fn_a, fn_b, n_inputs: int, repeats: int, device) -> tuple[float,
     times = ([], [])
     for i in range(repeats):
         for fn, out in ((fn_a, times[0]), (fn_b, times[1])):
-            if device.type == "cuda":
-                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-                start.record()
-                fn(i % n_inputs)
-                end.record()
-                torch.cuda.synchronize()
-                out.append(start.elapsed_time(end))
-            else:
-                t0 = time.perf_counter()
-                fn(i % n_inputs)
-                out.append(1e3 * (time.perf_counter() - t0))
+            out.append(time_call(fn, i % n_inputs, device))
     return statistics.median(times[0]), statistics.median(times[1])
 
 
