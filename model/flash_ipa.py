@@ -9,7 +9,8 @@ with w_L = sqrt(1/3), gamma_h = softplus(theta_h) * sqrt(2 / (9 P)). Here the pa
 the factors (model/factorizer.py): b_ij = sum_r bl[i, r, h] * br[j, r, h], bl / br = Linear(left /
 right factor), and the pair values are z'_ij = sum_r pl[i, r] * pr[j, r] (C_pv = C_f // 4 channels).
 Expanding |Q - K|^2 = |Q|^2 + |K|^2 - 2 Q.K and dropping |Q_i|^2 (constant over j, it cancels in
-the softmax) gives widened rows (all fp32 before the cast to the attention dtype):
+the softmax) gives widened rows (geometry in fp32, scalar and factor terms in the activation dtype,
+all cast to the attention dtype once):
 
     q~_i = [ w_L q_i / sqrt(C) | Q_i (3P)              | 1                       | w_L bl_i (r) ]
     k~_j = [ k_j               | w_L gamma K_j (3P)    | -w_L gamma / 2 |K_j|^2  | br_j (r)     ]
@@ -117,10 +118,10 @@ class FlashIPA(nn.Module):
         self.pair_value_dim = max(1, factor_dim // 4)
         self.config = config  # only useFlashAttn3 is read (backend choice)
         h, c, p, pv = heads, hidden, qk_points, v_points
-        # One projection of the single representation: scalar q (H C) | k, v (H 2C, per head [k | v]),
-        # then local points q (H P 3) | k and v (H (P + P_v) 3). One projection per factor: pair bias (H) | pair value
-        # (C_pv). NOTE (launch count): fused rather than six Linears; `upgrade_legacy_state` maps the
-        # older separate tensors (weights/mhc_flash_v1) onto these by concatenation, the same function.
+        # One projection of the single representation: scalar q (H C) | k, v (H 2C, per head [k | v]) |
+        # local points q (H P 3) | k and v (H (P + P_v) 3); one projection per factor: pair bias (H) |
+        # pair value (C_pv). NOTE (launch count): three Linears instead of six; `upgrade_legacy_state`
+        # maps the older separate tensors (weights/mhc_flash_v1) onto these by concatenation.
         self.in_splits = (3 * h * c, h * p * 3, h * (p + pv) * 3)
         self.linear_in = nn.Linear(single_dim, sum(self.in_splits))
         self.factor_left = nn.Linear(factor_dim, h + self.pair_value_dim, bias=False)  # [bl (H) | pl (C_pv)]
