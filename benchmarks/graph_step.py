@@ -26,6 +26,7 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from model.config import MODES
 from model.diffusion import Schedule
 from model.weights_io import load_weights
 from service.engine import Job, SamplingEngine, _Slot
@@ -81,7 +82,7 @@ def main() -> None:
     ap.add_argument("--shapes", default="1x128,16x128,64x128,8x256", help="comma-separated BxL")
     ap.add_argument("--iters", type=int, default=20)
     ap.add_argument("--json", default=None, help="also write the JSON here")
-    ap.add_argument("--mode", choices=("standard", "mhc", "flash", "mhc_flash"), default=None,
+    ap.add_argument("--mode", choices=tuple(MODES), default=None,
                     help="time a randomly initialised denoiser of the weights' config in this mode instead "
                          "(e.g. flash vs the shipped mhc_flash: the sampling cost of mHC)")
     ap.add_argument("--profile", default=None, metavar="BxL",
@@ -96,9 +97,7 @@ def main() -> None:
     if args.mode is not None:
         from model import build_denoiser
 
-        mhc, flash = {"standard": (False, False), "mhc": (True, False), "flash": (False, True),
-                      "mhc_flash": (True, True)}[args.mode]
-        config = config.replace(useMHCMode=mhc, useFlashMode=flash)
+        config = config.with_mode(args.mode)
         torch.manual_seed(0)
         denoiser = build_denoiser(config).to(device).eval()
     schedule = Schedule.from_config(config)

@@ -23,11 +23,10 @@ from pathlib import Path
 import torch
 
 from model import build_denoiser
-from model.config import load_config
+from model.config import MODES, load_config
 from model.diffusion import Schedule, q_sample
 from model.diffusion import loss as diffusion_loss
 
-MODES = {"standard": (False, False), "mhc": (True, False), "flash": (False, True), "mhc_flash": (True, True)}
 COUNTED = ("aten::copy_", "aten::mul", "aten::add", "aten::sum", "aten::native_layer_norm",
            "aten::native_layer_norm_backward", "aten::sigmoid_backward", "aten::addmm", "aten::bmm",
            "aten::mm", "aten::cat", "aten::where", "aten::fill_", "aten::zero_")
@@ -36,8 +35,7 @@ COUNTED = ("aten::copy_", "aten::mul", "aten::add", "aten::sum", "aten::native_l
 def _setup(args):
     cfg = load_config(args.config)
     if args.mode:
-        mhc, flash = MODES[args.mode]
-        cfg = cfg.replace(useMHCMode=mhc, useFlashMode=flash)
+        cfg = cfg.with_mode(args.mode)
     if args.compile:
         cfg = cfg.replace(compileModel=True)
     dev = torch.device(args.device)

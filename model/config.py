@@ -21,7 +21,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-__all__ = ["KEY_DOCS", "Config", "ConfigError", "load_config", "parse_config"]
+__all__ = ["KEY_DOCS", "MODES", "Config", "ConfigError", "load_config", "parse_config"]
+
+# SPEC.md's four modes: name -> (useMHCMode, useFlashMode).
+MODES = {"standard": (False, False), "mhc": (True, False), "flash": (False, True), "mhc_flash": (True, True)}
 
 
 class ConfigError(ValueError):
@@ -143,8 +146,14 @@ class Config:
     @property
     def mode(self) -> str:
         """One of 'standard', 'mhc', 'flash', 'mhc_flash' (SPEC.md's table of four modes)."""
-        return {(False, False): "standard", (True, False): "mhc",
-                (False, True): "flash", (True, True): "mhc_flash"}[(self.useMHCMode, self.useFlashMode)]
+        return next(name for name, flags in MODES.items() if flags == (self.useMHCMode, self.useFlashMode))
+
+    def with_mode(self, mode: str) -> Config:
+        """A copy switched to one of :data:`MODES` (sets useMHCMode and useFlashMode)."""
+        if mode not in MODES:
+            raise ConfigError(f"unknown mode {mode!r}; one of {', '.join(MODES)}")
+        mhc, flash = MODES[mode]
+        return self.replace(useMHCMode=mhc, useFlashMode=flash)
 
     def replace(self, **changes: Any) -> Config:
         """A validated copy with ``changes`` applied (unknown keys raise ConfigError)."""

@@ -129,6 +129,10 @@ def test_modes():
     assert Config(useMHCMode=True).mode == "mhc"
     assert Config(useFlashMode=True).mode == "flash"
     assert Config(useMHCMode=True, useFlashMode=True).mode == "mhc_flash"
+    for name in ("standard", "mhc", "flash", "mhc_flash"):
+        assert Config().with_mode(name).mode == name
+    with pytest.raises(ConfigError, match="unknown mode 'mhcflash'"):
+        Config().with_mode("mhcflash")
 
 
 def test_missing_and_binary_files(tmp_path: Path):
