@@ -50,7 +50,7 @@ from model.knn import Neighbours, knn
 # The factorizers and the k-NN search live in model/factorizer.py and model/knn.py (one concept per
 # file); they are re-exported here because docs/ARCHITECTURE.md places them under flash_ipa.
 __all__ = ["FlashIPA", "Neighbours", "PairFactorizer", "PairFactors", "PairFreeFactorizer", "build_factorizer",
-           "flash_ipa_head_dims", "knn", "upgrade_legacy_state"]
+           "flash_ipa_head_dims", "has_legacy_layout", "knn", "upgrade_legacy_state"]
 
 POINT_NORM_EPS = 1e-8  # inside sqrt of the output point norms (AF2 / OpenFold)
 
@@ -90,14 +90,21 @@ _LEGACY_GROUPS = {
 }
 
 
+_LEGACY_MARKER = "bias_left.weight"  # present only in the earlier layout
+
+
+def has_legacy_layout(state: dict[str, torch.Tensor]) -> bool:
+    """True when ``state`` holds FlashIPA tensors of the earlier separate-projection layout."""
+    return any(key.endswith(_LEGACY_MARKER) for key in state)
+
+
 def upgrade_legacy_state(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """A state dict with FlashIPA's earlier separate projections rewritten to the fused names.
 
     Rows of the fused Linear are the old Linears' rows in order, so the layer computes exactly the
     same function. States already in the fused layout (or without FlashIPA) come back unchanged.
     """
-    marker = "bias_left.weight"
-    prefixes = {key[: -len(marker)] for key in state if key.endswith(marker)}
+    prefixes = {key[: -len(_LEGACY_MARKER)] for key in state if key.endswith(_LEGACY_MARKER)}
     if not prefixes:
         return state
     out = dict(state)
@@ -142,7 +149,7 @@ class FlashIPA(nn.Module):
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         """Accept the earlier separate-projection tensors (see ``upgrade_legacy_state``)."""
-        if prefix + "bias_left.weight" in state_dict:
+        if prefix + _LEGACY_MARKER in state_dict:
             mine = {key: state_dict.pop(key) for key in [k for k in state_dict if k.startswith(prefix)]}
             state_dict.update(upgrade_legacy_state(mine))
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)

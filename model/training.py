@@ -46,7 +46,7 @@ from model.checkpoints import (
 from model.config import Config
 from model.diffusion import Schedule, q_sample
 from model.diffusion import loss as genie_loss
-from model.flash_ipa import upgrade_legacy_state
+from model.flash_ipa import has_legacy_layout
 
 __all__ = [
     "ARCH_KEYS",
@@ -264,8 +264,7 @@ class DiffusionModule(pl.LightningModule):
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         source = str(getattr(getattr(self, "_trainer", None), "ckpt_path", None) or "checkpoint")
-        state = checkpoint.get("state_dict", {})
-        if upgrade_legacy_state(state) is not state:
+        if has_legacy_layout(checkpoint.get("state_dict", {})):
             raise CheckpointMismatchError(
                 f"{source} predates the fused Flash-IPA projections: its weights still load for sampling "
                 "and serving (they are converted), but its optimizer state cannot resume training. Start a "

@@ -367,7 +367,7 @@ def test_permuting_neighbour_slots_does_not_change_factors(pair_free, monkeypatc
 def test_legacy_separate_projections_load_into_the_fused_layer():
     """States saved before the fused projections (weights/mhc_flash_v1) load through load_state_dict
     and upgrade_legacy_state and give exactly the same layer; a fused state is left alone."""
-    from model.flash_ipa import upgrade_legacy_state
+    from model.flash_ipa import has_legacy_layout, upgrade_legacy_state
 
     config = tiny_config(useFlashMode=True)
     layer, fac, x, ca, mask, pair = setup(config, seed=7)
@@ -383,6 +383,7 @@ def test_legacy_separate_projections_load_into_the_fused_layer():
         state[f"bias_{side}.weight"], state[f"value_{side}.weight"] = bias_w, value_w
     assert set(upgrade_legacy_state({f"ipa.{k}": v for k, v in state.items()})) == {
         f"ipa.{k}" for k in layer.state_dict()}
+    assert has_legacy_layout(state) and not has_legacy_layout(layer.state_dict())
     fresh = FlashIPA.from_config(config)
     fresh.load_state_dict(state, strict=True)
     with torch.no_grad():
