@@ -10,7 +10,8 @@ inputs, and what the step time means for a request of T steps (B = 1) and for th
 (B / (T * step) backbones/s). Prints a table and JSON (also written to --json if given).
 
     python benchmarks/graph_step.py [--weights weights/mhc_flash_v1] [--precision bf16] \
-        [--shapes 1x128,16x128,64x128,8x256] [--iters 20] [--json out.json] [--mode flash] [--profile 64x128]
+        [--shapes 1x128,16x128,64x128,8x256] [--iters 20] [--json out.json] [--mode flash] [--profile 64x128] \
+        [--compile-pair]
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from model.config import MODES
+from model.denoiser import compile_denoiser
 from model.diffusion import Schedule
 from model.weights_io import load_weights
 from service.engine import Job, SamplingEngine, _Slot
@@ -85,6 +87,8 @@ def main() -> None:
     ap.add_argument("--mode", choices=tuple(MODES), default=None,
                     help="time a randomly initialised denoiser of the weights' config in this mode instead "
                          "(e.g. flash vs the shipped mhc_flash: the sampling cost of mHC)")
+    ap.add_argument("--compile-pair", action="store_true",
+                    help="torch.compile the pair-transform layers first (model.denoiser.compile_denoiser, as the service)")
     ap.add_argument("--profile", default=None, metavar="BxL",
                     help="also profile eager steps at this shape: top CUDA kernels by total time")
     args = ap.parse_args()
@@ -100,6 +104,8 @@ def main() -> None:
         config = config.with_mode(args.mode)
         torch.manual_seed(0)
         denoiser = build_denoiser(config).to(device).eval()
+    if args.compile_pair:
+        compile_denoiser(denoiser)
     schedule = Schedule.from_config(config)
     T = schedule.num_timesteps
     shapes = [tuple(int(v) for v in s.lower().split("x")) for s in args.shapes.split(",")]
@@ -162,7 +168,7 @@ def main() -> None:
 
     result = {
         "device": torch.cuda.get_device_name(device), "torch": torch.__version__, "weights": loaded.name,
-        "random_init_mode": args.mode,
+        "random_init_mode": args.mode, "compile_pair": args.compile_pair,
         "mode": config.mode, "precision": args.precision, "timesteps": T, "iters": args.iters,
         "graphs": {"captures": runner.stats.captures, "disabled_reason": runner.stats.disabled_reason},
         "max_memory_allocated_GiB": torch.cuda.max_memory_allocated(device) / 2**30,

@@ -7,7 +7,10 @@ Phases, each bounded in requests and time:
   3. a mixed-length load.
 Also records the engine's per-step time so the floor (steps x step time) is visible.
 
-    python benchmarks/serve_gpu.py --weights weights/ --out DIR [--lengths 128,256] [--precision bf16]
+    python benchmarks/serve_gpu.py --weights weights/ --out DIR [--lengths 128,256] [--precision bf16] \
+        [--inflight-residues 16384] [--count 4] [--phase-seconds 90] [--compile auto|on|off]
+
+A phase starts new requests until --phase-seconds have passed and then waits for those in flight.
 """
 
 from __future__ import annotations
@@ -73,14 +76,16 @@ def main() -> None:
     ap.add_argument("--precision", default="bf16")
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--residue-budget", type=int, default=32768)
-    ap.add_argument("--clients", type=int, default=32)
-    ap.add_argument("--count", type=int, default=8)
+    ap.add_argument("--inflight-residues", type=int, default=16384,
+                    help="clients per length = this / (length * count): residues kept in flight")
+    ap.add_argument("--count", type=int, default=4)
+    ap.add_argument("--compile", choices=("auto", "on", "off"), default="auto", help="MHCFLASH_COMPILE")
     ap.add_argument("--phase-seconds", type=float, default=90.0)
     ap.add_argument("--no-mixed", action="store_true")
     args = ap.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     settings = ServiceSettings(weights=args.weights, device=args.device, precision=args.precision,
-                               residue_budget=args.residue_budget, queue_max_samples=4096, max_count=64,
+                               residue_budget=args.residue_budget, queue_max_samples=4096, max_count=64, compile=args.compile,
                                max_total_residues=65536, request_timeout_s=900.0, log_level="warning",
                                exit_on_engine_death=False)
     report = {"gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu", "torch": torch.__version__, "precision": args.precision,
@@ -95,10 +100,11 @@ def main() -> None:
         print("single request L=128:", json.dumps(report["phases"]["single_L128"]), flush=True)
         (args.out / "serve_gpu.json").write_text(json.dumps(report, indent=1, default=str))
         for L in [int(x) for x in args.lengths.split(",")]:
-            n_req = 4 * args.clients
-            bodies = [{"length": L, "count": args.count, "seed": i} for i in range(n_req)]
+            clients = max(1, round(args.inflight_residues / (L * args.count)))
+            bodies = [{"length": L, "count": args.count, "seed": i} for i in range(4 * clients)]
             before = engine_stats(srv)
-            res = asyncio.run(load(srv.url, bodies, args.clients, args.phase_seconds))
+            res = asyncio.run(load(srv.url, bodies, clients, args.phase_seconds))
+            res["clients"], res["count"] = clients, args.count
             res["engine_before"], res["engine_after"] = before, engine_stats(srv)
             report["phases"][f"load_L{L}"] = res
             print(f"L={L}: {json.dumps({k: v for k, v in res.items() if not k.startswith('engine')})}", flush=True)
@@ -106,9 +112,11 @@ def main() -> None:
         if args.no_mixed:
             return
         rng = random.Random(0)
-        bodies = [{"length": rng.choice([64, 100, 128, 200, 256]), "count": args.count, "seed": i}
-                  for i in range(4 * args.clients)]
-        res = asyncio.run(load(srv.url, bodies, args.clients, args.phase_seconds))
+        mixed = [64, 100, 128, 200, 256]
+        clients = max(1, round(args.inflight_residues / (sum(mixed) / len(mixed) * args.count)))
+        bodies = [{"length": rng.choice(mixed), "count": args.count, "seed": i} for i in range(4 * clients)]
+        res = asyncio.run(load(srv.url, bodies, clients, args.phase_seconds))
+        res["clients"], res["count"] = clients, args.count
         report["phases"]["load_mixed"] = res
         print(f"mixed: {json.dumps(res)}", flush=True)
         report["metrics_tail"] = [ln for ln in httpx.get(f"{srv.url}/metrics").text.splitlines()

@@ -39,7 +39,7 @@ def build_denoiser(config):
 
 
 def compile_denoiser(denoiser, **kwargs):
-    """``torch.compile`` of a denoiser (see :func:`model.denoiser.compile_denoiser`)."""
+    """``torch.compile`` of a denoiser's pair stack, in place (see :func:`model.denoiser.compile_denoiser`)."""
     from model.denoiser import compile_denoiser as _compile
 
     return _compile(denoiser, **kwargs)

@@ -108,7 +108,7 @@ class Config:
                           choices=("stop", "skip"))
     precision: str = _key("auto", "'auto' (bf16-mixed on CUDA, else 32), '32' or 'bf16-mixed'.",
                           choices=("auto", "32", "bf16-mixed"))
-    compileModel: bool = _key(False, "torch.compile the denoiser for training / sampling.")
+    compileModel: bool = _key(False, "torch.compile the denoiser (its pair-transform layers) for training; the service: MHCFLASH_COMPILE.")
 
     # --- modes (the user's document) ---
     useMHCMode: bool = _key(False, "Wrap structure layers in manifold-constrained hyper-connections.")

@@ -115,12 +115,15 @@ class DiffusionModule(pl.LightningModule):
 
         self.config = config
         self.denoiser = build_denoiser(config)
+        if config.compileModel:  # in place: parameter names, checkpoints and DDP see the same module tree
+            from model.denoiser import compile_denoiser
+
+            compile_denoiser(self.denoiser)
         self.schedule = Schedule.from_config(config)
         self.fault = fault
         self.stop_reason: str | None = None
         self.stop_checkpoint: Path | None = None
         self.checkpoint_dir: Path | None = None  # set by run_training / build_trainer
-        self._compiled = None
         self._nonfinite = None  # device counter of skipped (non-finite) steps
         self._grad_norm = None
         self._residues = None
@@ -130,12 +133,6 @@ class DiffusionModule(pl.LightningModule):
     # -- forward -----------------------------------------------------------------------------------
     def forward(self, x_t: torch.Tensor, t: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """[B, L, 3], [B], [B, L] -> eps_hat [B, L, 3]."""
-        if self.config.compileModel:
-            if self._compiled is None:  # kept out of the module tree so state_dict names don't change
-                from model.denoiser import compile_denoiser
-
-                self.__dict__["_compiled"] = compile_denoiser(self.denoiser)  # dynamic shapes
-            return self._compiled(x_t, t, mask)
         return self.denoiser(x_t, t, mask)
 
     def _loss(self, batch: dict, generator: torch.Generator | None = None) -> torch.Tensor:

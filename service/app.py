@@ -68,6 +68,7 @@ class ServiceState:
         self.limits: Limits | None = None
         self.device: torch.device | None = None
         self.attention: dict = {}
+        self.compiled = "none"  # "pair_stack" when MHCFLASH_COMPILE compiled the pair-transform layers
         self.ready = False
         self.started = time.time()
 
@@ -116,19 +117,31 @@ def _limits(settings: ServiceSettings, config) -> Limits:
     return Limits(min_length, max_length, settings.max_count, settings.max_total_residues)
 
 
-def _warm_up(denoiser: torch.nn.Module, device: torch.device, limits: Limits) -> None:
-    """One short batch (two lengths, padded, masked) so the first request pays no first-call cost."""
-    lengths = [limits.min_length, min(limits.max_length, limits.min_length + 5)]
-    L = max(lengths)
-    x = torch.randn(2, L, 3, device=device)  # [B, L, 3]
-    mask = torch.zeros(2, L, device=device)  # [B, L]
-    for b, n in enumerate(lengths):
-        mask[b, :n] = 1.0
-    t = torch.tensor([1, denoiser.config.numTimesteps], dtype=torch.long, device=device)  # [B]
-    with torch.no_grad():
-        out = denoiser(x * mask[..., None], t, mask)  # [B, L, 3]
-    if not torch.isfinite(out).all():
-        raise RuntimeError("warm-up produced NaN / Inf: the weights are broken")
+def compile_enabled(setting: str, device: torch.device) -> bool:
+    """``MHCFLASH_COMPILE``: auto -> on CUDA devices; on -> any device; off -> never."""
+    return setting == "on" or (setting == "auto" and device.type == "cuda")
+
+
+def _warm_up(denoiser: torch.nn.Module, schedule, device: torch.device, limits: Limits,
+             autocast: torch.dtype | None, compiled: bool) -> None:
+    """Sampling steps on padded, masked batches (the engine's eager step, its autocast), so the first
+    request pays no first-call cost. With the pair stack compiled, a batch of 1 and a batch of 2 of
+    other lengths: ``torch.compile`` builds its dynamic-shape graph and its B = 1 graph here."""
+    from service.graphs import eager_step
+
+    short, long_ = limits.min_length, min(limits.max_length, limits.min_length + 5)
+    batches = [[short, long_], [long_]] if compiled else [[short, long_]]
+    for lengths in batches:
+        L = max(lengths)
+        x = torch.randn(len(lengths), L, 3, device=device)  # [B, L, 3]
+        mask = torch.zeros(len(lengths), L, device=device)  # [B, L]
+        for b, n in enumerate(lengths):
+            mask[b, :n] = 1.0
+        t = torch.tensor([1, denoiser.config.numTimesteps][:len(lengths)], dtype=torch.long, device=device)
+        out = eager_step(denoiser, schedule, x * mask[..., None], t, mask, torch.randn_like(x),
+                         torch.ones(len(lengths), device=device), autocast_dtype=autocast)  # [B, L, 3]
+        if not torch.isfinite(out).all():
+            raise RuntimeError("warm-up produced NaN / Inf: the weights are broken")
 
 
 @asynccontextmanager
@@ -142,17 +155,27 @@ async def lifespan(app: FastAPI):
         device = pick_device(settings.device)
         loaded = await asyncio.to_thread(load_weights, settings.weights, device)
         limits = _limits(settings, loaded.config)
+        autocast = torch.bfloat16 if settings.precision == "bf16" and device.type == "cuda" else None
+        schedule = Schedule.from_config(loaded.config)
+        compiled = compile_enabled(settings.compile, device) and loaded.denoiser.pair_transform_net is not None
+        if compiled:
+            from model.denoiser import compile_denoiser
+
+            compile_denoiser(loaded.denoiser)
         if settings.warmup:
-            await asyncio.to_thread(_warm_up, loaded.denoiser, device, limits)
+            t0 = time.perf_counter()
+            await asyncio.to_thread(_warm_up, loaded.denoiser, schedule, device, limits, autocast, compiled)
+            log.info("warm-up done in %.1f s (pair stack %s)", time.perf_counter() - t0,
+                     "compiled" if compiled else "eager")
     except (WeightsError, RuntimeError) as exc:
         log.error("mhcflash service cannot start: %s", exc)
         raise
     state.device, state.loaded, state.limits = device, loaded, limits
+    state.compiled = "pair_stack" if compiled else "none"
     app.openapi_schema = None  # regenerate with this server's ranges (GET /openapi.json)
     publish_limits(app.openapi(), limits)
     metrics = ServiceMetrics(device)
     state.metrics = metrics
-    autocast = torch.bfloat16 if settings.precision == "bf16" and device.type == "cuda" else None
     budget = settings.residue_budget or await asyncio.to_thread(
         auto_residue_budget, loaded.denoiser, device, limits.max_length)
     budget = max(budget, limits.max_length)
@@ -161,10 +184,10 @@ async def lifespan(app: FastAPI):
     metrics.model_info.info({
         "name": loaded.name, "mode": loaded.config.mode, "weights_sha256": loaded.sha256,
         "torch_version": torch.__version__, "cuda_version": str(torch.version.cuda or "none"),
-        "device": str(device),
+        "device": str(device), "compiled": state.compiled,
     })
     state.engine = SamplingEngine(
-        loaded.denoiser, Schedule.from_config(loaded.config), device=device, residue_budget=budget,
+        loaded.denoiser, schedule, device=device, residue_budget=budget,
         queue_max_samples=settings.queue_max_samples, max_batch_requests=settings.max_batch_requests,
         pad_multiple=settings.pad_multiple, autocast_dtype=autocast,
         cuda_graphs=settings.cuda_graphs, cuda_graph_cache=settings.cuda_graph_cache,
@@ -439,6 +462,7 @@ def _install_routes(app: FastAPI) -> None:
             "device": str(dev),
             "gpu": torch.cuda.get_device_name(dev) if dev.type == "cuda" else None,
             "precision": state.settings.precision,
+            "compiled": state.compiled,
             "versions": {"torch": torch.__version__, "cuda": torch.version.cuda, "python": platform.python_version()},
             "attention": state.attention,
             "limits": asdict(state.limits),

@@ -15,6 +15,7 @@
 | `MHCFLASH_MAX_BATCH_REQUESTS` | 0 (no limit) | distinct requests per batch; 1 = one request at a time (benchmark baseline) |
 | `MHCFLASH_PAD_MULTIPLE` | 8 | batch length padded up to a multiple of this (fewer distinct shapes, steadier allocator) |
 | `MHCFLASH_CUDA_GRAPHS` | `auto` | `auto` / `on`: replay each sampling step from a CUDA graph per (batch bucket, padded length) on CUDA devices (`service.graphs`); `off`: eager. CPU is always eager |
+| `MHCFLASH_COMPILE` | `auto` | `auto`: `torch.compile` the pair-transform layers on CUDA devices (fused Triton kernels; the warm-up compiles them before `/ready`, ~30 s on an H100); `on`: on any device (CPU: C++, slow to compile); `off`: eager |
 | `MHCFLASH_CUDA_GRAPH_CACHE` | 32 | captured step graphs kept (least recently used evicted) |
 | `MHCFLASH_API_KEY` | unset (auth off) | when set, `POST /sample` and `GET /info` need header `X-API-Key` |
 | `MHCFLASH_MAX_BODY_BYTES` | 4096 | larger request bodies get 413 |
@@ -55,6 +56,7 @@ class ServiceSettings(BaseSettings):
     pad_multiple: int = Field(8, ge=1)
     cuda_graphs: Literal["auto", "on", "off"] = "auto"
     cuda_graph_cache: int = Field(32, ge=1)
+    compile: Literal["auto", "on", "off"] = "auto"
     api_key: SecretStr | None = None
     max_body_bytes: int = Field(4096, ge=64)
     host: str = "127.0.0.1"

@@ -165,10 +165,19 @@ def test_health_ready_info(server, weights):
     assert info["model"] == "tiny" and info["mode"] == "mhc_flash" and info["num_timesteps"] == 20
     assert info["limits"] == {"min_length": 5, "max_length": 64, "max_count": 8, "max_total_residues": 8192}
     assert info["attention"]["backend"] == "math" and info["device"] == "cpu"
+    assert info["compiled"] == "none"  # MHCFLASH_COMPILE=auto compiles on CUDA devices only
     assert info["versions"]["torch"] == torch.__version__
     from model.weights_io import sha256_file
 
     assert info["weights_sha256"] == sha256_file(weights / "model.safetensors")
+
+
+def test_compile_setting_picks_devices():
+    from service.app import compile_enabled
+
+    cpu, gpu = torch.device("cpu"), torch.device("cuda", 0)
+    assert [compile_enabled(s, cpu) for s in ("auto", "on", "off")] == [False, True, False]
+    assert [compile_enabled(s, gpu) for s in ("auto", "on", "off")] == [True, True, False]
 
 
 METRICS = [
