@@ -14,7 +14,8 @@ Forward shapes run under ``torch.no_grad`` (sampling); ``--train-shapes`` time f
 parameter gradients (training, eager vs compiled). The variants are timed in turns (round r times
 every variant once), the median over ``--rounds`` rounds is reported. Before timing, each compiled
 output (and, for training, every parameter gradient) is compared with eager on the same inputs:
-max |compiled - eager| / max |eager|. A floor per shape is printed: bytes of the [B, L, L, C_p]
+max |compiled - eager| / max |eager|; both bf16 variants are also compared with the float32 eager
+stack (``rel_err_*_bf16_vs_fp32``: how far each is from what bf16 approximates). A floor per shape is printed: bytes of the [B, L, L, C_p]
 tensors every layer must at least read and write once, over the measured copy bandwidth.
 
     python benchmarks/pair_stack.py [--weights weights/mhc_flash_v1] [--shapes 64x128,16x256,4x512,1x1024] \
@@ -157,13 +158,16 @@ def main() -> None:
             p, mask = make_inputs(batch, length, c_p, device, seed=batch * 7919 + length)
             eager_net.eval(), compiled_net.eval()
             ref = run(eager_net)(p, mask)
+            ref32 = eager_net(p, mask)  # float32, no autocast: what both bf16 variants approximate
             torch.cuda.synchronize()
             t0 = time.perf_counter()
             out = run(compiled_net)(p, mask)
             torch.cuda.synchronize()
             compile_s = time.perf_counter() - t0
             err = rel_err(out, ref)
-            del out, ref
+            errs32 = {"rel_err_eager_bf16_vs_fp32": rel_err(ref, ref32),
+                      "rel_err_compiled_bf16_vs_fp32": rel_err(out, ref32)}
+            del out, ref, ref32
             fns = {"eager": bind(run(eager_net), p, mask), "compiled": bind(run(compiled_net), p, mask)}
             replay_e, _ = graphed(run(eager_net), (p, mask))
             replay_c, _ = graphed(run(compiled_net), (p, mask))
@@ -174,7 +178,7 @@ def main() -> None:
                     times[k].append(event_ms(fn, args.iters))
             med = {k: statistics.median(v) for k, v in times.items()}
             row = {"kind": "forward", "batch": batch, "length": length, "compile_s": compile_s,
-                   "rel_err": err, "floor_ms": floor_ms(batch, length, config, bandwidth),
+                   "rel_err": err, **errs32, "floor_ms": floor_ms(batch, length, config, bandwidth),
                    **{f"{k}_ms": v for k, v in med.items()},
                    "speedup_graphed": med["eager+graph"] / med["compiled+graph"],
                    "speedup_eager": med["eager"] / med["compiled"]}
@@ -191,6 +195,9 @@ def main() -> None:
         p, mask = make_inputs(batch, length, c_p, device, seed=batch * 7919 + length)
         w = torch.randn(batch, length, length, c_p, device=device, generator=torch.Generator(device).manual_seed(3))
 
+        eager_net.zero_grad(set_to_none=True)
+        (eager_net(p, mask) * w).sum().backward()  # float32, no autocast
+        grads32 = {n: q.grad.clone() for n, q in eager_net.named_parameters() if q.grad is not None}
         ref = train_step(eager_net, p, mask, w)().detach()
         ref_grads = {n: q.grad.clone() for n, q in eager_net.named_parameters() if q.grad is not None}
         torch.cuda.synchronize()
@@ -200,6 +207,8 @@ def main() -> None:
         compile_s = time.perf_counter() - t0
         grads = dict(compiled_net.named_parameters())
         grad_err = max(rel_err(grads[n].grad, g) for n, g in ref_grads.items())
+        errs32 = {"grad_rel_err_eager_bf16_vs_fp32": max(rel_err(g, grads32[n]) for n, g in ref_grads.items()),
+                  "grad_rel_err_compiled_bf16_vs_fp32": max(rel_err(grads[n].grad, grads32[n]) for n in grads32)}
         fns = {"eager": train_step(eager_net, p, mask, w), "compiled": train_step(compiled_net, p, mask, w)}
         times = {k: [] for k in fns}
         for _ in range(args.rounds):
@@ -207,7 +216,7 @@ def main() -> None:
                 times[k].append(event_ms(fn, max(1, args.iters // 2)))
         med = {k: statistics.median(v) for k, v in times.items()}
         rows.append({"kind": "train", "batch": batch, "length": length, "compile_s": compile_s,
-                     "rel_err": rel_err(out, ref), "grad_rel_err": grad_err,
+                     "rel_err": rel_err(out, ref), "grad_rel_err": grad_err, **errs32,
                      **{f"{k}_ms": v for k, v in med.items()}, "speedup_eager": med["eager"] / med["compiled"]})
         print(f"done train {batch}x{length}", file=sys.stderr, flush=True)
 

@@ -46,6 +46,9 @@ def _setup(args):
         from model.denoiser import compile_denoiser
 
         fwd = compile_denoiser(model)
+    if getattr(args, "compile_structure", False):  # experiment: each structure layer compiled too
+        for layer in model.structure_layers:
+            layer.compile(dynamic=True)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=dev.type == "cuda")
     sched = Schedule.from_config(cfg)
     sched = sched.to(dev) if hasattr(sched, "to") else sched
@@ -155,6 +158,8 @@ def main() -> None:
     ap.add_argument("--stacks", action="store_true", help="source lines of copies / elementwise ops")
     ap.add_argument("--table", action="store_true", help="print the top operators by (CUDA) time")
     ap.add_argument("--compile", action="store_true", help="model.compile_denoiser (torch.compile)")
+    ap.add_argument("--compile-structure", action="store_true",
+                    help="also torch.compile each structure layer (an experiment; not what compileModel does)")
     ap.add_argument("--out", type=Path, default=None)
     ap.add_argument("--ab", default=None, metavar="MODE_A,MODE_B",
                     help="A/B: build both modes, time their steps alternately (--steps each), report both "

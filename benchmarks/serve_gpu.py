@@ -99,7 +99,7 @@ def main() -> None:
                                                server_timings=r.json().get("timings") if r.status_code == 200 else r.text)
         print("single request L=128:", json.dumps(report["phases"]["single_L128"]), flush=True)
         (args.out / "serve_gpu.json").write_text(json.dumps(report, indent=1, default=str))
-        for L in [int(x) for x in args.lengths.split(",")]:
+        for L in [int(x) for x in args.lengths.split(",") if x]:
             clients = max(1, round(args.inflight_residues / (L * args.count)))
             bodies = [{"length": L, "count": args.count, "seed": i} for i in range(4 * clients)]
             before = engine_stats(srv)

@@ -37,7 +37,7 @@ from model.ipa import InvariantPointAttention
 from model.pair_transform import PairTransformNet
 from model.structure import PlainResidual, StructureBranch, StructureLayer
 
-__all__ = ["Denoiser", "compile_denoiser"]
+__all__ = ["Denoiser", "compile_denoiser", "uncompile_denoiser"]
 
 
 def _identity(x: torch.Tensor) -> torch.Tensor:
@@ -177,13 +177,15 @@ class Denoiser(nn.Module):
         return (x_t - trans) * mask[..., None]  # [B, L, 3]
 
 
-def compile_denoiser(denoiser: nn.Module, *, dynamic: bool | None = True, mode: str | None = None) -> nn.Module:
+def compile_denoiser(denoiser: nn.Module, *, dynamic: bool | None = True, mode: str | None = None,
+                     backend="inductor") -> nn.Module:
     """``compileModel True``: ``torch.compile`` the denoiser's pair-transform layers, in place; returns it.
 
     The parameters, ``state_dict`` names and call signature are unchanged (save and load the module as
     before). ``dynamic=True`` compiles batch size and length as symbols on the first call, so later
     shapes reuse that graph (torch still specialises a batch of 1: one more graph for B = 1);
-    ``dynamic`` and ``mode`` are passed to ``torch.compile``.
+    ``dynamic``, ``mode`` and ``backend`` are passed to ``torch.compile``; :func:`uncompile_denoiser`
+    undoes it.
 
     Why only the pair stack: it is where a step of a model with a pair stack spends its time, in
     memory-bound kernels on [B, L, L, C_p] tensors that inductor fuses (``benchmarks/pair_stack.py``:
@@ -194,5 +196,13 @@ def compile_denoiser(denoiser: nn.Module, *, dynamic: bool | None = True, mode: 
     """
     net = getattr(denoiser, "pair_transform_net", None)
     if net is not None:
-        net.compile_layers(dynamic=dynamic, mode=mode)
+        net.compile_layers(dynamic=dynamic, mode=mode, backend=backend)
+    return denoiser
+
+
+def uncompile_denoiser(denoiser: nn.Module) -> nn.Module:
+    """Undo :func:`compile_denoiser` in place (the service's fallback when compiling fails); returns it."""
+    net = getattr(denoiser, "pair_transform_net", None)
+    if net is not None:
+        net.eager_layers()
     return denoiser

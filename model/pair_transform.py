@@ -18,6 +18,7 @@ zero, OpenFold's "final" initialisation, so each residual update starts as the i
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import torch
 from einops import rearrange
@@ -241,16 +242,23 @@ class PairTransformNet(nn.Module):
                    num_heads_att=config.triangularAttentionNumHeads, dropout=config.triangularDropout,
                    transition_n=config.pairTransitionN, checkpointing=config.useGradientCheckpointing)
 
-    def compile_layers(self, *, dynamic: bool | None = None, mode: str | None = None) -> None:
+    def compile_layers(self, *, dynamic: bool | None = None, mode: str | None = None,
+                       backend: str | Callable = "inductor") -> None:
         """``torch.compile`` every layer in place (``nn.Module.compile``; parameters and state_dict unchanged).
 
         Why: the pair stack is memory-bound (LayerNorm over C_p = 128, casts, gates, the layout copies
         around the triangle products); inductor fuses them into a few Triton kernels. The layers share
         one code object, so the layers of a stack reuse one compiled graph per shape. ``dynamic`` /
-        ``mode`` go to ``torch.compile``. Compilation happens on the first call of each shape.
+        ``mode`` / ``backend`` go to ``torch.compile``. Compilation happens on the first call of each
+        shape; :meth:`eager_layers` undoes it.
         """
         for layer in self.layers:
-            layer.compile(dynamic=dynamic, mode=mode)
+            layer.compile(dynamic=dynamic, mode=mode, backend=backend)
+
+    def eager_layers(self) -> None:
+        """Drop the compiled forward of every layer (e.g. after a failed compile): run them as written."""
+        for layer in self.layers:
+            layer._compiled_call_impl = None
 
     def forward(self, p: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """p: [B, L, L, C_p], mask: [B, L] -> [B, L, L, C_p]."""

@@ -141,7 +141,36 @@ def _warm_up(denoiser: torch.nn.Module, schedule, device: torch.device, limits: 
         out = eager_step(denoiser, schedule, x * mask[..., None], t, mask, torch.randn_like(x),
                          torch.ones(len(lengths), device=device), autocast_dtype=autocast)  # [B, L, 3]
         if not torch.isfinite(out).all():
-            raise RuntimeError("warm-up produced NaN / Inf: the weights are broken")
+            raise WarmupError("warm-up produced NaN / Inf: the weights are broken")
+
+
+class WarmupError(RuntimeError):
+    """The warm-up ran but its output is not finite (broken weights): the service must not start."""
+
+
+def _warm_up_compiled(denoiser, schedule, device, limits, autocast, compiled: bool) -> bool:
+    """Warm up; if compiling the pair stack fails (no C compiler or Python headers for Triton, an
+    inductor bug), log it, fall back to the eager pair stack and warm up again. Returns whether the
+    pair stack is compiled in the end."""
+    try:
+        _warm_up(denoiser, schedule, device, limits, autocast, compiled)
+        return compiled
+    except WarmupError:
+        raise
+    except Exception as exc:
+        if not compiled:
+            raise
+        from model.denoiser import uncompile_denoiser
+
+        root = exc  # dynamo wraps the compiler's error (BackendCompilerFailed.inner_exception): report that
+        while (inner := root.__cause__ or getattr(root, "inner_exception", None)) is not None:
+            root = inner
+        log.warning("torch.compile of the pair stack failed, serving it eagerly (set MHCFLASH_COMPILE=off "
+                    "to skip the attempt; see README troubleshooting): %s: %s", type(root).__name__,
+                    (str(root).strip().splitlines() or [""])[0])
+        uncompile_denoiser(denoiser)
+        _warm_up(denoiser, schedule, device, limits, autocast, False)
+        return False
 
 
 @asynccontextmanager
@@ -164,7 +193,8 @@ async def lifespan(app: FastAPI):
             compile_denoiser(loaded.denoiser)
         if settings.warmup:
             t0 = time.perf_counter()
-            await asyncio.to_thread(_warm_up, loaded.denoiser, schedule, device, limits, autocast, compiled)
+            compiled = await asyncio.to_thread(_warm_up_compiled, loaded.denoiser, schedule, device, limits,
+                                               autocast, compiled)
             log.info("warm-up done in %.1f s (pair stack %s)", time.perf_counter() - t0,
                      "compiled" if compiled else "eager")
     except (WeightsError, RuntimeError) as exc:

@@ -5,8 +5,9 @@ layer, and ``PairTransformNet.compile_layers`` (torch.compile) against eager.
 Tolerances: float64 path vs float64 reference ATOL_F64 = 1e-10 (only summation order differs); a
 whole layer ATOL_LAYER = 1e-6 (its triangle attention takes float32 logits even for float64 input);
 compiled vs eager in float32 ATOL_COMPILE = 1e-4 on outputs of magnitude ~1, gradients within
-RTOL_COMPILE_GRAD x the largest gradient entry (inductor reorders sums); bf16 on the GPU (rounding
-points differ between fused and unfused kernels) RTOL_BF16 = 2e-2 of max |output|.
+RTOL_COMPILE_GRAD x the largest gradient entry (inductor reorders sums); bf16 on the GPU: fused and
+unfused kernels round at different points, so compiled-bf16 and eager-bf16 are both measured against
+float32 eager and the compiled error may be at most BF16_ERR_RATIO = 2 x the eager error (+ 1e-3).
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ ATOL_F64 = 1e-10
 ATOL_LAYER = 1e-6  # a whole layer in float64: triangle attention computes its logits in float32 by design
 ATOL_COMPILE = 1e-4
 RTOL_COMPILE_GRAD = 1e-3
-RTOL_BF16 = 2e-2
+BF16_ERR_RATIO = 2.0
 C_P, C_HIDDEN = 8, 6
 
 
@@ -142,15 +143,21 @@ def test_compiled_layers_match_eager_forward_and_grad():
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
-def test_gpu_compiled_layers_match_eager_in_bf16():
+def test_gpu_compiled_layers_are_as_accurate_as_eager_in_bf16():
+    """Under bf16 autocast, compiled and eager round at different points, so both are compared with
+    the float32 eager stack: the compiled error may be at most BF16_ERR_RATIO x eager's (+ 1e-3)."""
     device = torch.device("cuda")
     eager = _net(num_layers=3).to(device).eval()
     compiled = copy.deepcopy(eager)
-    compiled.compile_layers()
+    compiled.compile_layers(dynamic=True)
     for lengths, L in (((64, 40), 64), ((96, 50, 17), 96)):
         p, _, mask = padded_inputs(lengths, L, seed=L, dtype=torch.float32)
         p, mask = p.to(device), mask.to(device)
-        with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16):
-            ref, out = eager(p, mask), compiled(p, mask)
-        assert (out - ref).abs().max() <= RTOL_BF16 * ref.abs().max()
-        assert bool((out[-1, lengths[-1]:] == 0).all())
+        with torch.no_grad():
+            ref = eager(p, mask)  # float32
+            with torch.autocast("cuda", dtype=torch.bfloat16):
+                e16, c16 = eager(p, mask), compiled(p, mask)
+        scale = ref.abs().max()
+        err_eager, err_compiled = float((e16 - ref).abs().max() / scale), float((c16 - ref).abs().max() / scale)
+        assert err_compiled <= BF16_ERR_RATIO * err_eager + 1e-3, (err_compiled, err_eager)
+        assert bool((c16[-1, lengths[-1]:] == 0).all())
