@@ -80,15 +80,18 @@ def main() -> None:
                     help="clients per length = this / (length * count): residues kept in flight")
     ap.add_argument("--count", type=int, default=4)
     ap.add_argument("--compile", choices=("auto", "on", "off"), default="auto", help="MHCFLASH_COMPILE")
+    ap.add_argument("--length-group-ratio", type=float, default=0.75, help="MHCFLASH_LENGTH_GROUP_RATIO")
     ap.add_argument("--phase-seconds", type=float, default=90.0)
     ap.add_argument("--no-mixed", action="store_true")
     args = ap.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     settings = ServiceSettings(weights=args.weights, device=args.device, precision=args.precision,
                                residue_budget=args.residue_budget, queue_max_samples=4096, max_count=64, compile=args.compile,
+                               length_group_ratio=args.length_group_ratio,
                                max_total_residues=65536, request_timeout_s=900.0, log_level="warning",
                                exit_on_engine_death=False)
-    report = {"gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu", "torch": torch.__version__, "precision": args.precision,
+    report = {"gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu", "torch": torch.__version__,
+              "precision": args.precision, "length_group_ratio": args.length_group_ratio,
               "residue_budget": args.residue_budget, "phases": {}}
     with serve_in_thread(settings) as srv:
         info = httpx.get(f"{srv.url}/info").json()

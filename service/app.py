@@ -219,7 +219,7 @@ async def lifespan(app: FastAPI):
     state.engine = SamplingEngine(
         loaded.denoiser, schedule, device=device, residue_budget=budget,
         queue_max_samples=settings.queue_max_samples, max_batch_requests=settings.max_batch_requests,
-        pad_multiple=settings.pad_multiple, autocast_dtype=autocast,
+        pad_multiple=settings.pad_multiple, length_group_ratio=settings.length_group_ratio, autocast_dtype=autocast,
         cuda_graphs=settings.cuda_graphs, cuda_graph_cache=settings.cuda_graph_cache,
         max_worker_restarts=settings.max_worker_restarts, metrics=metrics,
         on_dead=(lambda: _exit_soon(ENGINE_DEAD_EXIT_CODE)) if settings.exit_on_engine_death else None,

@@ -14,6 +14,7 @@
 | `MHCFLASH_RESIDUE_BUDGET` | auto | padded residues (batch size * padded length) per step; auto: 4096 on CPU, from free VRAM on GPU |
 | `MHCFLASH_MAX_BATCH_REQUESTS` | 0 (no limit) | distinct requests per batch; 1 = one request at a time (benchmark baseline) |
 | `MHCFLASH_PAD_MULTIPLE` | 8 | batch length padded up to a multiple of this (fewer distinct shapes, steadier allocator) |
+| `MHCFLASH_LENGTH_GROUP_RATIO` | 0.75 | active samples are stepped in length groups: a sample shares a batch only with samples whose padded length is >= this x the group's longest (less padding of short chains; `service.engine.length_groups`); 0 = one batch padded to the longest |
 | `MHCFLASH_CUDA_GRAPHS` | `auto` | `auto` / `on`: replay each sampling step from a CUDA graph per (batch bucket, padded length) on CUDA devices (`service.graphs`); `off`: eager. CPU is always eager |
 | `MHCFLASH_COMPILE` | `auto` | `auto`: `torch.compile` the pair-transform layers on CUDA devices (fused Triton kernels; the warm-up compiles them before `/ready`, ~30 s on an H100); `on`: on any device (CPU: C++, slow to compile); `off`: eager |
 | `MHCFLASH_CUDA_GRAPH_CACHE` | 32 | captured step graphs kept (least recently used evicted) |
@@ -54,6 +55,7 @@ class ServiceSettings(BaseSettings):
     residue_budget: int | None = Field(None, ge=1)
     max_batch_requests: int = Field(0, ge=0)
     pad_multiple: int = Field(8, ge=1)
+    length_group_ratio: float = Field(0.75, ge=0.0, le=1.0)
     cuda_graphs: Literal["auto", "on", "off"] = "auto"
     cuda_graph_cache: int = Field(32, ge=1)
     compile: Literal["auto", "on", "off"] = "auto"

@@ -48,7 +48,7 @@ async def _post_many(url, bodies, **kw):
 
 
 def test_concurrent_lengths_give_valid_pdbs_in_shared_batches(server):
-    bodies = [{"length": 13}, {"length": 22, "seed": 5}, {"length": 37, "count": 2}, {"length": 40}]
+    bodies = [{"length": 13}, {"length": 34, "seed": 5}, {"length": 37, "count": 2}, {"length": 40}]
     before = engine_of(server).stats.samples_completed
     responses = asyncio.run(_post_many(server.url, bodies))
     ids = set()
@@ -69,8 +69,21 @@ def test_concurrent_lengths_give_valid_pdbs_in_shared_batches(server):
         assert responses[1].json()["samples"][0]["seed"] == 5
     stats = engine_of(server).stats
     assert stats.samples_completed - before == 5
-    assert stats.max_distinct_lengths >= 3  # different lengths shared padded, masked batches
+    assert stats.max_distinct_lengths >= 3  # different lengths (34, 37, 40) shared padded, masked batches
     assert stats.max_distinct_requests >= 3
+    assert stats.max_length_groups >= 2  # ... and 13 (padded 16) ran in its own group, not padded to 40
+
+
+@pytest.mark.parametrize(("lengths", "ratio", "groups"), [
+    ([256, 64, 200, 100, 128], 0.75, [[0, 2], [4, 3], [1]]),
+    ([256, 64, 200, 100, 128], 0.0, [[0, 2, 4, 3, 1]]),  # 0: one batch padded to the longest
+    ([40, 40, 16, 24], 0.5, [[0, 1, 3], [2]]),  # 24 >= 0.5 x 40 joins, 16 does not
+    ([32, 32, 32], 1.0, [[0, 1, 2]]),  # equal lengths always share a batch
+])
+def test_length_groups(lengths, ratio, groups):
+    from service.engine import length_groups
+
+    assert length_groups(lengths, ratio) == groups
 
 
 def test_late_request_joins_running_batch(server):
