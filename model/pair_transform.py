@@ -33,6 +33,7 @@ __all__ = [
     "TriangleAttention",
     "TriangleMultiplication",
     "amp_layer_norm",
+    "linear_relu",
 ]
 
 
@@ -57,6 +58,27 @@ def amp_layer_norm(norm: nn.LayerNorm, x: torch.Tensor) -> torch.Tensor:
     with torch.autocast(device_type=x.device.type, enabled=False):
         return nn.functional.layer_norm(x.to(dt), norm.normalized_shape, norm.weight.to(dt),
                                         norm.bias.to(dt), norm.eps)
+
+
+def linear_relu(lin: nn.Linear, x: torch.Tensor) -> torch.Tensor:
+    """``relu(lin(x))`` [*, C_in] -> [*, C_out] with the bias and ReLU in the GEMM's epilogue.
+
+    Inference only (sampling): ``torch._addmm_activation`` is the aten op behind ``relu(addmm)`` fusion
+    (cuBLASLt epilogue on CUDA); ``torch.compile`` keeps it as one external kernel, so the [*, C_out]
+    output is written once instead
+    of being read and written again by a separate ReLU kernel (for the pair transition, C_out = 4 C_p:
+    the largest tensor of the pair stack). The op has no autocast rule, so under autocast the operands
+    are cast to the autocast dtype here, which is what ``lin(x)`` would do. The op has no derivative:
+    when a gradient is needed (training) this is ``torch.relu(lin(x))``.
+    """
+    w, b = lin.weight, lin.bias
+    if torch.is_grad_enabled() and (x.requires_grad or w.requires_grad or b.requires_grad):
+        return torch.relu(lin(x))
+    dt = _autocast_dtype(x)
+    if dt is not None and x.dtype != torch.float64:
+        x, w, b = x.to(dt), w.to(dt), b.to(dt)
+    y = torch._addmm_activation(b, x.reshape(-1, x.shape[-1]), w.t())  # [N, C_out]
+    return y.view(*x.shape[:-1], y.shape[-1])
 
 
 def _zero_linear(c_in: int, c_out: int, bias: bool = True) -> nn.Linear:
@@ -182,7 +204,7 @@ class PairTransition(nn.Module):
 
     def forward(self, p: torch.Tensor, pair_mask: torch.Tensor) -> torch.Tensor:
         """p: [B, L, L, C_p], pair_mask: [B, L, L] -> update [B, L, L, C_p]."""
-        x = self.linear_2(torch.relu(self.linear_1(amp_layer_norm(self.layer_norm, p))))  # [B, L, L, C_p]
+        x = self.linear_2(linear_relu(self.linear_1, amp_layer_norm(self.layer_norm, p)))  # [B, L, L, C_p]
         return x * pair_mask[..., None].to(x.dtype)
 
 

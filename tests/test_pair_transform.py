@@ -19,7 +19,7 @@ import torch
 from conftest import randomize_parameters
 from torch.nn import functional as F
 
-from model.pair_transform import PairTransformLayer, PairTransformNet, TriangleMultiplication
+from model.pair_transform import PairTransformLayer, PairTransformNet, TriangleMultiplication, linear_relu
 
 ATOL_F64 = 1e-10
 ATOL_LAYER = 1e-6  # a whole layer in float64: triangle attention computes its logits in float32 by design
@@ -71,6 +71,29 @@ def test_triangle_multiplication_matches_algorithm_forward_and_grad(outgoing):
     ref_grads = torch.autograd.grad((ref * w).sum(), params)
     for g, g_ref in zip(grads, ref_grads):
         assert (g - g_ref).abs().max() <= ATOL_F64
+
+
+def test_linear_relu_matches_relu_of_linear():
+    """The fused bias + ReLU GEMM (no-grad path) against torch.relu(lin(x)): float64 to ATOL_F64 (zeros of
+    the ReLU present); under CPU bf16 autocast the same dtype and values as the autocast Linear + ReLU;
+    with gradients on, the same values and the gradients of the reference."""
+    lin = torch.nn.Linear(C_P, 3 * C_P).double()
+    x = torch.randn(2, 5, 5, C_P, dtype=torch.float64)
+    with torch.no_grad():
+        out, ref = linear_relu(lin, x), torch.relu(lin(x))
+    assert out.shape == ref.shape and bool((ref == 0).any()) and bool((ref > 0).any())
+    assert (out - ref).abs().max() <= ATOL_F64
+    lin32, x32 = lin.float(), x.float()
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        out16, ref16 = linear_relu(lin32, x32), torch.relu(lin32(x32))
+    assert out16.dtype == ref16.dtype == torch.bfloat16
+    assert (out16.float() - ref16.float()).abs().max() <= 1e-2 * ref16.float().abs().max()
+    x.requires_grad_(True)
+    lin = lin.double()
+    out = linear_relu(lin, x)  # the differentiable path
+    assert (out - torch.relu(lin(x))).abs().max() <= ATOL_F64
+    (g,) = torch.autograd.grad(out.sum(), [x])
+    assert (g - (lin(x) > 0).double() @ lin.weight).abs().max() <= ATOL_F64
 
 
 def test_outgoing_and_incoming_are_transposes_of_each_other():
