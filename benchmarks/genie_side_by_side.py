@@ -33,7 +33,6 @@ import argparse
 import json
 import statistics
 import sys
-import time
 from argparse import Namespace
 from pathlib import Path
 
@@ -44,6 +43,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
 from profile_train_step import _setup as build_our_train_step
+from timing import time_ms
 
 from model.diffusion import Schedule
 from model.weights_io import load_weights
@@ -51,22 +51,6 @@ from service.graphs import StepGraphRunner, eager_step
 
 FULL = {"train": [(32, 128, "fp32"), (56, 72, None), (1, 512, "bf16")], "sample": [(5, 128), (64, 128)]}
 QUICK = {"train": [(2, 16, "fp32"), (1, 24, "bf16")], "sample": [(2, 16)]}
-
-
-def time_ms(fn, iters: int, device: torch.device) -> float:
-    """Mean milliseconds per call over ``iters`` calls (CUDA events on a GPU, wall clock on CPU)."""
-    if device.type == "cuda":
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        for _ in range(iters):
-            fn()
-        end.record()
-        end.synchronize()
-        return start.elapsed_time(end) / iters
-    t0 = time.perf_counter()
-    for _ in range(iters):
-        fn()
-    return 1e3 * (time.perf_counter() - t0) / iters
 
 
 def chain_coords(batch: int, length: int, device: torch.device, seed: int = 0):

@@ -36,6 +36,9 @@ import torch
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+from timing import event_ms
 
 from model.weights_io import load_weights
 
@@ -51,17 +54,6 @@ def make_inputs(batch: int, length: int, c_p: int, device: torch.device, seed: i
     mask = torch.ones(batch, length, device=device)
     mask[-1, (3 * length) // 4:] = 0.0
     return p, mask
-
-
-def event_ms(fn, iters: int) -> float:
-    """Mean milliseconds per call over ``iters`` calls, timed with CUDA events."""
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(iters):
-        fn()
-    end.record()
-    end.synchronize()
-    return start.elapsed_time(end) / iters
 
 
 def graphed(fn, static_inputs):

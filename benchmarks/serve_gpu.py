@@ -58,8 +58,8 @@ async def load(url: str, bodies: list[dict], clients: int, deadline_s: float) ->
     async with httpx.AsyncClient() as client:
         await asyncio.gather(*(worker(client) for _ in range(clients)))
     wall = time.monotonic() - t0
-    return dict(requests=len(lat), codes=codes, samples=samples, wall_s=wall, backbones_per_s=samples / wall,
-                residues_per_s=residues / wall, latency_p50_s=pct(lat, 0.5), latency_p99_s=pct(lat, 0.99))
+    return {"requests": len(lat), "codes": codes, "samples": samples, "wall_s": wall, "backbones_per_s": samples / wall,
+                "residues_per_s": residues / wall, "latency_p50_s": pct(lat, 0.5), "latency_p99_s": pct(lat, 0.99)}
 
 
 def engine_stats(srv) -> dict:
@@ -98,8 +98,8 @@ def main() -> None:
         report["info"] = info
         t0 = time.monotonic()
         r = httpx.post(f"{srv.url}/sample", json={"length": 128, "seed": 0}, timeout=900)
-        report["phases"]["single_L128"] = dict(status=r.status_code, latency_s=time.monotonic() - t0,
-                                               server_timings=r.json().get("timings") if r.status_code == 200 else r.text)
+        report["phases"]["single_L128"] = {"status": r.status_code, "latency_s": time.monotonic() - t0,
+                                               "server_timings": r.json().get("timings") if r.status_code == 200 else r.text}
         print("single request L=128:", json.dumps(report["phases"]["single_L128"]), flush=True)
         (args.out / "serve_gpu.json").write_text(json.dumps(report, indent=1, default=str))
         for L in [int(x) for x in args.lengths.split(",") if x]:
