@@ -65,11 +65,10 @@ def linear_relu(lin: nn.Linear, x: torch.Tensor) -> torch.Tensor:
 
     Inference only (sampling): ``torch._addmm_activation`` is the aten op behind ``relu(addmm)`` fusion
     (cuBLASLt epilogue on CUDA); ``torch.compile`` keeps it as one external kernel, so the [*, C_out]
-    output is written once instead
-    of being read and written again by a separate ReLU kernel (for the pair transition, C_out = 4 C_p:
-    the largest tensor of the pair stack). The op has no autocast rule, so under autocast the operands
-    are cast to the autocast dtype here, which is what ``lin(x)`` would do. The op has no derivative:
-    when a gradient is needed (training) this is ``torch.relu(lin(x))``.
+    output is written once instead of being read and written again by a separate ReLU kernel (for the
+    pair transition C_out = 4 C_p: the largest tensor of the pair stack). The op has no autocast rule,
+    so under autocast the operands are cast to the autocast dtype here, as ``lin(x)`` would. The op has
+    no derivative: when a gradient is needed (training) this is ``torch.relu(lin(x))``.
     """
     w, b = lin.weight, lin.bias
     if torch.is_grad_enabled() and (x.requires_grad or w.requires_grad or b.requires_grad):

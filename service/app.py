@@ -187,6 +187,11 @@ async def lifespan(app: FastAPI):
         autocast = torch.bfloat16 if settings.precision == "bf16" and device.type == "cuda" else None
         schedule = Schedule.from_config(loaded.config)
         compiled = compile_enabled(settings.compile, device) and loaded.denoiser.pair_transform_net is not None
+        if compiled and not settings.warmup:
+            # The compile happens (and can fail) in the first step; without the warm-up that would be a
+            # request's step, so a failed compile could not fall back before serving.
+            log.warning("MHCFLASH_COMPILE needs the warm-up (MHCFLASH_WARMUP=true); the pair stack runs eagerly")
+            compiled = False
         if compiled:
             from model.denoiser import compile_denoiser
 

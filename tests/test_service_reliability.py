@@ -412,3 +412,14 @@ def test_failed_compile_falls_back_to_eager_and_serves(weights, monkeypatch, cap
     assert r.status_code == 200 and r.json()["samples"][0]["pdb"].startswith(("HEADER", "ATOM", "MODEL", "REMARK"))
     assert any("torch.compile of the pair stack failed" in rec.getMessage() and "injected" in rec.getMessage()
                for rec in caplog.records)
+
+
+def test_compile_without_warm_up_serves_eagerly(weights, caplog):
+    """Without the warm-up a failed compile would hit a request's step: the service does not compile."""
+    with caplog.at_level("WARNING", logger="mhcflash"), \
+            serve_in_thread(tiny_settings(weights, compile="on", warmup=False)) as srv:
+        info = httpx.get(srv.url + "/info", timeout=10).json()
+        layers = srv.app.state.service.loaded.denoiser.pair_transform_net.layers
+    assert info["compiled"] == "none"
+    assert all(layer._compiled_call_impl is None for layer in layers)
+    assert any("MHCFLASH_COMPILE needs the warm-up" in rec.getMessage() for rec in caplog.records)
