@@ -116,9 +116,13 @@ def main(argv=None) -> dict:
     weights = args.weights or make_tiny_weights(Path(tempfile.mkdtemp()) / "tiny", numTimesteps=args.timesteps)
     report = {"device": args.device, "torch": torch.__version__, "cpu": platform.processor() or platform.machine(),
               "threads": torch.get_num_threads(), "weights": str(weights), "lengths": lengths, "modes": {}}
-    for mode, max_batch_requests in (("dynamic", 0), ("one_at_a_time", 1)):
+    # dynamic: continuous batching with length groups (the default); dynamic_one_batch: every step one
+    # batch padded to the longest active sample (MHCFLASH_LENGTH_GROUP_RATIO=0); one_at_a_time: baseline
+    for mode, max_batch_requests, group_ratio in (("dynamic", 0, 0.75), ("dynamic_one_batch", 0, 0.0),
+                                                  ("one_at_a_time", 1, 0.75)):
         settings = tiny_settings(weights, device=args.device, residue_budget=args.residue_budget,
-                                 max_batch_requests=max_batch_requests, queue_max_samples=1024, max_count=8)
+                                 max_batch_requests=max_batch_requests, queue_max_samples=1024, max_count=8,
+                                 length_group_ratio=group_ratio)
         with serve_in_thread(settings) as srv:
             rss0 = rss_bytes()
             res = asyncio.run(run_load(srv.url, requests=args.requests, clients=args.clients, lengths=lengths, seed=0))
