@@ -186,7 +186,7 @@ def test_health_ready_info(server, weights):
 
 
 def test_compile_setting_picks_devices():
-    from service.app import compile_enabled
+    from service.warmup import compile_enabled
 
     cpu, gpu = torch.device("cpu"), torch.device("cuda", 0)
     assert [compile_enabled(s, cpu) for s in ("auto", "on", "off")] == [False, True, False]
