@@ -70,6 +70,7 @@ class ServiceState:
         self.device: torch.device | None = None
         self.attention: dict = {}
         self.compiled = "none"  # "pair_stack" when MHCFLASH_COMPILE compiled the pair-transform layers
+        self.precision = "float32"  # what the steps run in: "bf16" (autocast on CUDA) or "float32"
         self.ready = False
         self.started = time.time()
 
@@ -129,7 +130,7 @@ async def lifespan(app: FastAPI):
         device = pick_device(settings.device)
         loaded = await asyncio.to_thread(load_weights, settings.weights, device)
         limits = _limits(settings, loaded.config)
-        autocast = torch.bfloat16 if settings.precision == "bf16" and device.type == "cuda" else None
+        autocast = torch.bfloat16 if settings.precision in ("auto", "bf16") and device.type == "cuda" else None
         schedule = Schedule.from_config(loaded.config)
         compiled = compile_enabled(settings.compile, device) and loaded.denoiser.pair_transform_net is not None
         if compiled and not settings.warmup:
@@ -152,6 +153,7 @@ async def lifespan(app: FastAPI):
         raise
     state.device, state.loaded, state.limits = device, loaded, limits
     state.compiled = "pair_stack" if compiled else "none"
+    state.precision = "bf16" if autocast is not None else "float32"
     app.openapi_schema = None  # regenerate with this server's ranges (GET /openapi.json)
     publish_limits(app.openapi(), limits)
     metrics = ServiceMetrics(device)
@@ -441,7 +443,7 @@ def _install_routes(app: FastAPI) -> None:
             "parameters": sum(p.numel() for p in state.loaded.denoiser.parameters()),
             "device": str(dev),
             "gpu": torch.cuda.get_device_name(dev) if dev.type == "cuda" else None,
-            "precision": state.settings.precision,
+            "precision": state.precision,
             "compiled": state.compiled,
             "versions": {"torch": torch.__version__, "cuda": torch.version.cuda, "python": platform.python_version()},
             "attention": state.attention,

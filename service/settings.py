@@ -4,7 +4,7 @@
 |---|---|---|
 | `MHCFLASH_WEIGHTS` | shipped `weights/` | weights directory (`config.txt` + `model.safetensors`, or a `weights_only` `.ckpt`/`.pt`); a folder holding several is resolved through its `DEFAULT` file or its only model folder |
 | `MHCFLASH_DEVICE` | `auto` | `auto` (first GPU if any, else CPU), `cpu`, `cuda`, `cuda:1`, ... |
-| `MHCFLASH_PRECISION` | `float32` | `float32` or `bf16` (bf16 autocast, CUDA only) |
+| `MHCFLASH_PRECISION` | `auto` | `auto` (bf16 autocast on CUDA, as the weights were trained; float32 on CPU), `float32`, or `bf16` (CUDA only; float32 on CPU) |
 | `MHCFLASH_MIN_LENGTH` | `max(3, config minimumNumResidues)`, capped at max | shortest length accepted |
 | `MHCFLASH_MAX_LENGTH` | config `maximumNumResidues` | longest length accepted (may only lower the model's) |
 | `MHCFLASH_MAX_COUNT` | 16 | samples per request |
@@ -45,7 +45,7 @@ class ServiceSettings(BaseSettings):
 
     weights: Path = Field(SHIPPED_WEIGHTS, description="Weights directory or weights root.")
     device: str = "auto"
-    precision: Literal["float32", "bf16"] = "float32"
+    precision: Literal["auto", "float32", "bf16"] = "auto"
     min_length: int | None = Field(None, ge=1)
     max_length: int | None = Field(None, ge=1)
     max_count: int = Field(16, ge=1)

@@ -179,6 +179,7 @@ def test_health_ready_info(server, weights):
     assert info["limits"] == {"min_length": 5, "max_length": 64, "max_count": 8, "max_total_residues": 8192}
     assert info["attention"]["backend"] == "math" and info["device"] == "cpu"
     assert info["compiled"] == "none"  # MHCFLASH_COMPILE=auto compiles on CUDA devices only
+    assert info["precision"] == "float32"  # MHCFLASH_PRECISION=auto: bf16 autocast on CUDA only
     assert info["versions"]["torch"] == torch.__version__
     from model.weights_io import sha256_file
 
