@@ -52,6 +52,8 @@ def main() -> None:
     ap.add_argument("--devices", type=int, default=1)
     ap.add_argument("--minutes", type=float, default=2.0)
     ap.add_argument("--max-residues", type=int, default=4096, help="padded residues per batch cap")
+    ap.add_argument("--max-pair-elements", type=int, default=None,
+                    help="padded pair entries per batch cap, B * L_max^2 (bounds the pair stack's memory)")
     ap.add_argument("--skip", type=int, default=3, help="warm-up log intervals to drop")
     ap.add_argument("--out", type=Path, required=True)
     ap.add_argument("--summarize", action="store_true", help="only print / write the efficiency table")
@@ -73,6 +75,7 @@ def main() -> None:
     cfg = load_config(args.config).replace(name=f"ddp_{args.devices}", logDirectory=str(log_root),
                                            logEverySteps=10)
     dm = ProteinDataModule(cfg, chains=unpack(args.chains), max_residues_per_batch=args.max_residues,
+                           max_pair_elements_per_batch=args.max_pair_elements,
                            pad_to_multiple=8)
     t0 = time.time()
     result = run_training(cfg, TrainOptions(accelerator="gpu", devices=str(args.devices), resume="never",

@@ -20,12 +20,12 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from pack_chains import unpack  # noqa: E402
+from pack_chains import unpack
 
-from model.atomic_io import atomic_write  # noqa: E402
-from model.config import load_config  # noqa: E402
-from model.data.datamodule import ProteinDataModule  # noqa: E402
-from model.training import TrainOptions, run_training  # noqa: E402
+from model.atomic_io import atomic_write
+from model.config import load_config
+from model.data.datamodule import ProteinDataModule
+from model.training import TrainOptions, run_training
 
 PART = 15 * 2**20
 
@@ -56,6 +56,8 @@ def main() -> None:
     ap.add_argument("--out", type=Path, required=True)
     ap.add_argument("--accelerator", default="gpu")
     ap.add_argument("--max-residues", type=int, default=None, help="padded residues per batch cap")
+    ap.add_argument("--max-pair-elements", type=int, default=None,
+                    help="padded pair entries per batch cap, B * L_max^2 (bounds the pair stack's memory)")
     args = ap.parse_args()
     cfg = load_config(args.config)
     run_dir = Path(cfg.logDirectory) / cfg.name
@@ -63,6 +65,7 @@ def main() -> None:
     rebuilt = join_parts(args.state, last)
     print(f"resume: {'rebuilt from parts' if rebuilt else ('warm run dir' if last.is_file() else 'fresh start')}")
     dm = ProteinDataModule(cfg, chains=unpack(args.chains), max_residues_per_batch=args.max_residues,
+                           max_pair_elements_per_batch=args.max_pair_elements,
                            pad_to_multiple=8)
     t0 = time.time()
     result = run_training(cfg, TrainOptions(accelerator=args.accelerator, devices="1", max_minutes=args.minutes,
@@ -73,8 +76,8 @@ def main() -> None:
     csvs = sorted((run_dir / "csv").glob("version_*/metrics.csv"), key=lambda p: p.stat().st_mtime)
     if csvs:
         shutil.copy(csvs[-1], args.out / "metrics.csv")
-    info = dict(global_step=result.global_step, wall_s=wall, parts=[p.name for p in parts],
-                resumed_from=str(result.resumed_from) if result.resumed_from else None)
+    info = {"global_step": result.global_step, "wall_s": wall, "parts": [p.name for p in parts],
+                "resumed_from": str(result.resumed_from) if result.resumed_from else None}
     (args.out / "stretch.json").write_text(json.dumps(info, indent=1))
     print(json.dumps(info))
 

@@ -385,6 +385,12 @@ def test_bucketed_sampler_epochs_and_ranks():
     assert len(set(flat)) == len(batches)
     budget = LengthBucketBatchSampler(LENGTHS, batch_size=50, seed=3, max_residues=200)
     assert all(len(b) * max(LENGTHS[i] for i in b) <= 200 for b in budget)
+    pairs = list(LengthBucketBatchSampler(LENGTHS, batch_size=50, seed=3, max_pair_elements=4000))
+    assert all(len(b) * max(LENGTHS[i] for i in b) ** 2 <= 4000 or len(b) == 1 for b in pairs)
+    assert sorted(i for b in pairs for i in b) == list(range(len(LENGTHS)))  # each chain once
+    sizes = {max(LENGTHS[i] for i in b): len(b) for b in pairs}
+    short, long_ = min(sizes), max(sizes)
+    assert sizes[short] > sizes[long_]  # short chains get bigger batches than long ones
 
 
 def test_datamodule_batches(tmp_path):

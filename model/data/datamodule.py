@@ -68,8 +68,10 @@ class LengthBucketBatchSampler(DistributedSampler):
 
     Per epoch (seeded by ``(seed, epoch)``, identical on every rank): shuffle the indices, cut them
     into pools of ``pool_batches * batch_size``, sort each pool by length, cut pools into batches
-    (at most ``batch_size`` chains and, if given, at most ``max_residues`` padded residues), then
-    shuffle the batch order. Rank r takes batches r, r + W, ...; the list is padded by wrapping
+    (at most ``batch_size`` chains and, if given, at most ``max_residues`` padded residues B * L_max and
+    at most ``max_pair_elements`` padded pair entries B * L_max^2), then shuffle the batch order.
+    The pair budget is the one that bounds a pair-stack model's memory and work ([B, L, L, C_p]
+    activations): it lets batches of short chains grow while long chains stay bounded. Rank r takes batches r, r + W, ...; the list is padded by wrapping
     (or trimmed with ``drop_last``) so every rank runs the same number of steps.
     Without ``shuffle``: one pool, sorted by length then index (validation).
     """
@@ -86,6 +88,7 @@ class LengthBucketBatchSampler(DistributedSampler):
         drop_last: bool = False,
         pool_batches: int = 50,
         max_residues: int | None = None,
+        max_pair_elements: int | None = None,
     ):
         super().__init__(
             lengths, num_replicas=num_replicas, rank=rank, shuffle=shuffle, seed=seed, drop_last=drop_last
@@ -94,12 +97,15 @@ class LengthBucketBatchSampler(DistributedSampler):
         self.batch_size = int(batch_size)
         self.pool_batches = int(pool_batches)
         self.max_residues = max_residues
+        self.max_pair_elements = max_pair_elements
 
     def _cut(self, order: np.ndarray) -> list[list[int]]:
         batches, current, longest = [], [], 0
         for i in order.tolist():
             grown = max(longest, int(self.lengths[i]))
-            over_budget = self.max_residues is not None and (len(current) + 1) * grown > self.max_residues
+            size = len(current) + 1
+            over_budget = ((self.max_residues is not None and size * grown > self.max_residues)
+                           or (self.max_pair_elements is not None and size * grown * grown > self.max_pair_elements))
             if current and (len(current) == self.batch_size or over_budget):
                 batches.append(current)
                 current, grown = [], int(self.lengths[i])
@@ -159,6 +165,7 @@ class ProteinDataModule(LightningDataModule):
         sources: list | None = None,
         cache_dir: str | Path | None = None,
         max_residues_per_batch: int | None = None,
+        max_pair_elements_per_batch: int | None = None,
         pad_to_multiple: int = 1,
         verbose: bool = True,
     ):
@@ -168,6 +175,7 @@ class ProteinDataModule(LightningDataModule):
         self.sources = sources if sources is not None else sources_from_config(config)
         self.cache_dir = cache_dir
         self.max_residues_per_batch = max_residues_per_batch
+        self.max_pair_elements_per_batch = max_pair_elements_per_batch
         self.pad_to_multiple = pad_to_multiple
         self.verbose = verbose
         self.summary: BuildSummary | None = None
@@ -218,6 +226,7 @@ class ProteinDataModule(LightningDataModule):
             num_replicas=world,
             rank=rank,
             max_residues=self.max_residues_per_batch,
+            max_pair_elements=self.max_pair_elements_per_batch,
         )
         workers = self.config.numDataWorkers
         return DataLoader(
