@@ -245,3 +245,26 @@ def test_openapi_documents_examples_and_errors(server):
     schema = spec["components"]["schemas"]["SampleRequest"]
     assert schema["examples"][0] == {"length": 64} and schema["additionalProperties"] is False
     assert "examples" in spec["components"]["schemas"]["SampleResponse"]
+
+
+@pytest.mark.slow
+def test_compiled_pair_stack_serves_the_same_backbones(weights):
+    """MHCFLASH_COMPILE=on on the CPU (inductor, C++): the warm-up compiles the pair stack before /ready,
+    /info says so, and a seeded request gives the backbone of the eager service (float32; inductor
+    reorders sums, so within COMPILED_ATOL over the 20 steps)."""
+    COMPILED_ATOL = 1e-2  # Angstrom
+    bodies = [{"length": 22, "seed": 123}, {"length": 13, "count": 2, "seed": 9}]
+    with serve_in_thread(tiny_settings(weights, compile="on")) as srv:
+        info = httpx.get(srv.url + "/info", timeout=10).json()
+        compiled = asyncio.run(_post_many(srv.url, bodies))
+        layers = srv.app.state.service.loaded.denoiser.pair_transform_net.layers
+        assert all(layer._compiled_call_impl is not None for layer in layers)
+    assert info["compiled"] == "pair_stack"
+    with serve_in_thread(tiny_settings(weights, compile="off")) as srv:
+        eager = asyncio.run(_post_many(srv.url, bodies))
+    for c, e in zip(compiled, eager):
+        assert c.status_code == e.status_code == 200
+        for sc, se in zip(c.json()["samples"], e.json()["samples"]):
+            a, b = parse_ca(sc["pdb"]), parse_ca(se["pdb"])
+            assert np.abs(a).max() > 0.1
+            np.testing.assert_allclose(a, b, atol=COMPILED_ATOL, rtol=0)
