@@ -42,6 +42,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
+from graph_step import make_inputs
 from profile_train_step import _setup as build_our_train_step
 from timing import time_ms
 
@@ -111,12 +112,7 @@ def genie_sample_step(genie, batch: int, length: int, device: torch.device):
 
 def our_sample_step(loaded, batch: int, length: int, device: torch.device):
     schedule = Schedule.from_config(loaded.config)
-    g = torch.Generator(device).manual_seed(0)
-    x = torch.randn(batch, length, 3, generator=g, device=device) * 10.0
-    t = torch.full((batch,), 500, dtype=torch.long, device=device)
-    mask = torch.ones(batch, length, device=device)
-    noise = torch.randn(batch, length, 3, generator=g, device=device)
-    scale = torch.ones(batch, device=device)
+    x, t, mask, noise, scale = make_inputs(batch, length, schedule.num_timesteps, device)  # graph_step's inputs
     if device.type == "cuda":
         runner = StepGraphRunner(loaded.denoiser, schedule, device=device, autocast_dtype=torch.bfloat16)
         return lambda: runner.step(x, t, mask, noise, scale)

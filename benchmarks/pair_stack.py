@@ -41,6 +41,7 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 from timing import event_ms
 
 from model.weights_io import load_weights
+from service.graphs import CudaCapture
 
 
 def parse_shapes(text: str) -> list[tuple[int, int]]:
@@ -54,20 +55,6 @@ def make_inputs(batch: int, length: int, c_p: int, device: torch.device, seed: i
     mask = torch.ones(batch, length, device=device)
     mask[-1, (3 * length) // 4:] = 0.0
     return p, mask
-
-
-def graphed(fn, static_inputs):
-    """Capture ``fn(*static_inputs)`` as a CUDA graph after 2 warm-up calls on a side stream."""
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        for _ in range(2):
-            fn(*static_inputs)
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        out = fn(*static_inputs)
-    return graph.replay, out
 
 
 def copy_bandwidth(device: torch.device) -> float:
@@ -161,8 +148,9 @@ def main() -> None:
                       "rel_err_compiled_bf16_vs_fp32": rel_err(out, ref32)}
             del out, ref, ref32
             fns = {"eager": bind(run(eager_net), p, mask), "compiled": bind(run(compiled_net), p, mask)}
-            replay_e, _ = graphed(run(eager_net), (p, mask))
-            replay_c, _ = graphed(run(compiled_net), (p, mask))
+            capture = CudaCapture()  # the service's capture: warm-up on a side stream, one private pool
+            replay_e, _ = capture(bind(run(eager_net), p, mask), device)
+            replay_c, _ = capture(bind(run(compiled_net), p, mask), device)
             fns["eager+graph"], fns["compiled+graph"] = replay_e, replay_c
             times = {k: [] for k in fns}
             for _ in range(args.rounds):
@@ -175,7 +163,7 @@ def main() -> None:
                    "speedup_graphed": med["eager+graph"] / med["compiled+graph"],
                    "speedup_eager": med["eager"] / med["compiled"]}
             rows.append(row)
-            del fns, replay_e, replay_c
+            del fns, replay_e, replay_c, capture
             print(f"done forward {batch}x{length}", file=sys.stderr, flush=True)
 
     for batch, length in parse_shapes(args.train_shapes):
