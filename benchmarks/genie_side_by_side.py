@@ -22,6 +22,7 @@ alternating, median reported):
   train 1 x 512    Genie bf16 autocast vs ours
   sample 5 x 128   one reverse step, Genie's sample.py batch (fp32) vs ours
   sample 64 x 128  one reverse step at a serving batch
+  sample 256 x 128 one reverse step at the pair-free model's serving batch (32,768 residues)
 
 samples/s = B / step; for sampling, backbones/s = B / (T x step) with T = 1000. Weights do not
 change the time of a step (Genie's are random here).
@@ -50,7 +51,7 @@ from model.diffusion import Schedule
 from model.weights_io import load_weights
 from service.graphs import StepGraphRunner, eager_step
 
-FULL = {"train": [(32, 128, "fp32"), (56, 72, None), (1, 512, "bf16")], "sample": [(5, 128), (64, 128)]}
+FULL = {"train": [(32, 128, "fp32"), (56, 72, None), (1, 512, "bf16")], "sample": [(5, 128), (64, 128), (256, 128)]}
 QUICK = {"train": [(2, 16, "fp32"), (1, 24, "bf16")], "sample": [(2, 16)]}
 
 
@@ -66,6 +67,14 @@ def chain_coords(batch: int, length: int, device: torch.device, seed: int = 0):
 
 def genie_model(genie_dir: Path, device: torch.device):
     sys.path.insert(0, str(genie_dir.resolve()))
+    try:
+        import pytorch_lightning  # noqa: F401  (Genie imports the pre-2.0 package name)
+    except ImportError:  # Lightning 2 installs the same code as lightning.pytorch
+        import lightning.pytorch
+        import lightning.pytorch.core
+
+        sys.modules["pytorch_lightning"] = lightning.pytorch
+        sys.modules["pytorch_lightning.core"] = lightning.pytorch.core
     try:
         from genie.config import Config
         from genie.diffusion.genie import Genie

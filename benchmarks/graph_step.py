@@ -11,7 +11,7 @@ inputs, and what the step time means for a request of T steps (B = 1) and for th
 
     python benchmarks/graph_step.py [--weights weights/mhc_flash_v1] [--precision bf16] \
         [--shapes 1x128,16x128,64x128,8x256] [--iters 20] [--json out.json] [--mode flash] [--profile 64x128] \
-        [--compile-pair]
+        [--compile-pair] [--config configs/ship_pairfree.txt]
 """
 
 from __future__ import annotations
@@ -87,6 +87,9 @@ def main() -> None:
     ap.add_argument("--mode", choices=tuple(MODES), default=None,
                     help="time a randomly initialised denoiser of the weights' config in this mode instead "
                          "(e.g. flash vs the shipped mhc_flash: the sampling cost of mHC)")
+    ap.add_argument("--config", default=None,
+                    help="time a randomly initialised denoiser of this config file instead of the weights "
+                         "(e.g. configs/ship_pairfree.txt before its weights exist)")
     ap.add_argument("--compile-pair", action="store_true",
                     help="torch.compile the pair-transform layers first (model.denoiser.compile_denoiser, as the service)")
     ap.add_argument("--profile", default=None, metavar="BxL",
@@ -96,8 +99,16 @@ def main() -> None:
         sys.exit("graph_step.py needs a CUDA device")
     device = torch.device("cuda")
     autocast = torch.bfloat16 if args.precision == "bf16" else None
-    loaded = load_weights(args.weights, device)
-    denoiser, config = loaded.denoiser.eval(), loaded.config
+    if args.config is not None:
+        from model import build_denoiser
+        from model.config import load_config
+
+        config = load_config(args.config)
+        torch.manual_seed(0)
+        denoiser, weights_name = build_denoiser(config).to(device).eval(), f"random init of {args.config}"
+    else:
+        loaded = load_weights(args.weights, device)
+        denoiser, config, weights_name = loaded.denoiser.eval(), loaded.config, loaded.name
     if args.mode is not None:
         from model import build_denoiser
 
@@ -167,7 +178,7 @@ def main() -> None:
         profile = {"shape": args.profile, "table": table}
 
     result = {
-        "device": torch.cuda.get_device_name(device), "torch": torch.__version__, "weights": loaded.name,
+        "device": torch.cuda.get_device_name(device), "torch": torch.__version__, "weights": weights_name,
         "random_init_mode": args.mode, "compile_pair": args.compile_pair,
         "mode": config.mode, "precision": args.precision, "timesteps": T, "iters": args.iters,
         "graphs": {"captures": runner.stats.captures, "disabled_reason": runner.stats.disabled_reason},
@@ -177,7 +188,7 @@ def main() -> None:
     }
     head = (f"{'B':>4} {'L':>4} {'eager ms':>9} {'graph ms':>9} {'x':>5} {'eng eager':>10} {'eng graph':>10} "
             f"{'x':>5} {'capture s':>9} {'|diff| A':>9} {'req s':>7} {'bb/s':>7}")
-    print(f"{result['device']}, {loaded.name} ({config.mode}), {args.precision}, T = {T}")
+    print(f"{result['device']}, {weights_name} ({config.mode}), {args.precision}, T = {T}")
     print(head)
     for r in rows:
         print(f"{r['batch']:>4} {r['length']:>4} {r['eager_ms']:>9.2f} {r['graph_ms']:>9.2f} {r['speedup']:>5.1f} "

@@ -8,7 +8,8 @@ Phases, each bounded in requests and time:
 Also records the engine's per-step time so the floor (steps x step time) is visible.
 
     python benchmarks/serve_gpu.py --weights weights/ --out DIR [--lengths 128,256] [--precision bf16] \
-        [--inflight-residues 16384] [--count 4] [--phase-seconds 90] [--compile auto|on|off]
+        [--inflight-residues 16384] [--count 4] [--phase-seconds 90] [--compile auto|on|off] \
+        [--mixed-lengths 64,100,128,200,256]
 
 A phase starts new requests until --phase-seconds have passed and then waits for those in flight.
 """
@@ -83,6 +84,8 @@ def main() -> None:
     ap.add_argument("--length-group-ratio", type=float, default=0.75, help="MHCFLASH_LENGTH_GROUP_RATIO")
     ap.add_argument("--phase-seconds", type=float, default=90.0)
     ap.add_argument("--no-mixed", action="store_true")
+    ap.add_argument("--mixed-lengths", default="64,100,128,200,256",
+                    help="lengths the mixed load draws from (uniformly, seeded)")
     args = ap.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     settings = ServiceSettings(weights=args.weights, device=args.device, precision=args.precision,
@@ -115,11 +118,12 @@ def main() -> None:
         if args.no_mixed:
             return
         rng = random.Random(0)
-        mixed = [64, 100, 128, 200, 256]
+        mixed = [int(x) for x in args.mixed_lengths.split(",")]
         clients = max(1, round(args.inflight_residues / (sum(mixed) / len(mixed) * args.count)))
         bodies = [{"length": rng.choice(mixed), "count": args.count, "seed": i} for i in range(4 * clients)]
         res = asyncio.run(load(srv.url, bodies, clients, args.phase_seconds))
         res["clients"], res["count"] = clients, args.count
+        res["lengths"] = mixed
         report["phases"]["load_mixed"] = res
         print(f"mixed: {json.dumps(res)}", flush=True)
         report["metrics_tail"] = [ln for ln in httpx.get(f"{srv.url}/metrics").text.splitlines()

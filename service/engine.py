@@ -27,6 +27,11 @@ Faults:
   up to `max_worker_restarts` times; after that the engine stays down (`alive` False, /ready 503,
   `mhcflash_engine_up` 0) and `on_dead` is called (the app exits the process for the orchestrator).
 
+On CUDA the worker does not wait for the GPU each step: step inputs go up with non-blocking copies
+and `service.pacing.StepPacer` lets it run at most `steps_ahead` steps in front of the GPU, so the
+host's per-step work (gathering the batch, noise draws) overlaps the previous step's kernels; the
+step-time metric is measured with CUDA events.
+
 CUDA graphs (`service.graphs`, `cuda_graphs` auto|on|off): on CUDA the step (denoiser + reverse step)
 is replayed from a graph captured per (batch bucket, padded length); the eager path stays beside it
 (CPU, batches above the largest bucket, or a failed capture) and gives the same samples.
@@ -51,6 +56,7 @@ import torch
 
 from model.diffusion import Schedule
 from service.graphs import StepGraphRunner, eager_step, graphs_enabled
+from service.pacing import StepPacer, to_device
 
 log = logging.getLogger("mhcflash.engine")
 
@@ -173,6 +179,7 @@ class SamplingEngine:
         cuda_graphs: str = "auto",
         cuda_graph_cache: int = 32,
         length_group_ratio: float = 0.75,
+        steps_ahead: int = 2,
     ) -> None:
         if to_pdb is None:
             from model.pdb_io import ca_to_pdb as to_pdb
@@ -202,6 +209,8 @@ class SamplingEngine:
         self._thread: threading.Thread | None = None
         self._ema_sample_s = 1.0
         self._set_gauge("residue_budget", self.residue_budget)
+        self.pacer = StepPacer(self.device, ahead=steps_ahead,
+                               observe=metrics.step_duration.observe if metrics is not None else None)
         self.graphs: StepGraphRunner | None = None
         if graphs_enabled(cuda_graphs, self.device):
             self.graphs = StepGraphRunner(self.denoiser, schedule, device=self.device, autocast_dtype=autocast_dtype,
@@ -327,6 +336,13 @@ class SamplingEngine:
         while True:
             with self._cv:
                 self._admit_locked()
+                if not self._active:
+                    self._cv.release()  # report the last steps' times without holding the lock
+                    try:
+                        self.pacer.drain()
+                    finally:
+                        self._cv.acquire()
+                    self._admit_locked()
                 while not self._active:
                     if self._stopping or (not self._accepting and not self._pending):
                         return
@@ -390,7 +406,7 @@ class SamplingEngine:
 
     @torch.no_grad()
     def _step(self, batch: list[_Slot]) -> None:
-        t0 = time.perf_counter()
+        started = self.pacer.begin()
         try:
             x_new = self._forward(batch)
         except torch.cuda.OutOfMemoryError:
@@ -414,8 +430,7 @@ class SamplingEngine:
             self._step(batch[:half])
             self._step(batch[half:])
             return
-        if self.metrics is not None:
-            self.metrics.step_duration.observe(time.perf_counter() - t0)
+        self.pacer.end(started)  # reports the step time; may wait for an earlier step (CUDA)
         self._record_batch(batch)
         finished = []
         with self._cv:
@@ -453,8 +468,8 @@ class SamplingEngine:
                 if s.noise is None:  # drawn once per step, kept if the step is retried after an OOM
                     s.noise = torch.randn(s.length, 3, generator=s.gen, device=dev)
                 noise[b, : s.length] = s.noise
-        t = torch.tensor([s.t for s in batch], dtype=torch.long, device=dev)  # [B]
-        scale = torch.tensor([s.job.noise_scale for s in batch], device=dev)  # [B]
+        t = to_device([s.t for s in batch], torch.long, dev)  # [B]
+        scale = to_device([s.job.noise_scale for s in batch], torch.float32, dev)  # [B]
         if self.graphs is not None:
             try:
                 return self.graphs.step(x, t, mask, noise, scale)  # [B, L, 3]

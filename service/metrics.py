@@ -55,7 +55,8 @@ class ServiceMetrics:
         )
         self.step_duration = Histogram(
             "mhcflash_step_duration_seconds",
-            "Duration of one batched reverse-diffusion step (denoiser + reverse step).",
+            "One batched reverse-diffusion step (denoiser + reverse step): device time between CUDA events "
+            "on a GPU (reported up to two steps late: the host runs ahead), wall time on a CPU.",
             registry=r,
             buckets=STEP_BUCKETS,
         )
