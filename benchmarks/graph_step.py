@@ -3,8 +3,8 @@
 For each (B, L) it times, after warm-up, the mean wall time per step (CUDA synchronised around
 `--iters` steps):
   core   : `eager_step` vs `StepGraphRunner.step` on ready batch tensors (denoiser + reverse step);
-  engine : `SamplingEngine._forward` on B samples (adds the engine's per-sample copies and each
-           sample's own noise draw), cuda_graphs off vs on;
+  engine : `SamplingEngine._forward` on B samples at steady state (the group's last output is its
+           next input; each sample's own noise draw; non-blocking uploads), cuda_graphs off vs on;
 plus the one-off capture time of the (B, L) graph, the max |graphed - eager| of one step on the same
 inputs, and what the step time means for a request of T steps (B = 1) and for throughput
 (B / (T * step) backbones/s). Prints a table and JSON (also written to --json if given).
@@ -69,10 +69,17 @@ def make_slots(batch: int, length: int, T: int, device: torch.device) -> list[_S
 
 
 def engine_step_fn(engine: SamplingEngine, slots: list[_Slot]):
+    """The engine's step as its loop runs it at steady state: same members as the last step (so the
+    last output is the next input), a fresh noise draw per sample (t is not advanced)."""
     def fn():
+        engine._inputs_prev, engine._inputs_next = engine._inputs_next, {}
         for s in slots:
-            s.noise = None  # a fresh noise draw per step, as in serving
-        return engine._forward(slots)
+            s.noise = None
+        out = engine._forward(slots)
+        engine._remember_output(slots, out)
+        for b, s in enumerate(slots):
+            s.x = out[b, : s.length]
+        return out
 
     return fn
 

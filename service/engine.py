@@ -136,6 +136,7 @@ class _Slot:
     gen: torch.Generator | None = None
     noise: torch.Tensor | None = None  # [L, 3] drawn for the pending step, reused on an OOM retry
     admitted: float = 0.0
+    uid: int = field(default_factory=itertools.count().__next__)  # never reused (unlike id())
 
 
 @dataclass
@@ -156,6 +157,7 @@ class EngineStats:
     cuda_graphs_cached: int = 0
     cuda_graph_captures: int = 0
     cuda_graph_replays: int = 0
+    inputs_reused: int = 0  # steps whose x / mask were the group's previous output (same members)
 
 
 class SamplingEngine:
@@ -209,6 +211,11 @@ class SamplingEngine:
         self._thread: threading.Thread | None = None
         self._ema_sample_s = 1.0
         self._set_gauge("residue_budget", self.residue_budget)
+        # x_{t-1} and mask of each group's last step, keyed by (L, member uids): when a group has the
+        # same members as in the previous iteration, its next input is that output (no per-sample copies)
+        self._inputs_prev: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
+        self._inputs_next: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
+        self._step_inputs: tuple = ((), None)
         self.pacer = StepPacer(self.device, ahead=steps_ahead,
                                observe=metrics.step_duration.observe if metrics is not None else None)
         self.graphs: StepGraphRunner | None = None
@@ -355,6 +362,7 @@ class SamplingEngine:
             self._update_depth()
             if self.before_step is not None:
                 self.before_step()
+            self._inputs_prev, self._inputs_next = self._inputs_next, {}
             groups = length_groups([self._padded(s.length) for s in batch], self.length_group_ratio)
             self.stats.max_length_groups = max(self.stats.max_length_groups, len(groups))
             for group in groups:
@@ -431,6 +439,7 @@ class SamplingEngine:
             self._step(batch[half:])
             return
         self.pacer.end(started)  # reports the step time; may wait for an earlier step (CUDA)
+        self._remember_output(batch, x_new)
         self._record_batch(batch)
         finished = []
         with self._cv:
@@ -455,19 +464,33 @@ class SamplingEngine:
         self._update_depth()
 
     def _forward(self, batch: list[_Slot]) -> torch.Tensor:
-        """One denoiser call + reverse step on `batch`; returns x_{t-1} [B, L, 3]."""
+        """One denoiser call + reverse step on `batch`; returns x_{t-1} [B, L, 3].
+
+        Per sample only its noise draw is a separate operation (its own generator); x and mask are
+        gathered per sample only when the group's members changed since its previous step.
+        """
         B, L = len(batch), self._padded(max(s.length for s in batch))
         dev = self.device
-        x = torch.zeros(B, L, 3, device=dev)  # [B, L, 3]
-        mask = torch.zeros(B, L, device=dev)  # [B, L]
+        key = (L, *(s.uid for s in batch))
+        previous = self._inputs_prev.get(key)
+        if previous is not None:  # same members, same order: x_t is the last step's output
+            x_prev, mask = previous
+            x = torch.where(mask[..., None] > 0, x_prev, 0.0)  # [B, L, 3] (padding back to 0)
+            self.stats.inputs_reused += 1
+        else:
+            lengths = to_device([s.length for s in batch], torch.long, dev)  # [B]
+            mask = (torch.arange(L, device=dev)[None, :] < lengths[:, None]).float()  # [B, L]
+            x = torch.zeros(B, L, 3, device=dev)  # [B, L, 3]
+            for b, s in enumerate(batch):
+                x[b, : s.length] = s.x
         noise = torch.zeros(B, L, 3, device=dev)  # [B, L, 3]
         for b, s in enumerate(batch):
-            x[b, : s.length] = s.x
-            mask[b, : s.length] = 1.0
             if s.t > 1:
-                if s.noise is None:  # drawn once per step, kept if the step is retried after an OOM
-                    s.noise = torch.randn(s.length, 3, generator=s.gen, device=dev)
-                noise[b, : s.length] = s.noise
+                if s.noise is None:  # drawn once per step (into the batch), kept for an OOM retry
+                    s.noise = torch.randn(s.length, 3, generator=s.gen, device=dev, out=noise[b, : s.length])
+                else:
+                    noise[b, : s.length] = s.noise
+        self._step_inputs = (key, mask)  # kept with x_{t-1} by _remember_output once the step succeeded
         t = to_device([s.t for s in batch], torch.long, dev)  # [B]
         scale = to_device([s.job.noise_scale for s in batch], torch.float32, dev)  # [B]
         if self.graphs is not None:
@@ -477,6 +500,12 @@ class SamplingEngine:
                 self._graph_stats()
         return eager_step(self.denoiser, self.schedule, x, t, mask, noise, scale,
                           autocast_dtype=self.autocast_dtype)  # [B, L, 3]
+
+    def _remember_output(self, batch: list[_Slot], x_new: torch.Tensor) -> None:
+        """Keep x_{t-1} as the group's next input if no member finishes or leaves in between."""
+        key, mask = self._step_inputs
+        if not any(s.t <= 1 or s.job.done for s in batch):  # t == 1: the sample finishes with this step
+            self._inputs_next[key] = (x_new, mask)
 
     def _graph_stats(self) -> None:
         g, st = self.graphs.stats, self.stats

@@ -124,6 +124,25 @@ def test_seed_reproducible_whatever_the_batch(server, weights):
     assert np.abs(other - a).max() > 0.5  # a different seed really gives a different backbone
 
 
+def test_unchanged_batch_reuses_its_output_as_next_input(server, weights):
+    """A group with the same members as in its last step takes that step's output as x_t (no
+    per-sample gathering); the first step of the request and nothing else rebuilds the inputs, and
+    the backbones still equal the model's own sampler's."""
+    from model.weights_io import load_weights
+
+    stats = server.app.state.service.engine.stats
+    T = server.app.state.service.engine.schedule.num_timesteps
+    before_reused, before_run = stats.inputs_reused, stats.batches_run
+    r = asyncio.run(_post_many(server.url, [{"length": 27, "count": 2, "seed": 40}]))[0]
+    assert r.status_code == 200
+    assert stats.batches_run - before_run == T  # one batch of both samples per step
+    assert stats.inputs_reused - before_reused == T - 1  # every step after the first
+    den = load_weights(weights).denoiser
+    ref = reference_sample(den, [27, 27], [40, 41], 0.6)
+    for sample, expected in zip(r.json()["samples"], ref):
+        np.testing.assert_allclose(parse_ca(sample["pdb"]), expected.numpy(), atol=COORD_ATOL, rtol=0)
+
+
 def test_raw_pdb_output(server):
     with httpx.Client(base_url=server.url, timeout=60) as client:
         r = client.post("/sample?format=pdb", json={"length": 15, "count": 2, "seed": 4})
