@@ -37,7 +37,7 @@ from model.ipa import InvariantPointAttention
 from model.pair_transform import PairTransformNet
 from model.structure import PlainResidual, StructureBranch, StructureLayer
 
-__all__ = ["Denoiser", "compile_denoiser", "uncompile_denoiser"]
+__all__ = ["Denoiser", "compile_denoiser", "compiled_parts", "uncompile_denoiser"]
 
 
 def _identity(x: torch.Tensor) -> torch.Tensor:
@@ -191,13 +191,42 @@ def compile_denoiser(denoiser: nn.Module, *, dynamic: bool | None = True, mode: 
     memory-bound kernels on [B, L, L, C_p] tensors that inductor fuses (``benchmarks/pair_stack.py``:
     B = 64, L = 128 forward 119.9 -> 40.1 ms on an H100); it compiles in ~12 s. Compiling the whole
     model (mHC + Flash-IPA structure layers included) did not finish in 200 s on an H100, and the
-    sampling step of those layers is CUDA-graphed by the service instead. A pair-free model has no
-    pair stack: it is returned unchanged.
+    sampling step of those layers is CUDA-graphed by the service instead. Flash-IPA's point rotations
+    (many points x one 3 x 3 rotation per residue: a batched GEMM with K = 3, slow in cuBLAS) become one
+    fused kernel (``model.geometry.rotate_points_elementwise`` compiled); that is all a pair-free model
+    gets.
     """
     net = getattr(denoiser, "pair_transform_net", None)
     if net is not None:
         net.compile_layers(dynamic=dynamic, mode=mode, backend=backend)
+    fused = None
+    for module in denoiser.modules():
+        if _is_flash_ipa(module):
+            if fused is None:
+                from model.geometry import rotate_points_elementwise
+
+                fused = torch.compile(rotate_points_elementwise, dynamic=dynamic, mode=mode, backend=backend)
+            module.rotate = fused
     return denoiser
+
+
+def compiled_parts(denoiser: nn.Module) -> list[str]:
+    """What :func:`compile_denoiser` compiled in ``denoiser``: ``pair_stack``, ``point_rotations``."""
+    from model.geometry import rotate_points
+
+    parts = []
+    net = getattr(denoiser, "pair_transform_net", None)
+    if net is not None and any(getattr(layer, "_compiled_call_impl", None) is not None for layer in net.layers):
+        parts.append("pair_stack")
+    if any(_is_flash_ipa(m) and m.rotate is not rotate_points for m in denoiser.modules()):
+        parts.append("point_rotations")
+    return parts
+
+
+def _is_flash_ipa(module: nn.Module) -> bool:
+    from model.flash_ipa import FlashIPA
+
+    return isinstance(module, FlashIPA)
 
 
 def uncompile_denoiser(denoiser: nn.Module) -> nn.Module:
@@ -205,4 +234,9 @@ def uncompile_denoiser(denoiser: nn.Module) -> nn.Module:
     net = getattr(denoiser, "pair_transform_net", None)
     if net is not None:
         net.eager_layers()
+    from model.geometry import rotate_points
+
+    for module in denoiser.modules():
+        if _is_flash_ipa(module):
+            module.rotate = rotate_points
     return denoiser

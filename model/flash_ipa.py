@@ -44,7 +44,7 @@ from torch import nn
 
 from model.attention import BackendChoice, mask_value, packed_attention, resolve_backend
 from model.factorizer import PairFactorizer, PairFactors, PairFreeFactorizer, build_factorizer
-from model.geometry import Frames
+from model.geometry import Frames, rotate_points
 from model.knn import Neighbours, knn
 
 # The factorizers and the k-NN search live in model/factorizer.py and model/knn.py (one concept per
@@ -140,6 +140,9 @@ class FlashIPA(nn.Module):
         nn.init.zeros_(self.linear_out.bias)
         self._choices: dict[tuple, BackendChoice] = {}
         self.last_backend: BackendChoice | None = None
+        # points [*, M, 3] x frames' rotations; model.denoiser.compile_denoiser swaps in a compiled,
+        # fused version of the same product (model.geometry.rotate_points_elementwise)
+        self.rotate = rotate_points
 
     @classmethod
     def from_config(cls, config) -> FlashIPA:
@@ -184,7 +187,7 @@ class FlashIPA(nn.Module):
         with torch.autocast(x.device.type, enabled=False):
             rots, trans = frames.rots.float(), frames.trans.float() - centre  # [B, L, 3, 3], [B, L, 3]
             local = torch.cat([qp.view(b, l, h, p, 3), kvp.view(b, l, h, p + pv, 3)], dim=-2).float()
-            glob = (local.flatten(2, 3) @ rots.transpose(-1, -2)).view(b, l, h, 2 * p + pv, 3) + trans[:, :, None, None]
+            glob = self.rotate(local.flatten(2, 3), rots).view(b, l, h, 2 * p + pv, 3) + trans[:, :, None, None]
             qg, kg, vg = glob.split([p, p, pv], dim=-2)  # [B, L, H, P | P | P_v, 3]
         bl, pl = self.factor_left(factors.left).split([h, self.pair_value_dim], dim=-1)  # [B, L, r, H], [B, L, r, C_pv]
         br, pr = self.factor_right(factors.right).split([h, self.pair_value_dim], dim=-1)
@@ -198,7 +201,7 @@ class FlashIPA(nn.Module):
         with torch.autocast(o.device.type, enabled=False):
             rots, trans = frames.rots.float(), frames.trans.float() - centre  # [B, L, 3, 3], [B, L, 3]
             rel = (o_pt.float() - trans[:, :, None, None]).flatten(2, 3)  # [B, L, H P_v, 3]
-            local = (rel @ rots).view(b, l, h, self.v_points, 3)  # R^T (x - t), row-vector form
+            local = self.rotate(rel, rots, inverse=True).view(b, l, h, self.v_points, 3)  # R^T (x - t)
             norms = torch.sqrt((local * local).sum(-1) + POINT_NORM_EPS)  # [B, L, H, P_v]
         dtype = self.linear_out.weight.dtype if not torch.is_autocast_enabled(o.device.type) else o.dtype
         feats = torch.cat([o.to(dtype), local.flatten(-2).to(dtype), norms.to(dtype), o_pair.to(dtype)],

@@ -31,6 +31,8 @@ __all__ = [
     "quaternion_to_rotation",
     "quaternion_update",
     "random_rotation",
+    "rotate_points",
+    "rotate_points_elementwise",
     "safe_normalize",
     "skip_input_checks",
 ]
@@ -211,6 +213,25 @@ class Frames:
 
 
 # ------------------------------------------------------------------------------------ Frenet-Serret
+def rotate_points(points: torch.Tensor, rots: torch.Tensor, *, inverse: bool = False) -> torch.Tensor:
+    """Many points per frame: points [*, M, 3] (row vectors), rots [*, 3, 3] -> [*, M, 3], each point
+    rotated by its frame's ``R`` (``R^T`` with ``inverse``): ``points @ R^T`` (``points @ R``).
+
+    The reference: one batched matmul. On a GPU that is a cuBLAS batched GEMM with K = 3, a poor fit
+    (0.29 ms for 32,768 frames x 192 points on an H100, where reading and writing the points takes
+    ~0.05 ms); :func:`rotate_points_elementwise` is the same product written for a fusing compiler.
+    """
+    return points @ (rots if inverse else rots.transpose(-1, -2))
+
+
+def rotate_points_elementwise(points: torch.Tensor, rots: torch.Tensor, *, inverse: bool = False) -> torch.Tensor:
+    """:func:`rotate_points` as three broadcast multiply-adds, which ``torch.compile`` fuses into one
+    memory-bound kernel (``model.denoiser.compile_denoiser`` installs that in Flash-IPA)."""
+    r = rots if inverse else rots.transpose(-1, -2)  # [*, 3, 3]: out = points @ r
+    return (points[..., 0:1] * r[..., None, 0, :] + points[..., 1:2] * r[..., None, 1, :]
+            + points[..., 2:3] * r[..., None, 2, :])
+
+
 def frenet_serret_frames(ca: torch.Tensor, mask: torch.Tensor, *, eps: float = NORM_EPS) -> Frames:
     """Genie's Frenet-Serret frames from a (noisy) CA trace, respecting per-sample lengths.
 

@@ -69,7 +69,7 @@ class ServiceState:
         self.limits: Limits | None = None
         self.device: torch.device | None = None
         self.attention: dict = {}
-        self.compiled = "none"  # "pair_stack" when MHCFLASH_COMPILE compiled the pair-transform layers
+        self.compiled = "none"  # what MHCFLASH_COMPILE compiled: "pair_stack,point_rotations", "point_rotations"
         self.precision = "float32"  # what the steps run in: "bf16" (autocast on CUDA) or "float32"
         self.ready = False
         self.started = time.time()
@@ -132,11 +132,11 @@ async def lifespan(app: FastAPI):
         limits = _limits(settings, loaded.config)
         autocast = torch.bfloat16 if settings.precision in ("auto", "bf16") and device.type == "cuda" else None
         schedule = Schedule.from_config(loaded.config)
-        compiled = compile_enabled(settings.compile, device) and loaded.denoiser.pair_transform_net is not None
+        compiled = compile_enabled(settings.compile, device)
         if compiled and not settings.warmup:
             # The compile happens (and can fail) in the first step; without the warm-up that would be a
             # request's step, so a failed compile could not fall back before serving.
-            log.warning("MHCFLASH_COMPILE needs the warm-up (MHCFLASH_WARMUP=true); the pair stack runs eagerly")
+            log.warning("MHCFLASH_COMPILE needs the warm-up (MHCFLASH_WARMUP=true); the model runs eagerly")
             compiled = False
         if compiled:
             from model.denoiser import compile_denoiser
@@ -146,13 +146,15 @@ async def lifespan(app: FastAPI):
             t0 = time.perf_counter()
             compiled = await asyncio.to_thread(warm_up_with_fallback, loaded.denoiser, schedule, device, limits,
                                                autocast, compiled)
-            log.info("warm-up done in %.1f s (pair stack %s)", time.perf_counter() - t0,
+            log.info("warm-up done in %.1f s (%s)", time.perf_counter() - t0,
                      "compiled" if compiled else "eager")
     except (WeightsError, RuntimeError) as exc:
         log.error("mhcflash service cannot start: %s", exc)
         raise
     state.device, state.loaded, state.limits = device, loaded, limits
-    state.compiled = "pair_stack" if compiled else "none"
+    from model.denoiser import compiled_parts
+
+    state.compiled = ",".join(compiled_parts(loaded.denoiser)) or "none"
     state.precision = "bf16" if autocast is not None else "float32"
     app.openapi_schema = None  # regenerate with this server's ranges (GET /openapi.json)
     publish_limits(app.openapi(), limits)

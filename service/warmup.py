@@ -53,8 +53,8 @@ def warm_up(denoiser: torch.nn.Module, schedule, device: torch.device, limits: L
 
 def warm_up_with_fallback(denoiser, schedule, device, limits, autocast, compiled: bool) -> bool:
     """Warm up; if compiling the pair stack fails (no C compiler or Python headers for Triton, an
-    inductor bug), log it, fall back to the eager pair stack and warm up again. Returns whether the
-    pair stack is compiled in the end."""
+    inductor bug), log it, fall back to the eager model and warm up again. Returns whether the
+    model's compiled parts (``model.denoiser.compiled_parts``) are kept."""
     try:
         warm_up(denoiser, schedule, device, limits, autocast, compiled)
         return compiled
@@ -68,7 +68,8 @@ def warm_up_with_fallback(denoiser, schedule, device, limits, autocast, compiled
         root = exc  # dynamo wraps the compiler's error (BackendCompilerFailed.inner_exception): report that
         while (inner := root.__cause__ or getattr(root, "inner_exception", None)) is not None:
             root = inner
-        log.warning("torch.compile of the pair stack failed, serving it eagerly (set MHCFLASH_COMPILE=off "
+        log.warning("torch.compile of the model (pair stack / point rotations) failed, serving it eagerly "
+                    "(set MHCFLASH_COMPILE=off "
                     "to skip the attempt; see README troubleshooting): %s: %s", type(root).__name__,
                     (str(root).strip().splitlines() or [""])[0])
         uncompile_denoiser(denoiser)
