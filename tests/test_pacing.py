@@ -42,6 +42,11 @@ def test_cuda_pacer_runs_ahead_by_at_most_ahead_steps_and_times_them_on_the_devi
     x = to_device([5, 7], torch.long, dev)  # a pinned, non-blocking copy
     torch.cuda.synchronize()
     cycles = int(50e-3 * torch.cuda.get_device_properties(dev).clock_rate * 1e3)  # ~50 ms of GPU spin
+    token = pacer.begin()  # warm-up: the first _sleep launch loads its kernel (~36 ms on an H100)
+    torch.cuda._sleep(1000)
+    pacer.end(token)
+    pacer.drain()
+    seen.clear()
     enqueue = []
     for _ in range(4):
         t0 = time.perf_counter()
