@@ -193,33 +193,25 @@ def compile_denoiser(denoiser: nn.Module, *, dynamic: bool | None = True, mode: 
     model (mHC + Flash-IPA structure layers included) did not finish in 200 s on an H100, and the
     sampling step of those layers is CUDA-graphed by the service instead. Flash-IPA's point rotations
     (many points x one 3 x 3 rotation per residue: a batched GEMM with K = 3, slow in cuBLAS) become one
-    fused kernel (``model.geometry.rotate_points_elementwise`` compiled), and so do mHC's stream mixings
-    H_pre S and H_res S + H_post^T y (batched GEMMs with K = n; ``model.mhc.mix_in_elementwise`` /
-    ``mix_out_elementwise``). A pair-free model gets the last two.
+    fused kernel (``model.geometry.rotate_points_elementwise`` compiled); that is all a pair-free model
+    gets.
     """
     net = getattr(denoiser, "pair_transform_net", None)
     if net is not None:
         net.compile_layers(dynamic=dynamic, mode=mode, backend=backend)
-    options = {"dynamic": dynamic, "mode": mode, "backend": backend}
-    rotate = mixing = None
+    fused = None
     for module in denoiser.modules():
         if _is_flash_ipa(module):
-            if rotate is None:
+            if fused is None:
                 from model.geometry import rotate_points_elementwise
 
-                rotate = torch.compile(rotate_points_elementwise, **options)
-            module.rotate = rotate
-        elif _is_mhc_residual(module) and module.mappings is not None:
-            if mixing is None:
-                from model.mhc import mix_in_elementwise, mix_out_elementwise
-
-                mixing = (torch.compile(mix_in_elementwise, **options), torch.compile(mix_out_elementwise, **options))
-            module.fused_mixing = mixing
+                fused = torch.compile(rotate_points_elementwise, dynamic=dynamic, mode=mode, backend=backend)
+            module.rotate = fused
     return denoiser
 
 
 def compiled_parts(denoiser: nn.Module) -> list[str]:
-    """What :func:`compile_denoiser` compiled in ``denoiser``: ``pair_stack``, ``point_rotations``, ``mhc_mixing``."""
+    """What :func:`compile_denoiser` compiled in ``denoiser``: ``pair_stack``, ``point_rotations``."""
     from model.geometry import rotate_points
 
     parts = []
@@ -228,15 +220,7 @@ def compiled_parts(denoiser: nn.Module) -> list[str]:
         parts.append("pair_stack")
     if any(_is_flash_ipa(m) and m.rotate is not rotate_points for m in denoiser.modules()):
         parts.append("point_rotations")
-    if any(_is_mhc_residual(m) and m.fused_mixing is not None for m in denoiser.modules()):
-        parts.append("mhc_mixing")
     return parts
-
-
-def _is_mhc_residual(module: nn.Module) -> bool:
-    from model.mhc import MHCResidual
-
-    return isinstance(module, MHCResidual)
 
 
 def _is_flash_ipa(module: nn.Module) -> bool:
@@ -255,6 +239,4 @@ def uncompile_denoiser(denoiser: nn.Module) -> nn.Module:
     for module in denoiser.modules():
         if _is_flash_ipa(module):
             module.rotate = rotate_points
-        elif _is_mhc_residual(module):
-            module.fused_mixing = None
     return denoiser

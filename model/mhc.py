@@ -32,7 +32,7 @@ NOTE (differences from the paper, each also marked where it happens):
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 
 import torch
 from torch import nn
@@ -240,28 +240,6 @@ def _mix(h: torch.Tensor, streams: torch.Tensor, matmul: bool) -> torch.Tensor:
     return (h.unsqueeze(-1) * streams.unsqueeze(-3)).sum(dim=-2)
 
 
-def mix_in(h_pre: torch.Tensor, streams: torch.Tensor, matmul: bool) -> torch.Tensor:
-    """The branch input H_pre S: h_pre [B, L, n], streams [B, L, n, C] -> [B, L, C]."""
-    return _mix(h_pre.unsqueeze(-2), streams, matmul).squeeze(-2)
-
-
-def mix_out(h_res: torch.Tensor, h_post: torch.Tensor, streams: torch.Tensor, y: torch.Tensor,
-            matmul: bool) -> torch.Tensor:
-    """The new streams H_res S + H_post^T y: h_res [B, L, n, n], h_post [B, L, n], y [B, L, C] -> [B, L, n, C]."""
-    return torch.addcmul(_mix(h_res, streams, matmul), h_post.unsqueeze(-1), y.unsqueeze(-2))
-
-
-def mix_in_elementwise(h_pre: torch.Tensor, streams: torch.Tensor) -> torch.Tensor:
-    """:func:`mix_in` as broadcast multiply-sums, for ``torch.compile`` to fuse into one kernel."""
-    return mix_in(h_pre, streams, False)
-
-
-def mix_out_elementwise(h_res: torch.Tensor, h_post: torch.Tensor, streams: torch.Tensor,
-                        y: torch.Tensor) -> torch.Tensor:
-    """:func:`mix_out` as broadcast multiply-sums, for ``torch.compile`` to fuse into one kernel."""
-    return mix_out(h_res, h_post, streams, y, False)
-
-
 class MHCResidual(nn.Module):
     """Eq. (3) around any branch: S <- H_res S + H_post^T branch(H_pre S, *args, **kwargs).
 
@@ -290,9 +268,6 @@ class MHCResidual(nn.Module):
         self.record = True
         self.last_h_res: torch.Tensor | None = None
         self.matmul_mixing: bool | None = None  # None: batched GEMM on CUDA, broadcast sums on CPU
-        # (mix_in, mix_out) compiled by model.denoiser.compile_denoiser: the batched GEMMs above have
-        # K = n = 4 (slow in cuBLAS); the compiled broadcast sums are one fused kernel each
-        self.fused_mixing: tuple[Callable, Callable] | None = None
 
     def forward(self, streams: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         if streams.shape[-2:] != (self.n, self.dim):
@@ -310,19 +285,12 @@ class MHCResidual(nn.Module):
         # NOTE: stream mixing outside autocast, in the streams' dtype (float32 in training), so the
         # residual stream is never rounded to bf16 (the plain residual s + y promotes the same way).
         matmul = streams.is_cuda if self.matmul_mixing is None else self.matmul_mixing
-        if self.fused_mixing is not None:
-            fused_in, fused_out = self.fused_mixing
-        else:
-            fused_in = fused_out = None
         with torch.autocast(device_type=streams.device.type, enabled=False):
-            h_pre = h_pre.to(dt)
-            x = fused_in(h_pre, streams) if fused_in else mix_in(h_pre, streams, matmul)  # [B, L, C]
+            x = _mix(h_pre.to(dt).unsqueeze(-2), streams, matmul).squeeze(-2)  # [B, L, C]
         y = self.branch(x, *args, **kwargs)  # [B, L, C]
         with torch.autocast(device_type=streams.device.type, enabled=False):
-            h_res, h_post, y = h_res.to(dt), h_post.to(dt), y.to(dt)
-            if fused_out:
-                return fused_out(h_res, h_post, streams, y)  # [B, L, n, C]
-            return mix_out(h_res, h_post, streams, y, matmul)  # H_res S + H_post^T y
+            mixed = _mix(h_res.to(dt), streams, matmul)  # [B, L, n, C]
+            return torch.addcmul(mixed, h_post.to(dt).unsqueeze(-1), y.to(dt).unsqueeze(-2))  # + H_post^T y
 
 
 class MeanReadout(nn.Module):

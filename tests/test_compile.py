@@ -61,10 +61,9 @@ def test_point_rotation_elementwise_equals_the_matmul_reference():
             torch.testing.assert_close(b, a, rtol=0, atol=1e-12)
 
 
-def test_compile_denoiser_fuses_point_rotations_and_mhc_mixing_and_uncompile_restores_them():
-    """A pair-free model has no pair stack: compile_denoiser compiles its point rotations and mHC's
-    stream mixings (inductor on CPU here), the output matches the eager model, and uncompile_denoiser
-    puts the references back."""
+def test_compile_denoiser_fuses_flash_ipa_point_rotations_and_uncompile_restores_them():
+    """A pair-free model has no pair stack: compile_denoiser compiles its point rotations (inductor on
+    CPU here), the output matches the eager model, and uncompile_denoiser puts the reference back."""
     from model import build_denoiser
     from model.config import parse_config
     from model.denoiser import compile_denoiser, compiled_parts, uncompile_denoiser
@@ -85,49 +84,10 @@ def test_compile_denoiser_fuses_point_rotations_and_mhc_mixing_and_uncompile_res
         ref = den(x, t, mask)
         assert compiled_parts(den) == []
         compile_denoiser(den)
-        assert compiled_parts(den) == ["point_rotations", "mhc_mixing"]
+        assert compiled_parts(den) == ["point_rotations"]
         out = den(x, t, mask)
         uncompile_denoiser(den)
         assert compiled_parts(den) == []
         assert all(m.rotate is rotate_points for m in den.modules() if hasattr(m, "rotate"))
-        assert all(m.fused_mixing is None for m in den.modules() if hasattr(m, "fused_mixing"))
     assert ref.abs().max() > 1e-3
     torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-5)
-
-
-def test_mhc_mixing_compiled_equals_the_reference_forward_and_gradients():
-    """MHCResidual with compile_denoiser's fused mixings vs the reference (batched GEMM and broadcast
-    paths), float32 on CPU: forward and every gradient (streams, mapping parameters, branch)."""
-    from model.config import parse_config
-    from model.denoiser import compile_denoiser
-    from model.mhc import MHCResidual
-
-    cfg = parse_config("mhcExpansionRate 4\nmhcSinkhornIters 20\n")
-    torch.manual_seed(0)
-    res = MHCResidual(torch.nn.Linear(8, 8), 8, cfg)
-    for p in res.parameters():
-        p.data.add_(0.1 * torch.randn_like(p))
-    streams = torch.randn(2, 5, 4, 8, requires_grad=True)
-
-    def run():
-        out = res(streams)
-        w = torch.linspace(-1, 1, out.numel()).view_as(out)
-        grads = torch.autograd.grad((out * w).sum(), [streams, *res.parameters()])
-        return out.detach(), grads
-
-    results = {}
-    for name, matmul in (("gemm", True), ("broadcast", False)):
-        res.matmul_mixing = matmul
-        results[name] = run()
-    holder = torch.nn.Module()
-    holder.res = res
-    compile_denoiser(holder)
-    assert res.fused_mixing is not None
-    results["compiled"] = run()
-    ref_out, ref_grads = results["broadcast"]
-    for name in ("gemm", "compiled"):
-        out, grads = results[name]
-        torch.testing.assert_close(out, ref_out, rtol=1e-5, atol=1e-6)
-        for a, b in zip(grads, ref_grads):
-            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
-    assert ref_grads[0].abs().max() > 1e-3
