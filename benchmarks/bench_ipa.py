@@ -142,6 +142,8 @@ def main() -> None:
     ap.add_argument("--pair-free-lengths", type=int, nargs="*", default=[1024, 2048, 4096, 8192, 16384])
     ap.add_argument("--batch", type=int, default=1)
     ap.add_argument("--rank", type=int, default=2)
+    ap.add_argument("--core-batches", type=int, nargs="*", default=None,
+                    help="batch sizes for the attention-core FLOP/s section (default: --batch)")
     ap.add_argument("--repeats", type=int, default=10)
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--dense-max", type=int, default=4096, help="skip dense layers above this length")
@@ -279,16 +281,18 @@ def main() -> None:
     ms_mm, _ = timer(lambda i: a_m @ a_m, 1)
     mm_tflops = 2 * n**3 / (ms_mm * 1e-3) / 1e12
     core = []
-    for length in args.lengths:
-        q = torch.randn(b, length, h, dqk, device=device, dtype=dtype)
-        k = torch.randn(b, length, h, dqk, device=device, dtype=dtype)
-        v = torch.randn(b, length, h, dv, device=device, dtype=dtype)
-        mask = torch.ones(b, length, device=device)
-        ms, _ = timer(lambda i: attention(q, k, v, mask, backend=choice, scale=1.0), 1)
-        flops = 2 * b * h * length * length * (dqk + dv)
-        core.append(dict(L=length, ms=ms, tflops=flops / (ms * 1e-3) / 1e12))
-        print(f"core L={length}: {ms:.3f} ms, {core[-1]['tflops']:.1f} TFLOP/s "
-              f"({100 * core[-1]['tflops'] / mm_tflops:.0f}% of matmul {mm_tflops:.0f})")
+    for cb in args.core_batches or [b]:
+        for length in args.lengths:
+            q = torch.randn(cb, length, h, dqk, device=device, dtype=dtype)
+            k = torch.randn(cb, length, h, dqk, device=device, dtype=dtype)
+            v = torch.randn(cb, length, h, dv, device=device, dtype=dtype)
+            mask = torch.ones(cb, length, device=device)
+            ms, _ = timer(lambda i: attention(q, k, v, mask, backend=choice, scale=1.0), 1)
+            flops = 2 * cb * h * length * length * (dqk + dv)
+            core.append(dict(B=cb, L=length, ms=ms, tflops=flops / (ms * 1e-3) / 1e12,
+                             fraction_of_matmul=flops / (ms * 1e-3) / 1e12 / mm_tflops))
+            print(f"core B={cb} L={length}: {ms:.3f} ms, {core[-1]['tflops']:.1f} TFLOP/s "
+                  f"({100 * core[-1]['tflops'] / mm_tflops:.0f}% of matmul {mm_tflops:.0f})")
 
     print("\n| layer | L | fwd+bwd ms | peak MiB | note |\n|---|---|---|---|---|")
     for row in rows:
@@ -323,7 +327,9 @@ def plot(rows, core, mm_tflops, info, path: Path) -> None:
         if all(m == m for m in mem):  # no peak memory on CPU (NaN)
             axes[1].plot(ls, mem, "o-", label=name)
     if core:
-        axes[2].plot([c["L"] for c in core], [c["tflops"] for c in core], "o-", label="attention core")
+        for cb in sorted({c.get("B", 1) for c in core}):
+            pts = [c for c in core if c.get("B", 1) == cb]
+            axes[2].plot([c["L"] for c in pts], [c["tflops"] for c in pts], "o-", label=f"attention core, B = {cb}")
         axes[2].axhline(mm_tflops, ls="--", color="gray", label="bf16 matmul")
     for ax, title in zip(axes, ("fwd+bwd time (ms)", "peak extra memory (MiB)", "core TFLOP/s")):
         ax.set_xscale("log", base=2)
