@@ -37,7 +37,7 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from model import sinkhorn_triton
+from model import mhc_mix_triton, sinkhorn_triton
 
 __all__ = [
     "GatedReadout",
@@ -240,6 +240,18 @@ def _mix(h: torch.Tensor, streams: torch.Tensor, matmul: bool) -> torch.Tensor:
     return (h.unsqueeze(-1) * streams.unsqueeze(-3)).sum(dim=-2)
 
 
+def mix_in(h_pre: torch.Tensor, streams: torch.Tensor, matmul: bool) -> torch.Tensor:
+    """The branch input H_pre S: h_pre [B, L, n], streams [B, L, n, C] -> [B, L, C] (reference)."""
+    return _mix(h_pre.unsqueeze(-2), streams, matmul).squeeze(-2)
+
+
+def mix_out(h_res: torch.Tensor, h_post: torch.Tensor, streams: torch.Tensor, y: torch.Tensor,
+            matmul: bool) -> torch.Tensor:
+    """The new streams H_res S + H_post^T y: h_res [B, L, n, n], h_post [B, L, n], y [B, L, C] ->
+    [B, L, n, C] (reference)."""
+    return torch.addcmul(_mix(h_res, streams, matmul), h_post.unsqueeze(-1), y.unsqueeze(-2))
+
+
 class MHCResidual(nn.Module):
     """Eq. (3) around any branch: S <- H_res S + H_post^T branch(H_pre S, *args, **kwargs).
 
@@ -268,6 +280,7 @@ class MHCResidual(nn.Module):
         self.record = True
         self.last_h_res: torch.Tensor | None = None
         self.matmul_mixing: bool | None = None  # None: batched GEMM on CUDA, broadcast sums on CPU
+        self.fused_mixing = True  # without gradients on CUDA: model/mhc_mix_triton.py (False: reference)
 
     def forward(self, streams: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         if streams.shape[-2:] != (self.n, self.dim):
@@ -285,12 +298,17 @@ class MHCResidual(nn.Module):
         # NOTE: stream mixing outside autocast, in the streams' dtype (float32 in training), so the
         # residual stream is never rounded to bf16 (the plain residual s + y promotes the same way).
         matmul = streams.is_cuda if self.matmul_mixing is None else self.matmul_mixing
+        # sampling (no gradient) on CUDA: one fused Triton kernel per mixing (model/mhc_mix_triton.py)
+        fused = self.fused_mixing and mhc_mix_triton.available(streams)
         with torch.autocast(device_type=streams.device.type, enabled=False):
-            x = _mix(h_pre.to(dt).unsqueeze(-2), streams, matmul).squeeze(-2)  # [B, L, C]
+            h_pre = h_pre.to(dt)
+            x = mhc_mix_triton.mix_in(h_pre, streams) if fused else mix_in(h_pre, streams, matmul)  # [B, L, C]
         y = self.branch(x, *args, **kwargs)  # [B, L, C]
         with torch.autocast(device_type=streams.device.type, enabled=False):
-            mixed = _mix(h_res.to(dt), streams, matmul)  # [B, L, n, C]
-            return torch.addcmul(mixed, h_post.to(dt).unsqueeze(-1), y.to(dt).unsqueeze(-2))  # + H_post^T y
+            h_res, h_post, y = h_res.to(dt), h_post.to(dt), y.to(dt)
+            if fused:
+                return mhc_mix_triton.mix_out(h_res, h_post, streams, y)  # [B, L, n, C]
+            return mix_out(h_res, h_post, streams, y, matmul)  # H_res S + H_post^T y
 
 
 class MeanReadout(nn.Module):

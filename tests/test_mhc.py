@@ -422,3 +422,76 @@ def test_fused_sinkhorn_matches_loop_in_the_triton_interpreter():
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_gpu_fused_sinkhorn_matches_loop():
     fused_matches_loop("cuda")
+
+
+# ----------------------------------------------------------------------------- fused stream mixing
+ATOL_MIX = 1e-5  # fused Triton mixing vs the reference (float32 sums in another order)
+
+
+def fused_mixing_matches_reference(device: str) -> None:
+    """model/mhc_mix_triton.py vs model.mhc.mix_in / mix_out (broadcast and GEMM forms), for n = 4 and 2,
+    C = 128 and 32, residue counts around the kernel's block of 8, and inside an MHCResidual (no grad).
+    Runs on CUDA, or on the CPU under TRITON_INTERPRET=1."""
+    from model import mhc_mix_triton
+    from model.mhc import mix_in, mix_out
+
+    g = torch.Generator().manual_seed(11)
+    with torch.no_grad():
+        for n, c, count in [(4, 128, 1), (4, 128, 9), (4, 32, 130), (2, 32, 7)]:
+            s = torch.randn(count, n, c, generator=g).to(device)
+            h_pre = torch.rand(count, n, generator=g).to(device)
+            h_post = 2 * torch.rand(count, n, generator=g).to(device)
+            h_res = torch.softmax(torch.randn(count, n, n, generator=g), -1).to(device)
+            y = torch.randn(count, c, generator=g).to(device)
+            assert mhc_mix_triton.available(s)
+            for matmul in (False, True):
+                torch.testing.assert_close(mhc_mix_triton.mix_in(h_pre, s), mix_in(h_pre, s, matmul),
+                                           atol=ATOL_MIX, rtol=0)
+                torch.testing.assert_close(mhc_mix_triton.mix_out(h_res, h_post, s, y),
+                                           mix_out(h_res, h_post, s, y, matmul), atol=ATOL_MIX, rtol=0)
+        res = MHCResidual(torch.nn.Linear(32, 32), 32, _cfg(mhcExpansionRate=4)).to(device)
+        for p in res.parameters():
+            p.add_(0.1 * torch.randn(p.shape, generator=g).to(device))
+        streams = torch.randn(2, 5, 4, 32, generator=g).to(device)
+        fused = res(streams)
+        res.fused_mixing = False
+        torch.testing.assert_close(fused, res(streams), atol=ATOL_MIX, rtol=0)
+
+
+def test_fused_mixing_dispatch_rules():
+    """The fused mixing runs only where it can and should: not on a plain CPU tensor, not when a
+    gradient is needed (training keeps the reference), not for n or C that are not powers of two."""
+    from model import mhc_mix_triton
+
+    with torch.no_grad():
+        assert not mhc_mix_triton.available(torch.zeros(3, 4, 8))  # CPU without the interpreter
+        if torch.cuda.is_available():
+            assert mhc_mix_triton.available(torch.zeros(3, 4, 8, device="cuda"))
+            assert not mhc_mix_triton.available(torch.zeros(3, 3, 8, device="cuda"))
+            assert not mhc_mix_triton.available(torch.zeros(3, 4, 24, device="cuda"))
+    if torch.cuda.is_available():
+        assert not mhc_mix_triton.available(torch.zeros(3, 4, 8, device="cuda"))  # grad enabled
+
+
+def test_fused_mixing_matches_reference_in_the_triton_interpreter():
+    """The kernels' source run by Triton's CPU interpreter (a subprocess: TRITON_INTERPRET is read when
+    the kernels are defined). Skipped where Triton is not installed."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    pytest.importorskip("triton")
+    tests = Path(__file__).resolve().parent
+    env = {**os.environ, "TRITON_INTERPRET": "1",
+           "PYTHONPATH": os.pathsep.join([str(tests), str(tests.parent), os.environ.get("PYTHONPATH", "")])}
+    code = "import test_mhc; test_mhc.fused_mixing_matches_reference('cpu'); print('ok')"
+    res = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=600,
+                         check=False)
+    assert res.returncode == 0 and res.stdout.strip().endswith("ok"), res.stderr[-3000:]
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_gpu_fused_mixing_matches_reference():
+    fused_mixing_matches_reference("cuda")
