@@ -18,6 +18,8 @@ import functools
 
 import torch
 
+from model.triton_support import triton_can_run
+
 __all__ = ["available", "mix_in", "mix_out"]
 
 BLOCK = 8  # residues per program: their [8, n, C] streams stay in registers
@@ -31,15 +33,6 @@ def _kernels():
     return k.mix_in_kernel, k.mix_out_kernel
 
 
-@functools.cache
-def _triton_importable() -> bool:
-    try:
-        import triton  # noqa: F401
-    except Exception:  # noqa: BLE001 - absent or broken: the reference runs
-        return False
-    return True
-
-
 def _pow2(v: int) -> bool:
     return v > 0 and v & (v - 1) == 0
 
@@ -47,16 +40,10 @@ def _pow2(v: int) -> bool:
 def available(streams: torch.Tensor) -> bool:
     """True when the kernels can run for ``streams`` [..., n, C]: CUDA (or CPU under
     ``TRITON_INTERPRET=1``), float32 / 16-bit, n and C powers of two, no gradient needed, Triton importable."""
-    import os
-
     n, c = streams.shape[-2:]
     if not (_pow2(n) and _pow2(c)) or streams.dtype == torch.float64 or torch.is_grad_enabled():
         return False
-    if torch.compiler.is_compiling():
-        return False
-    if not (streams.is_cuda or os.environ.get("TRITON_INTERPRET") == "1"):
-        return False
-    return _triton_importable()
+    return triton_can_run(streams)
 
 
 def _grid(count: int) -> tuple[int]:

@@ -29,6 +29,8 @@ import functools
 
 import torch
 
+from model.triton_support import triton_can_run
+
 __all__ = ["available", "sinkhorn_fused"]
 
 BLOCK = 64  # matrices per program
@@ -42,27 +44,14 @@ def _kernels():
     return k.forward_kernel, k.backward_kernel
 
 
-@functools.cache
-def _triton_importable() -> bool:
-    try:
-        import triton  # noqa: F401
-    except Exception:  # noqa: BLE001 - absent or broken: the reference runs
-        return False
-    return True
-
-
 def available(logits: torch.Tensor) -> bool:
     """True when the fused kernel can run for ``logits`` [..., n, n]: a CUDA tensor (or a CPU one
     under ``TRITON_INTERPRET=1``), n * n a power of two, Triton importable, not inside torch.compile
     (which fuses the reference loop itself)."""
-    import os
-
     n = logits.shape[-1]
-    if n * n & (n * n - 1) or logits.dtype == torch.float64 or torch.compiler.is_compiling():
+    if n * n & (n * n - 1) or logits.dtype == torch.float64:
         return False
-    if not (logits.is_cuda or os.environ.get("TRITON_INTERPRET") == "1"):
-        return False
-    return _triton_importable()
+    return triton_can_run(logits)
 
 
 def _launch(kernel, count: int, *tensors, iters: int, n: int, floor: float) -> None:

@@ -400,9 +400,9 @@ def test_fused_sinkhorn_dispatch_rules():
         assert not sinkhorn_triton.available(torch.zeros(3, 4, 4, device="cuda", dtype=torch.float64))
 
 
-def test_fused_sinkhorn_matches_loop_in_the_triton_interpreter():
-    """The same kernel source, executed by Triton's CPU interpreter (a subprocess, because
-    TRITON_INTERPRET is read when the kernels are defined). Skipped where Triton is not installed."""
+def _in_triton_interpreter(check: str) -> None:
+    """Run ``test_mhc.<check>('cpu')`` under Triton's CPU interpreter (a subprocess, because
+    TRITON_INTERPRET is read when the kernels are defined). Skips where Triton is not installed."""
     import os
     import subprocess
     import sys
@@ -412,10 +412,15 @@ def test_fused_sinkhorn_matches_loop_in_the_triton_interpreter():
     tests = Path(__file__).resolve().parent
     env = {**os.environ, "TRITON_INTERPRET": "1",
            "PYTHONPATH": os.pathsep.join([str(tests), str(tests.parent), os.environ.get("PYTHONPATH", "")])}
-    code = "import test_mhc; test_mhc.fused_matches_loop('cpu'); print('ok')"
+    code = f"import test_mhc; test_mhc.{check}('cpu'); print('ok')"
     res = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=600,
                          check=False)
     assert res.returncode == 0 and res.stdout.strip().endswith("ok"), res.stderr[-3000:]
+
+
+def test_fused_sinkhorn_matches_loop_in_the_triton_interpreter():
+    """The same kernel source, executed by Triton's CPU interpreter."""
+    _in_triton_interpreter("fused_matches_loop")
 
 
 @pytest.mark.gpu
@@ -474,21 +479,8 @@ def test_fused_mixing_dispatch_rules():
 
 
 def test_fused_mixing_matches_reference_in_the_triton_interpreter():
-    """The kernels' source run by Triton's CPU interpreter (a subprocess: TRITON_INTERPRET is read when
-    the kernels are defined). Skipped where Triton is not installed."""
-    import os
-    import subprocess
-    import sys
-    from pathlib import Path
-
-    pytest.importorskip("triton")
-    tests = Path(__file__).resolve().parent
-    env = {**os.environ, "TRITON_INTERPRET": "1",
-           "PYTHONPATH": os.pathsep.join([str(tests), str(tests.parent), os.environ.get("PYTHONPATH", "")])}
-    code = "import test_mhc; test_mhc.fused_mixing_matches_reference('cpu'); print('ok')"
-    res = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=600,
-                         check=False)
-    assert res.returncode == 0 and res.stdout.strip().endswith("ok"), res.stderr[-3000:]
+    """The kernels' source, executed by Triton's CPU interpreter."""
+    _in_triton_interpreter("fused_mixing_matches_reference")
 
 
 @pytest.mark.gpu
