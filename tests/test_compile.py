@@ -61,25 +61,33 @@ def test_point_rotation_elementwise_equals_the_matmul_reference():
             torch.testing.assert_close(b, a, rtol=0, atol=1e-12)
 
 
-def test_compile_denoiser_fuses_flash_ipa_point_rotations_and_uncompile_restores_them():
-    """A pair-free model has no pair stack: compile_denoiser compiles its point rotations (inductor on
-    CPU here), the output matches the eager model, and uncompile_denoiser puts the reference back."""
-    from model import build_denoiser
+def _tiny_pair_free(extra_keys: str = ""):
+    """A small pair-free mHC + Flash-IPA denoiser with non-zero final layers (so the IPA output reaches
+    eps_hat), and inputs x [2, 11, 3], t [2], mask [2, 11] whose second chain has 3 padded residues."""
     from model.config import parse_config
-    from model.denoiser import compile_denoiser, compiled_parts, uncompile_denoiser
-    from model.geometry import rotate_points
 
     cfg = parse_config("useMHCMode True\nuseFlashMode True\nusePairFree True\nsingleFeatureDimension 32\n"
                        "pairFeatureDimension 16\nnumStructureLayers 2\nipaNumHeads 2\nkNeighbors 4\n"
-                       "numTimesteps 20\n")
+                       "numTimesteps 20\n" + extra_keys)
     torch.manual_seed(0)
-    den = build_denoiser(cfg).eval()
-    for p in den.parameters():  # non-zero final layers, so the IPA output reaches eps_hat
+    den = build_denoiser(cfg)
+    for p in den.parameters():
         p.data.add_(0.05 * torch.randn_like(p))
     x = torch.randn(2, 11, 3) * 5
     t = torch.tensor([3, 17])
     mask = torch.ones(2, 11)
     mask[1, 8:] = 0
+    return den, x, t, mask
+
+
+def test_compile_denoiser_fuses_flash_ipa_point_rotations_and_uncompile_restores_them():
+    """A pair-free model has no pair stack: compile_denoiser compiles its point rotations (inductor on
+    CPU here), the output matches the eager model, and uncompile_denoiser puts the reference back."""
+    from model.denoiser import compiled_parts, uncompile_denoiser
+    from model.geometry import rotate_points
+
+    den, x, t, mask = _tiny_pair_free()
+    den.eval()
     with torch.no_grad():
         ref = den(x, t, mask)
         assert compiled_parts(den) == []
@@ -96,20 +104,8 @@ def test_compile_denoiser_fuses_flash_ipa_point_rotations_and_uncompile_restores
 def test_compiled_point_rotations_train_like_eager_with_checkpointing():
     """compileModel True in training: the compiled rotations inside gradient-checkpointed structure
     layers give the eager forward and parameter gradients (float32, CPU inductor)."""
-    from model.config import parse_config
-
-    cfg = parse_config("useMHCMode True\nuseFlashMode True\nusePairFree True\nsingleFeatureDimension 32\n"
-                       "pairFeatureDimension 16\nnumStructureLayers 2\nipaNumHeads 2\nkNeighbors 4\n"
-                       "numTimesteps 20\nuseGradientCheckpointing True\nipaDropout 0.0\n"
-                       "structureTransitionDropout 0.0\n")
-    torch.manual_seed(0)
-    den = build_denoiser(cfg).train()
-    for p in den.parameters():
-        p.data.add_(0.05 * torch.randn_like(p))
-    x = torch.randn(2, 11, 3) * 5
-    t = torch.tensor([3, 17])
-    mask = torch.ones(2, 11)
-    mask[1, 8:] = 0
+    den, x, t, mask = _tiny_pair_free("useGradientCheckpointing True\nipaDropout 0.0\nstructureTransitionDropout 0.0\n")
+    den.train()
     params = [p for p in den.parameters() if p.requires_grad]
 
     def run():
