@@ -1,10 +1,11 @@
-"""Start-up warm-up of the sampling service, and the pair-stack compile it triggers (``MHCFLASH_COMPILE``).
+"""Start-up warm-up of the sampling service, and the compile it triggers (``MHCFLASH_COMPILE``).
 
 Before ``/ready`` the service runs a few sampling steps through the engine's own step function
 (``service.graphs.eager_step``, the service's autocast), so the first request pays no first-call cost.
-With the pair stack compiled (``model.denoiser.compile_denoiser``) those steps are where
-``torch.compile`` builds its graphs; if that fails (no C compiler or Python headers for Triton, an
-inductor bug), the failure is logged, the pair stack goes back to eager and the warm-up runs again.
+With the model compiled (``model.denoiser.compile_denoiser``: the pair stack, the point rotations)
+those steps are where ``torch.compile`` builds its graphs; if that fails (no C compiler or Python
+headers for Triton, an inductor bug), the failure is logged, the model goes back to eager and the
+warm-up runs again.
 Non-finite warm-up output (broken weights) stops the start-up (:class:`WarmupError`).
 """
 
@@ -52,7 +53,7 @@ def warm_up(denoiser: torch.nn.Module, schedule, device: torch.device, limits: L
 
 
 def warm_up_with_fallback(denoiser, schedule, device, limits, autocast, compiled: bool) -> bool:
-    """Warm up; if compiling the pair stack fails (no C compiler or Python headers for Triton, an
+    """Warm up; if compiling fails (no C compiler or Python headers for Triton, an
     inductor bug), log it, fall back to the eager model and warm up again. Returns whether the
     model's compiled parts (``model.denoiser.compiled_parts``) are kept."""
     try:
