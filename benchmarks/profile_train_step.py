@@ -4,6 +4,8 @@
     python benchmarks/profile_train_step.py configs/ship_mhc_flash.txt --batch 56 --length 72 --out DIR
     # CPU (aten op counts per step under bf16 autocast, where the copies come from, step time)
     python benchmarks/profile_train_step.py configs/ship_mhc_flash.txt --device cpu --batch 8 --length 40
+    # the cost of mHC with the forward + backward replayed from CUDA graphs (GPU time, not launches)
+    python benchmarks/profile_train_step.py configs/ship_pairfree.txt --ab flash,mhc_flash --graph --steps 40
 
 On CPU the op counts are what matters (each aten op is one or more kernels on the GPU, and the GPU
 step is bound by their number, not by FLOPs); ``--stacks`` adds the model source lines that issue
@@ -46,6 +48,10 @@ def _setup(args):
         from model.denoiser import compile_denoiser
 
         fwd = compile_denoiser(model)
+    if getattr(args, "graph", False):  # the training forward + backward replayed from CUDA graphs
+        from model.train_graphs import TrainGraphs
+
+        fwd = TrainGraphs(fwd, capture_after=1)
     if getattr(args, "compile_structure", False):  # experiment: each structure layer compiled too
         for layer in model.structure_layers:
             layer.compile(dynamic=True)
@@ -135,9 +141,10 @@ def ab_compare(args) -> None:
             _sync(args.device)
             times[name].append((time.perf_counter() - t0) * 1e3)
     med = {name: statistics.median(t) for name, t in times.items()}
-    res = dict(config=args.config, device=args.device, batch=args.batch, length=args.length, steps=args.steps,
-               step_ms_median=med, overhead=med[names[1]] / med[names[0]] - 1.0,
-               step_ms_quartiles={n: statistics.quantiles(t, n=4) for n, t in times.items()})
+    res = {"config": args.config, "device": args.device, "batch": args.batch, "length": args.length,
+           "steps": args.steps, "graphed": args.graph, "compiled": args.compile, "step_ms_median": med,
+           "overhead": med[names[1]] / med[names[0]] - 1.0,
+           "step_ms_quartiles": {n: statistics.quantiles(t, n=4) for n, t in times.items()}}
     if args.device.startswith("cuda"):
         res["gpu"] = torch.cuda.get_device_name()
     if args.out is not None:
@@ -158,6 +165,8 @@ def main() -> None:
     ap.add_argument("--stacks", action="store_true", help="source lines of copies / elementwise ops")
     ap.add_argument("--table", action="store_true", help="print the top operators by (CUDA) time")
     ap.add_argument("--compile", action="store_true", help="model.compile_denoiser (torch.compile)")
+    ap.add_argument("--graph", action="store_true",
+                    help="replay the forward + backward from CUDA graphs (model.train_graphs, graphTrainingStep)")
     ap.add_argument("--compile-structure", action="store_true",
                     help="also torch.compile each structure layer (an experiment; not what compileModel does)")
     ap.add_argument("--out", type=Path, default=None)
@@ -183,7 +192,7 @@ def main() -> None:
     ops = profile_ops(step, args.device, stacks=args.stacks, steps=1 if args.device == "cpu" else 2,
                       table=args.table)
     res = dict(config=args.config, mode=cfg.mode, device=args.device, dtype=args.dtype, batch=args.batch,
-               length=args.length, compiled=args.compile, step_ms_median=statistics.median(times),
+               length=args.length, compiled=args.compile, graphed=args.graph, step_ms_median=statistics.median(times),
                samples_per_s=args.batch / statistics.median(times) * 1e3, **ops)
     if args.device.startswith("cuda"):
         res.update(peak_mem_gib=torch.cuda.max_memory_allocated() / 2**30, gpu=torch.cuda.get_device_name())

@@ -109,6 +109,8 @@ class Config:
     precision: str = _key("auto", "'auto' (bf16-mixed on CUDA, else 32), '32' or 'bf16-mixed'.",
                           choices=("auto", "32", "bf16-mixed"))
     compileModel: bool = _key(False, "torch.compile the denoiser (its pair-transform layers) for training; the service: MHCFLASH_COMPILE.")
+    graphTrainingStep: bool = _key(False, "Replay the training forward + backward from CUDA graphs, one per batch shape "
+                                   "(GPU; lengths padded to a multiple of 16; host-bound small models train faster).")
 
     # --- modes (the user's document) ---
     useMHCMode: bool = _key(False, "Wrap structure layers in manifold-constrained hyper-connections.")

@@ -33,6 +33,7 @@ from pathlib import Path
 
 import lightning.pytorch as pl
 import torch
+from lightning.pytorch.utilities import rank_zero_warn
 
 from model.checkpoints import (
     ARCH_KEYS,
@@ -65,6 +66,7 @@ __all__ = [
     "run_training",
 ]
 
+GRAPH_LENGTH_MULTIPLE = 16  # graphTrainingStep: batch lengths padded to a multiple of this (fewer shapes)
 NAN_CHECK_EVERY_CUDA = 25  # host reads of the non-finite counter on GPU (steps); CPU: every step
 EXIT_NAN, EXIT_OOM = 3, 4  # process exit codes of the CLI for the two stops
 
@@ -119,6 +121,11 @@ class DiffusionModule(pl.LightningModule):
             from model.denoiser import compile_denoiser
 
             compile_denoiser(self.denoiser)
+        self.train_graphs = None
+        if config.graphTrainingStep:  # GPU only; calls it cannot graph run eagerly (model/train_graphs.py)
+            from model.train_graphs import TrainGraphs
+
+            self.train_graphs = TrainGraphs(self.denoiser)
         self.schedule = Schedule.from_config(config)
         self.fault = fault
         self.stop_reason: str | None = None
@@ -133,7 +140,17 @@ class DiffusionModule(pl.LightningModule):
     # -- forward -----------------------------------------------------------------------------------
     def forward(self, x_t: torch.Tensor, t: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """[B, L, 3], [B], [B, L] -> eps_hat [B, L, 3]."""
+        if self.train_graphs is not None and self.training and torch.is_grad_enabled():
+            return self.train_graphs(x_t, t, mask, eager=self._diagnostics_step())
         return self.denoiser(x_t, t, mask)
+
+    def _diagnostics_step(self) -> bool:
+        """True when this training step's mHC H_res are logged after it (``on_train_batch_end``): that step
+        runs eagerly under ``graphTrainingStep``, since a graph replay records nothing."""
+        trainer = getattr(self, "_trainer", None)
+        if not self.config.useMHCMode or trainer is None:
+            return False
+        return (self.global_step + 1) % self.config.logEverySteps == 0
 
     def _loss(self, batch: dict, generator: torch.Generator | None = None) -> torch.Tensor:
         x0, mask = batch["x0"].float(), batch["mask"].float()  # [B, L, 3], [B, L]
@@ -208,6 +225,10 @@ class DiffusionModule(pl.LightningModule):
 
     def on_train_start(self) -> None:
         self._t_last = time.perf_counter()
+        if self.train_graphs is not None and self.trainer.accumulate_grad_batches > 1:
+            # a graph's gradient buffer becomes .grad; a second backward of the same shape would overwrite it
+            rank_zero_warn("graphTrainingStep is off: gradient accumulation over several batches is on")
+            self.train_graphs = None
 
     def on_train_batch_end(self, outputs, batch, batch_idx) -> None:
         step = self.global_step  # optimizer steps taken, this one included
@@ -471,7 +492,8 @@ def run_training(config: Config, options: TrainOptions | None = None, datamodule
     if datamodule is None:
         from model.data.datamodule import ProteinDataModule
 
-        datamodule = ProteinDataModule(config)
+        # graphs are per batch shape: padding lengths to a multiple of 16 keeps the shapes few
+        datamodule = ProteinDataModule(config, pad_to_multiple=GRAPH_LENGTH_MULTIPLE if config.graphTrainingStep else 1)
     module = DiffusionModule(config, fault=options.fault)
     module.checkpoint_dir = ckpt_dir
     trainer = build_trainer(config, options, run_dir)

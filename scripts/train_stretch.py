@@ -25,7 +25,7 @@ from pack_chains import unpack
 from model.atomic_io import atomic_write
 from model.config import load_config
 from model.data.datamodule import ProteinDataModule
-from model.training import TrainOptions, run_training
+from model.training import GRAPH_LENGTH_MULTIPLE, TrainOptions, run_training
 
 PART = 15 * 2**20
 
@@ -58,15 +58,22 @@ def main() -> None:
     ap.add_argument("--max-residues", type=int, default=None, help="padded residues per batch cap")
     ap.add_argument("--max-pair-elements", type=int, default=None,
                     help="padded pair entries per batch cap, B * L_max^2 (bounds the pair stack's memory)")
+    ap.add_argument("--graph", action="store_true",
+                    help="graphTrainingStep True: forward + backward replayed from CUDA graphs, lengths padded to 16")
+    ap.add_argument("--name", default=None, help="run name (default: the config's); a new name starts fresh")
     args = ap.parse_args()
     cfg = load_config(args.config)
+    if args.graph:
+        cfg = cfg.replace(graphTrainingStep=True)
+    if args.name:
+        cfg = cfg.replace(name=args.name)
     run_dir = Path(cfg.logDirectory) / cfg.name
     last = run_dir / "checkpoints" / "last.ckpt"
     rebuilt = join_parts(args.state, last)
     print(f"resume: {'rebuilt from parts' if rebuilt else ('warm run dir' if last.is_file() else 'fresh start')}")
     dm = ProteinDataModule(cfg, chains=unpack(args.chains), max_residues_per_batch=args.max_residues,
                            max_pair_elements_per_batch=args.max_pair_elements,
-                           pad_to_multiple=8)
+                           pad_to_multiple=GRAPH_LENGTH_MULTIPLE if args.graph else 8)
     t0 = time.time()
     result = run_training(cfg, TrainOptions(accelerator=args.accelerator, devices="1", max_minutes=args.minutes,
                                             progress_bar=False, export_weights=False), datamodule=dm)

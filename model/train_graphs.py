@@ -1,0 +1,149 @@
+"""CUDA graphs of the denoiser's training forward and backward, one pair of graphs per batch shape.
+
+Why: a training step of the pair-free model is host-bound on an H100 (BENCHMARKS.md: a batch of
+112 chains of 72 residues takes no longer than one of 56), so what a step costs is the number of
+kernels Python launches, and mHC's ~30 small ops per residual show up as +19-23 % of the step.
+Replaying the forward and the backward from CUDA graphs makes the step cost GPU time only.
+
+How: ``torch.cuda.make_graphed_callables`` on a thin per-shape wrapper around the same denoiser (the
+parameters are shared, so the optimizer, checkpoints and DDP see one module). Every shape's graphs
+come from one shared memory pool: a step replays the forward and then the backward of one shape
+before any other shape runs, and the only tensors a graph keeps between replays (its static inputs,
+output and gradients) stay allocated, so another shape's capture can reuse only memory that is dead
+between steps. The pool therefore holds about the largest shape's activations, not their sum.
+
+Gradients come out of the graph's static buffers and are accumulated into ``.grad`` by autograd as
+usual (the graph's buffer becomes ``.grad`` when ``.grad`` is None). That is right when ``.grad`` is
+reset to None before every backward (Lightning's ``zero_grad(set_to_none=True)``), not with gradient
+accumulation over several backward passes of the same shape, so the caller turns graphs off then.
+
+A call runs eagerly (the same module, same numbers up to kernel choice) when: not CUDA, gradients
+disabled, the module is in eval mode, gradient checkpointing is on (its RNG bookkeeping cannot be
+captured), or the shape has been seen fewer than ``capture_after`` times (one-off shapes, such as an
+epoch's last batch, are not worth a capture). At most ``max_graphs`` shapes are kept; the least
+recently used one is dropped for a new one.
+
+NOTE: ``MHCResidual.record`` (the H_res kept for ``mhc_diagnostics``) is off while capturing: a
+replay does not run Python, so a recorded tensor would be stale. Callers that log diagnostics run
+that step eagerly (``eager=True``).
+NOTE: autocast's weight-cast cache cannot be captured; captures and replays run under a nested
+``torch.autocast(cache_enabled=False)`` with the caller's autocast dtype, which is part of the key.
+"""
+
+from __future__ import annotations
+
+from collections import Counter, OrderedDict
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+__all__ = ["GraphStats", "TrainGraphs"]
+
+
+class _ShapeCall(nn.Module):
+    """The denoiser behind one shape's graphs (a separate module: make_graphed_callables replaces
+    its ``forward``, and the denoiser itself must stay callable eagerly)."""
+
+    def __init__(self, denoiser: nn.Module) -> None:
+        super().__init__()
+        self.denoiser = denoiser
+
+    def forward(self, x_t: torch.Tensor, t: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        return self.denoiser(x_t, t, mask)
+
+
+@dataclass
+class GraphStats:
+    captures: int = 0
+    replays: int = 0
+    eager: int = 0
+    evictions: int = 0
+
+
+class TrainGraphs:
+    """``graphs(x_t [B, L, 3], t [B], mask [B, L]) -> eps_hat [B, L, 3]`` with gradients, replayed
+    from per-shape CUDA graphs where it can (see the module docstring for when it cannot).
+
+    Args:
+        denoiser: the model (``model.denoiser.Denoiser``); its parameters are used in place.
+        max_graphs: shapes kept at once (least recently used dropped beyond that).
+        capture_after: capture a shape on its n-th call (earlier calls run eagerly).
+        warmup_iters: eager forward + backward passes before a capture (make_graphed_callables').
+    """
+
+    def __init__(self, denoiser: nn.Module, *, max_graphs: int = 64, capture_after: int = 2,
+                 warmup_iters: int = 3) -> None:
+        if max_graphs < 1 or capture_after < 1:
+            raise ValueError(f"TrainGraphs: max_graphs and capture_after must be >= 1, "
+                             f"got {max_graphs}, {capture_after}")
+        self.denoiser = denoiser
+        self.max_graphs, self.capture_after, self.warmup_iters = max_graphs, capture_after, warmup_iters
+        self.stats = GraphStats()
+        self._graphs: OrderedDict[tuple, nn.Module] = OrderedDict()
+        self._seen: Counter = Counter()
+        self._pool = None
+
+    def __len__(self) -> int:
+        return len(self._graphs)
+
+    def unsupported_reason(self, x_t: torch.Tensor) -> str | None:
+        """Why this call cannot be graphed (None when it can)."""
+        if getattr(self.denoiser, "checkpointing", False):
+            return "useGradientCheckpointing is on"
+        if not self.denoiser.training:
+            return "module in eval mode"
+        if not torch.is_grad_enabled():
+            return "gradients disabled"
+        if not x_t.is_cuda:
+            return "not a CUDA tensor"
+        return None
+
+    def __call__(self, x_t: torch.Tensor, t: torch.Tensor, mask: torch.Tensor, *, eager: bool = False) -> torch.Tensor:
+        if eager or self.unsupported_reason(x_t) is not None:
+            self.stats.eager += 1
+            return self.denoiser(x_t, t, mask)
+        key = self._key(x_t, t, mask)
+        graphed = self._graphs.get(key)
+        if graphed is None:
+            self._seen[key] += 1
+            if self._seen[key] < self.capture_after:
+                self.stats.eager += 1
+                return self.denoiser(x_t, t, mask)
+            graphed = self._capture(key, x_t, t, mask)
+        self._graphs.move_to_end(key)
+        self.stats.replays += 1
+        return graphed(x_t, t, mask)
+
+    @staticmethod
+    def _autocast_state() -> tuple[bool, torch.dtype]:
+        return torch.is_autocast_enabled("cuda"), torch.get_autocast_dtype("cuda")
+
+    def _key(self, x_t: torch.Tensor, t: torch.Tensor, mask: torch.Tensor) -> tuple:
+        return (tuple(x_t.shape), x_t.dtype, t.dtype, mask.dtype, x_t.device, *self._autocast_state())
+
+    def _capture(self, key: tuple, x_t: torch.Tensor, t: torch.Tensor, mask: torch.Tensor) -> nn.Module:
+        from model.mhc import find_mhc_modules
+
+        while len(self._graphs) >= self.max_graphs:
+            self._graphs.popitem(last=False)
+            self.stats.evictions += 1
+        if self._pool is None:
+            self._pool = torch.cuda.graph_pool_handle()
+        mhc_modules = find_mhc_modules(self.denoiser)
+        recording = [m.record for m in mhc_modules]
+        enabled, dtype = self._autocast_state()
+        static = tuple(a.detach().clone() for a in (x_t, t, mask))  # the graph's own input buffers
+        try:
+            for m in mhc_modules:
+                m.record = False
+            with torch.autocast("cuda", dtype=dtype, enabled=enabled, cache_enabled=False):
+                graphed = torch.cuda.make_graphed_callables(
+                    _ShapeCall(self.denoiser), static, num_warmup_iters=self.warmup_iters,
+                    allow_unused_input=True, pool=self._pool)
+        finally:
+            for m, flag in zip(mhc_modules, recording):
+                m.record = flag
+        self._graphs[key] = graphed
+        self.stats.captures += 1
+        return graphed

@@ -1,0 +1,163 @@
+"""CUDA-graphed training forward + backward (model/train_graphs.py, ``graphTrainingStep``).
+
+CPU: the eager fallback and its reasons, and the Lightning wiring (lengths padded, diagnostics steps
+eager). GPU: graphed vs eager losses and gradients over alternating shapes while the parameters
+change in place (the shared memory pool and the in-place parameter updates are what could go wrong).
+"""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from conftest import random_ca_trace
+
+from model import build_denoiser
+from model.config import parse_config
+from model.diffusion import loss as genie_loss
+from model.train_graphs import TrainGraphs
+
+
+def _pair_free(extra: str = ""):
+    cfg = parse_config("useMHCMode True\nuseFlashMode True\nusePairFree True\nsingleFeatureDimension 32\n"
+                       "pairFeatureDimension 16\nnumStructureLayers 2\nipaNumHeads 2\nkNeighbors 4\n"
+                       "numTimesteps 20\nipaDropout 0.0\nstructureTransitionDropout 0.0\n" + extra)
+    torch.manual_seed(0)
+    den = build_denoiser(cfg)
+    for p in den.parameters():  # non-zero final layers, so every parameter gets a gradient signal
+        p.data.add_(0.05 * torch.randn_like(p))
+    return den.train()
+
+
+def _batch(b: int, length: int, pad: int, seed: int, device="cpu"):
+    g = torch.Generator().manual_seed(seed)
+    x = random_ca_trace(b, length, generator=g)
+    t = torch.randint(1, 21, (b,), generator=g)
+    mask = torch.ones(b, length)
+    mask[0, length - pad:] = 0  # real padding in the first chain
+    return x.to(device), t.to(device), mask.to(device)
+
+
+def test_cpu_calls_run_eagerly_with_the_same_result_and_say_why():
+    den = _pair_free()
+    graphs = TrainGraphs(den, capture_after=1)
+    x, t, mask = _batch(2, 12, 3, seed=1)
+    out = graphs(x, t, mask)
+    torch.testing.assert_close(out, den(x, t, mask), rtol=0, atol=0)
+    assert out.requires_grad
+    assert (graphs.stats.eager, graphs.stats.captures, len(graphs)) == (1, 0, 0)
+    assert graphs.unsupported_reason(x) == "not a CUDA tensor"
+    with torch.no_grad():
+        assert graphs.unsupported_reason(x) == "gradients disabled"
+    den.eval()
+    assert graphs.unsupported_reason(x) == "module in eval mode"
+    assert TrainGraphs(_pair_free("useGradientCheckpointing True")).unsupported_reason(x) == \
+        "useGradientCheckpointing is on"
+    with pytest.raises(ValueError, match="max_graphs"):
+        TrainGraphs(den, max_graphs=0)
+
+
+def test_graph_training_key_pads_lengths_and_keeps_diagnostics_steps_eager(tmp_path):
+    """On the CPU the key changes no numbers: every step runs eagerly; the steps whose mHC diagnostics
+    are logged would run eagerly on the GPU too (``_diagnostics_step``)."""
+    from conftest import tiny_config
+
+    from model.training import GRAPH_LENGTH_MULTIPLE, DiffusionModule
+
+    cfg = tiny_config(useMHCMode=True, useFlashMode=True, graphTrainingStep=True, logEverySteps=3)
+    module = DiffusionModule(cfg)
+    assert isinstance(module.train_graphs, TrainGraphs) and module.train_graphs.denoiser is module.denoiser
+    assert DiffusionModule(tiny_config()).train_graphs is None
+
+    class FakeTrainer:
+        global_step = 0
+
+    module._trainer = FakeTrainer()
+    diag = []
+    for step in range(6):
+        FakeTrainer.global_step = step
+        diag.append(module._diagnostics_step())
+    assert diag == [False, False, True, False, False, True]  # logged after steps 3 and 6
+    module._trainer = None
+    x, t, mask = _batch(2, 12, 3, seed=2)
+    module.train()
+    module(x, t, mask)
+    assert module.train_graphs.stats.eager == 1
+    assert GRAPH_LENGTH_MULTIPLE == 16
+
+
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+@pytest.mark.gpu
+@needs_cuda
+@pytest.mark.parametrize("dtype", [None, torch.bfloat16])
+def test_gpu_graphed_training_matches_eager_over_alternating_shapes(dtype):
+    """Graphed and eager copies of one model take the same SGD steps on batches of two shapes
+    (A, B, A, B, ...): losses and every gradient agree at each step, so the replays see the in-place
+    parameter updates and the two shapes' graphs do not overwrite each other's memory."""
+    dev = torch.device("cuda")
+    eager = _pair_free().to(dev)
+    graphed = copy.deepcopy(eager)
+    graphs = TrainGraphs(graphed, capture_after=2)
+    shapes = [(3, 24, 5), (2, 40, 7)]
+    tol = {"rtol": 1e-4, "atol": 1e-5} if dtype is None else {"rtol": 2e-2, "atol": 2e-3}
+    for step in range(8):
+        b, length, pad = shapes[step % 2]
+        x, t, mask = _batch(b, length, pad, seed=10 + step, device=dev)
+        eps = torch.randn_like(x) * mask[..., None]
+        losses, grads = [], []
+        for model, call in ((eager, eager), (graphed, graphs)):
+            with torch.autocast("cuda", dtype=dtype or torch.float32, enabled=dtype is not None):
+                value = genie_loss(call(x, t, mask).float(), eps, mask)
+            value.backward()
+            losses.append(value.detach())
+            grads.append([p.grad.detach().clone() for p in model.parameters()])
+        torch.testing.assert_close(losses[1], losses[0], **tol)
+        for ge, gg in zip(*grads):
+            torch.testing.assert_close(gg, ge, **tol)
+        with torch.no_grad():
+            for model in (eager, graphed):
+                for p in model.parameters():
+                    p.sub_(0.05 * p.grad)
+                    p.grad = None
+    assert graphs.stats.captures == 2 and graphs.stats.replays == 6 and graphs.stats.eager == 2
+
+
+@pytest.mark.gpu
+@needs_cuda
+def test_gpu_lightning_training_with_graphs_replays_and_logs_diagnostics(tmp_path):
+    """run_training with ``graphTrainingStep True`` on real cgdms chains: steps are replayed from
+    graphs, the loss stays finite, and the mHC diagnostics are logged (from the eager steps)."""
+    import csv
+
+    from conftest import cgdms_data_dir, tiny_config
+
+    from model.data.datamodule import ProteinDataModule
+    from model.data.parse import parse_cgdms_file
+    from model.training import DiffusionModule, TrainOptions, run_training
+
+    root = cgdms_data_dir()
+    if root is None:
+        pytest.skip("cgdms is not installed")
+    chains = [c for c in (parse_cgdms_file(f) for f in sorted(root.glob("*.txt"))[:60]) if 20 <= len(c) <= 60][:12]
+    cfg = tiny_config(useMHCMode=True, useFlashMode=True, usePairFree=True, graphTrainingStep=True,
+                      logDirectory=str(tmp_path), name="g", batchSize=4, numEpoches=6, validationFraction=0.0,
+                      minimumNumResidues=20, maximumNumResidues=60, logEverySteps=4, warmupEpoches=0)
+    seen = {}
+
+    class Grab(__import__("lightning.pytorch").pytorch.Callback):
+        def on_train_end(self, trainer, module: DiffusionModule):
+            seen["stats"] = module.train_graphs.stats
+
+    dm = ProteinDataModule(cfg, chains=chains, verbose=False, pad_to_multiple=16)
+    run_training(cfg, TrainOptions(progress_bar=False, accelerator="gpu", devices="1"), datamodule=dm,
+                 callbacks=[Grab()])
+    stats = seen["stats"]
+    assert stats.captures >= 1 and stats.replays >= 6, stats
+    rows = list(csv.DictReader(next(tmp_path.rglob("metrics.csv")).open()))
+    losses = [float(r["train/loss_step"]) for r in rows if r.get("train/loss_step")]
+    gains = [float(r["mhc/amax_gain"]) for r in rows if r.get("mhc/amax_gain")]
+    assert losses and all(torch.isfinite(torch.tensor(losses)))
+    assert gains and all(0.99 <= g < 2.0 for g in gains), gains
