@@ -10,7 +10,8 @@ the mHC paper's:
            H~_post = a_post (x' phi_post) + b_post,  H~_res = a_res mat(x' phi_res) + b_res
 - Eq. (8)  H_pre = sigmoid(H~_pre), H_post = 2 sigmoid(H~_post), H_res = Sinkhorn-Knopp(H~_res)
 - Eq. (9)  M(0) = exp(H~_res), M(t) = T_r(T_c(M(t-1))), t_max = mhcSinkhornIters
-- Eq. (14)-(16) the fused form: one GEMM x phi, then scale by 1 / rms(x) (normalisation reordered)
+- Eq. (14)-(16) the fused form: one GEMM x phi, then scale by 1 / rms(x) (normalisation reordered;
+           the sampling kernel of model/mhc_map_triton.py, the reference normalises first)
 
 Symbols: B batch, L residues, n streams (``mhcExpansionRate``), C channels (C_s).
 
@@ -24,7 +25,8 @@ NOTE (differences from the paper, each also marked where it happens):
 - phi_pre, phi_post, phi_res are stored as one matrix ``phi`` [nC, 2n + n^2] (one GEMM, Eq. 14).
 - RMSNorm has no learnable gain (as in Eq. 15; a gain would be absorbed by phi).
 - The mappings and the stream mixing run in float32 (at least) even under autocast; the branch
-  runs in whatever precision autocast gives it.
+  runs in whatever precision autocast gives it. (The sampling kernel for the mapping logits runs
+  x phi on tensor cores as tf32x3, which is float32 accuracy, not float32 arithmetic.)
 - Bias initialisation (the paper does not fix it): see ``MHCMappings.reset_parameters``.
 - n = 1 has no mappings at all: H_pre = H_post = H_res = 1, so the update is exactly s + f(s).
 """
@@ -37,7 +39,7 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from model import mhc_mix_triton, sinkhorn_triton
+from model import mhc_map_triton, mhc_mix_triton, sinkhorn_triton
 
 __all__ = [
     "GatedReadout",
@@ -153,6 +155,21 @@ def _rms_normalize(x: torch.Tensor) -> torch.Tensor:
     return nn.functional.rms_norm(x, (x.shape[-1],), eps=RMS_EPS)  # x * rsqrt(mean(x^2) + eps), one op
 
 
+def mapping_logits(streams: torch.Tensor, phi: torch.Tensor, alpha: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    """The logits of Eqs. (7)-(8): bias + alpha * RMSNorm(vec(S)) phi, per residue (reference).
+
+    streams [..., n, C], phi [nC, M], alpha [M], bias [M] -> [..., M] in float32 (at least: float64
+    if streams or phi are). ``model.mhc_map_triton.mapping_logits`` is the fused sampling kernel of
+    the same (tests compare them).
+    """
+    dtype = _compute_dtype(streams.dtype, phi.dtype)
+    with torch.autocast(device_type=streams.device.type, enabled=False):
+        x = streams.reshape(*streams.shape[:-2], phi.shape[0]).to(dtype)  # vec: [..., nC]
+        x = _rms_normalize(x)  # [..., nC]  (Eq. 7)
+        raw = x @ phi.to(dtype)  # [..., M]  (Eq. 14)
+        return torch.addcmul(bias.to(dtype), alpha.to(dtype), raw)  # [..., M]  alpha * raw + b (Eq. 7)
+
+
 class MHCMappings(nn.Module):
     """H_pre, H_post, H_res of one layer from the current streams, Eqs. (7)-(9), per residue.
 
@@ -162,6 +179,8 @@ class MHCMappings(nn.Module):
         config: reads ``mhcAlphaInit`` and ``mhcSinkhornIters``.
     forward(streams [B, L, n, C]) -> (h_pre [B, L, n], h_post [B, L, n], h_res [B, L, n, n]),
     all float32 (at least).
+    ``fused`` (default True): without gradients on CUDA the logits come from one Triton kernel
+    (model/mhc_map_triton.py); False forces the reference ``mapping_logits``.
     """
 
     def __init__(self, dim: int, n: int, config) -> None:
@@ -179,6 +198,7 @@ class MHCMappings(nn.Module):
         self.b_pre = nn.Parameter(torch.empty(n))
         self.b_post = nn.Parameter(torch.empty(n))
         self.b_res = nn.Parameter(torch.empty(n, n))
+        self.fused = True  # without gradients on CUDA: model/mhc_map_triton.py (False: reference)
         self.reset_parameters()
 
     @torch.no_grad()
@@ -211,16 +231,16 @@ class MHCMappings(nn.Module):
 
     def forward(self, streams: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         n = self.n
-        dtype = _compute_dtype(streams.dtype, self.phi.dtype)
         with torch.autocast(device_type=streams.device.type, enabled=False):
-            x = streams.reshape(*streams.shape[:-2], n * self.dim).to(dtype)  # vec: [B, L, nC]
-            x = _rms_normalize(x)  # [B, L, nC]  (Eq. 7)
-            raw = x @ self.phi.to(dtype)  # [B, L, 2n + n^2]  (Eq. 14)
-            # Eq. 8's three maps alpha * raw + b as ONE addcmul over the 2n + n^2 columns (launch count:
+            # Eq. 8's three maps alpha * raw + b over the 2n + n^2 columns at once (launch count:
             # the step is CPU-bound in mHC mode, every op of the 10 residuals costs host time).
             alpha = torch.cat([self.alpha_pre.expand(n), self.alpha_post.expand(n), self.alpha_res.expand(n * n)])
-            bias = torch.cat([self.b_pre, self.b_post, self.b_res.flatten()])
-            logits = torch.addcmul(bias.to(dtype), alpha.to(dtype), raw)  # [B, L, 2n + n^2]
+            bias = torch.cat([self.b_pre, self.b_post, self.b_res.flatten()])  # [2n + n^2]
+            # sampling (no gradient) on CUDA: norm, GEMM, scale and shift as one Triton kernel
+            if self.fused and mhc_map_triton.available(streams, self.phi):
+                logits = mhc_map_triton.mapping_logits(streams, self.phi, alpha, bias)  # [B, L, 2n + n^2]
+            else:
+                logits = mapping_logits(streams, self.phi, alpha, bias)  # [B, L, 2n + n^2]
             pre, post, res = logits.split([n, n, n * n], dim=-1)
             h_pre = torch.sigmoid(pre)  # [B, L, n]   (Eq. 8)
             h_post = 2.0 * torch.sigmoid(post)  # [B, L, n]

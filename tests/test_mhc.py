@@ -487,3 +487,99 @@ def test_fused_mixing_matches_reference_in_the_triton_interpreter():
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_gpu_fused_mixing_matches_reference():
     fused_mixing_matches_reference("cuda")
+
+
+# ----------------------------------------------------------------------------- fused mapping logits
+REL_MAP = 1e-5  # fused logits vs the reference, relative to |b| + |alpha| |x'| |phi| (float32 sums)
+ATOL_MAP_H = 1e-5  # h_pre, h_post, h_res of MHCMappings fused vs reference (logits to ~1e-6)
+
+
+def _map_case(n: int, c: int, lead: tuple[int, ...], dtype: torch.dtype, g: torch.Generator, device: str):
+    """Streams [*lead, n, c] with a different scale per residue (one residue all zero: rms = 0, eps
+    decides), phi ~ N(0, 1 / nC) [nC, 2n + n^2], alpha in [0.5, 2) and bias ~ N(0, 1) per column."""
+    k, m = n * c, 2 * n + n * n
+    s = torch.randn(*lead, n, c, generator=g) * torch.exp(torch.randn(*lead, 1, 1, generator=g))
+    s.view(-1, n, c)[0] = 0.0
+    phi = torch.randn(k, m, generator=g) / k**0.5
+    alpha = 0.5 + 1.5 * torch.rand(m, generator=g)
+    bias = torch.randn(m, generator=g)
+    return s.to(device=device, dtype=dtype), phi.to(device), alpha.to(device), bias.to(device)
+
+
+def fused_mapping_matches_reference(device: str) -> None:
+    """model/mhc_map_triton.py vs model.mhc.mapping_logits for float32 / bf16 / fp16 streams, n = 4 with
+    C = 128 (the shipped nC = 512) and n = 2 with C = 32, residue counts not multiples of the block,
+    and a whole MHCMappings (h_pre, h_post, h_res) with perturbed parameters against ``fused = False``
+    (no grad). Runs on CUDA, or on the CPU under TRITON_INTERPRET=1."""
+    from model import mhc_map_triton
+    from model.mhc import mapping_logits
+
+    g = torch.Generator().manual_seed(13)
+    with torch.no_grad():
+        cases = [(4, 128, (1,), torch.float32), (4, 128, (3, 37), torch.float32), (4, 128, (2, 45), torch.bfloat16),
+                 (4, 128, (33,), torch.float16), (2, 32, (7,), torch.float32)]
+        if device == "cuda":  # the profiled size: 256 x 128 residues (many programs), too slow to interpret
+            cases += [(4, 128, (256, 128), torch.float32), (4, 128, (256, 127), torch.bfloat16)]
+        for n, c, lead, dtype in cases:
+            s, phi, alpha, bias = _map_case(n, c, lead, dtype, g, device)
+            assert mhc_map_triton.available(s, phi)
+            out = mhc_map_triton.mapping_logits(s, phi, alpha, bias)
+            ref = mapping_logits(s, phi, alpha, bias)  # [*lead, 2n + n^2] float32
+            assert out.shape == ref.shape and out.dtype == ref.dtype == torch.float32
+            # what the rounding of the sums scales with (rms(|x|) = rms(x)): |b| + |alpha| |x'| |phi|
+            scale = mapping_logits(s.abs(), phi.abs(), alpha.abs(), bias.abs())
+            err = float(((out - ref).abs() / scale).max())
+            assert err <= REL_MAP, (n, c, lead, dtype, err)
+            torch.testing.assert_close(out.reshape(-1, out.shape[-1])[0], bias)  # the zero residue: b
+        maps = MHCMappings(128, 4, _cfg()).to(device)
+        for p in maps.parameters():
+            p.add_(0.3 * torch.randn(p.shape, generator=g).to(device))
+        maps.alpha_pre.fill_(0.7)  # well above the 0.01 init, so phi matters in every map
+        maps.alpha_post.fill_(1.3)
+        maps.alpha_res.fill_(2.0)
+        for dtype in (torch.float32, torch.bfloat16):
+            streams = torch.randn(2, 21, 4, 128, generator=g).to(device=device, dtype=dtype)
+            assert mhc_map_triton.available(streams, maps.phi)
+            maps.fused = True
+            fused = maps(streams)
+            maps.fused = False
+            ref = maps(streams)
+            for a, b in zip(fused, ref, strict=True):
+                assert a.dtype == b.dtype == torch.float32
+                torch.testing.assert_close(a, b, atol=ATOL_MAP_H, rtol=0)
+
+
+def test_fused_mapping_dispatch_rules(monkeypatch):
+    """The fused logits run only where they can and should: not on a plain CPU tensor, not when a
+    gradient is needed (training keeps the reference), not for float64, nor for shapes the kernel does
+    not handle. Checked on the CPU with TRITON_INTERPRET=1 set (no kernel is launched here)."""
+    from model import mhc_map_triton
+
+    s, phi = torch.zeros(3, 4, 128), torch.zeros(512, 24)
+    with torch.no_grad():
+        assert not mhc_map_triton.available(s, phi)  # CPU without the interpreter
+    pytest.importorskip("triton")
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    with torch.no_grad():
+        assert mhc_map_triton.available(s, phi)
+        assert mhc_map_triton.available(s.bfloat16(), phi)
+        assert not mhc_map_triton.available(s.double(), phi)  # float64 streams (gradcheck)
+        assert not mhc_map_triton.available(s, phi.double())  # float64 phi
+        assert not mhc_map_triton.available(torch.zeros(3, 3, 24), torch.zeros(72, 15))  # nC = 72: no chunk
+        assert not mhc_map_triton.available(s, torch.zeros(256, 24))  # phi does not match nC
+        assert not mhc_map_triton.available(s, torch.zeros(512, 143))  # n = 11: too many columns
+        assert not mhc_map_triton.available(s.long(), phi)
+    assert not mhc_map_triton.available(s, phi)  # grad enabled
+
+
+def test_fused_mapping_matches_reference_in_the_triton_interpreter():
+    """The kernel's source, executed by Triton's CPU interpreter."""
+    _in_triton_interpreter("fused_mapping_matches_reference")
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_gpu_fused_mapping_matches_reference(monkeypatch):
+    # the reference must be a true float32 GEMM for REL_MAP to test tf32x3 (PyTorch's default)
+    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
+    fused_mapping_matches_reference("cuda")

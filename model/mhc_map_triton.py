@@ -1,0 +1,75 @@
+"""Fused mHC mapping logits for sampling: RMSNorm(vec(S)) phi, scaled and shifted, as one Triton kernel.
+
+The reference is ``model.mhc.mapping_logits`` (what ``MHCMappings.forward`` computes before the
+sigmoids and Sinkhorn, Eqs. 7-8 and 14): an RMSNorm pass over x = vec(S) [N, nC], then x' phi with
+phi [nC, 2n + n^2] in float32 and an ``addcmul``. Profiled on the H100 (sampling step, CUDA graph):
+that float32 GEMM runs on CUDA cores (cutlass SIMT sgemm, ~60 us per call for N = 32768, nC = 512,
+15 calls per step), plus the separate rms_norm pass and the casts. This kernel reads each residue's
+streams once, in their own dtype, accumulates x phi on tensor cores in tf32x3 (~float32 accuracy)
+and sum(x^2) beside it, and writes bias + alpha * (x phi) / rms(x): the normalisation moved after
+the GEMM, as the paper's Eqs. 14-16 do (``model/_mhc_map_kernels.py``).
+
+Forward only: used when no gradient is needed (sampling under ``torch.no_grad``); training keeps the
+reference, whose gradients autograd provides. nC must be a multiple of ``BLOCK_K`` (64; n = 4 and
+C_s = 128 give 512) and phi [nC, M] with M <= 128; other shapes, float64, and CPU tensors without
+``TRITON_INTERPRET=1`` take the reference. Imported lazily, like ``model.sinkhorn_triton``.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+
+from model.triton_support import triton_can_run
+
+__all__ = ["available", "mapping_logits"]
+
+BLOCK_M = 32  # residues per program
+BLOCK_K = 64  # channels of vec(S) per loop step (nC must be a multiple)
+MAX_COLS = 128  # padded 2n + n^2 columns held per program (n <= 10)
+_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+@functools.cache
+def _kernel():
+    """The Triton kernel; Triton is imported here, never at package import."""
+    from model import _mhc_map_kernels as k
+
+    return k.mapping_logits_kernel
+
+
+def _padded_cols(m: int) -> int:
+    """2n + n^2 columns padded to a power of two >= 16 (``tl.dot``'s smallest tile side)."""
+    return max(16, 1 << (m - 1).bit_length())
+
+
+def available(streams: torch.Tensor, phi: torch.Tensor) -> bool:
+    """True when the kernel can run for ``streams`` [..., n, C] and ``phi`` [nC, M]: CUDA (or CPU under
+    ``TRITON_INTERPRET=1``), streams float32 / 16-bit, phi not float64, nC a multiple of ``BLOCK_K``,
+    M <= ``MAX_COLS``, no gradient needed, Triton importable."""
+    if streams.dim() < 2 or phi.dim() != 2 or torch.is_grad_enabled():
+        return False
+    k = streams.shape[-2] * streams.shape[-1]
+    if phi.shape[0] != k or k % BLOCK_K or _padded_cols(phi.shape[1]) > MAX_COLS:
+        return False
+    if streams.dtype not in _DTYPES or phi.dtype == torch.float64 or phi.device != streams.device:
+        return False
+    return triton_can_run(streams)
+
+
+def mapping_logits(streams: torch.Tensor, phi: torch.Tensor, alpha: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    """streams [..., n, C], phi [nC, M], alpha [M], bias [M] -> bias + alpha * RMSNorm(vec(S)) phi [..., M]
+    (float32)."""
+    k, m = phi.shape
+    x = streams.reshape(-1, k).contiguous()  # [N, nC] in the streams' dtype (expand views get copied here)
+    w = phi.float().contiguous()  # [nC, M]
+    out = torch.empty(*streams.shape[:-2], m, device=streams.device, dtype=torch.float32)
+    count = x.shape[0]
+    if count:
+        from model.mhc import RMS_EPS  # NOTE: here, not at the top: model.mhc imports this module
+
+        _kernel()[(-(-count // BLOCK_M),)](x, w, alpha.float().contiguous(), bias.float().contiguous(), out,
+                                            count, RMS_EPS, K=k, M=m, MP=_padded_cols(m), BLOCK_M=BLOCK_M,
+                                            BLOCK_K=BLOCK_K)
+    return out
