@@ -99,6 +99,8 @@ def main() -> None:
                          "(e.g. configs/ship_pairfree.txt before its weights exist)")
     ap.add_argument("--compile-pair", action="store_true",
                     help="torch.compile the pair-transform layers first (model.denoiser.compile_denoiser, as the service)")
+    ap.add_argument("--reference-mappings", action="store_true",
+                    help="mHC mapping logits by the PyTorch reference, not the fused Triton kernel (A/B)")
     ap.add_argument("--profile", default=None, metavar="BxL",
                     help="also profile eager steps at this shape: top CUDA kernels by total time")
     args = ap.parse_args()
@@ -124,6 +126,12 @@ def main() -> None:
         denoiser = build_denoiser(config).to(device).eval()
     if args.compile_pair:
         compile_denoiser(denoiser)
+    if args.reference_mappings:
+        from model.mhc import MHCMappings
+
+        for module in denoiser.modules():
+            if isinstance(module, MHCMappings):
+                module.fused = False
     schedule = Schedule.from_config(config)
     T = schedule.num_timesteps
     shapes = [tuple(int(v) for v in s.lower().split("x")) for s in args.shapes.split(",")]

@@ -15,12 +15,6 @@ def _init(z, shift, FLOOR: tl.constexpr):
 
 
 @triton.jit
-def _half(m, rows):
-    # rows False: T_c (divide by the column sums, axis 1 = i); True: T_r (row sums, axis 2 = j)
-    return tl.where(rows, m / tl.sum(m, axis=2, keep_dims=True), m / tl.sum(m, axis=1, keep_dims=True))
-
-
-@triton.jit
 def forward_kernel(z_ptr, out_ptr, count, ITERS: tl.constexpr, N: tl.constexpr, FLOOR: tl.constexpr,
                    BLOCK: tl.constexpr):
     rows = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)  # [BLOCK] matrix index
@@ -30,8 +24,8 @@ def forward_kernel(z_ptr, out_ptr, count, ITERS: tl.constexpr, N: tl.constexpr, 
     shift = tl.max(tl.max(z, axis=2), axis=1)  # [BLOCK]
     m, _ = _init(z, shift, FLOOR)
     for _ in range(ITERS):
-        m = m / tl.sum(m, axis=1, keep_dims=True)  # T_c
-        m = m / tl.sum(m, axis=2, keep_dims=True)  # T_r
+        m = m * (1.0 / tl.sum(m, axis=1, keep_dims=True))  # T_c (n reciprocals, n^2 products: no n^2 divisions)
+        m = m * (1.0 / tl.sum(m, axis=2, keep_dims=True))  # T_r
     tl.store(out_ptr + offs, tl.reshape(m, (BLOCK, N * N)).to(out_ptr.dtype.element_ty), mask=valid)
 
 @triton.jit
@@ -50,18 +44,18 @@ def backward_kernel(z_ptr, gout_ptr, gz_ptr, sums_ptr, count, ITERS: tl.constexp
     for it in range(ITERS):
         c = tl.sum(m, axis=1)  # [BLOCK, N] column sums (T_c)
         tl.store(sums + (2 * it) * N, c, mask=valid)
-        m = m / tl.expand_dims(c, 1)
+        m = m * tl.expand_dims(1.0 / c, 1)
         r = tl.sum(m, axis=2)  # [BLOCK, N] row sums (T_r)
         tl.store(sums + (2 * it + 1) * N, r, mask=valid)
-        m = m / tl.expand_dims(r, 2)
+        m = m * tl.expand_dims(1.0 / r, 2)
     # backwards through the half steps: y = m / s  =>  g_m = (g_y - sum_s g_y y) / s, and m = y s
     for back in range(ITERS):
         it = ITERS - 1 - back
         r = tl.expand_dims(tl.load(sums + (2 * it + 1) * N, mask=valid, other=1.0), 2)  # [BLOCK, N, 1]
-        g = (g - tl.sum(g * m, axis=2, keep_dims=True)) / r
+        g = (g - tl.sum(g * m, axis=2, keep_dims=True)) * (1.0 / r)
         m = m * r
         c = tl.expand_dims(tl.load(sums + (2 * it) * N, mask=valid, other=1.0), 1)  # [BLOCK, 1, N]
-        g = (g - tl.sum(g * m, axis=1, keep_dims=True)) / c
+        g = (g - tl.sum(g * m, axis=1, keep_dims=True)) * (1.0 / c)
         m = m * c
     gz = tl.where(live, g * m0, 0.0)
     tl.store(gz_ptr + offs, tl.reshape(gz, (BLOCK, N * N)).to(gz_ptr.dtype.element_ty), mask=valid)

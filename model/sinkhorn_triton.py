@@ -33,7 +33,10 @@ from model.triton_support import triton_can_run
 
 __all__ = ["available", "sinkhorn_fused"]
 
-BLOCK = 64  # matrices per program
+# NOTE: 16, not 64: a training batch has only ~4,000 matrices per call (56 x 72 residues), and 64 per
+# program left most of the H100's 132 SMs idle behind a 40-half-step dependency chain (backward
+# 80 us per call, BENCHMARKS.md); sampling batches (32,768 matrices) fill the card either way.
+BLOCK = 16  # matrices per program
 
 
 @functools.cache

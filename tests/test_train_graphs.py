@@ -87,6 +87,7 @@ def test_graph_training_key_pads_lengths_and_keeps_diagnostics_steps_eager(tmp_p
     assert GRAPH_LENGTH_MULTIPLE == 16
 
 
+BF16_GRAD_REL = 2e-2  # |g_graphed - g_eager| / |g_eager| over all parameters under bf16 autocast
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
 
@@ -102,7 +103,7 @@ def test_gpu_graphed_training_matches_eager_over_alternating_shapes(dtype):
     graphed = copy.deepcopy(eager)
     graphs = TrainGraphs(graphed, capture_after=2)
     shapes = [(3, 24, 5), (2, 40, 7)]
-    tol = {"rtol": 1e-4, "atol": 1e-5} if dtype is None else {"rtol": 2e-2, "atol": 2e-3}
+    tol = {"rtol": 1e-4, "atol": 1e-5} if dtype is None else {"rtol": 2e-2, "atol": 2e-3}  # bf16: loss only
     for step in range(8):
         b, length, pad = shapes[step % 2]
         x, t, mask = _batch(b, length, pad, seed=10 + step, device=dev)
@@ -115,8 +116,14 @@ def test_gpu_graphed_training_matches_eager_over_alternating_shapes(dtype):
             losses.append(value.detach())
             grads.append([p.grad.detach().clone() for p in model.parameters()])
         torch.testing.assert_close(losses[1], losses[0], **tol)
-        for ge, gg in zip(*grads):
-            torch.testing.assert_close(gg, ge, **tol)
+        if dtype is None:
+            for ge, gg in zip(*grads):
+                torch.testing.assert_close(gg, ge, **tol)
+        else:  # bf16: two eager runs already differ element by element (atomics in backward kernels; a
+            # 2-element gradient of 0.02 differed by 21 % between two eager steps), so compare the whole gradient
+            diff = torch.stack([(gg - ge).norm() for ge, gg in zip(*grads)]).norm()
+            total = torch.stack([ge.norm() for ge in grads[0]]).norm()
+            assert float(diff) <= BF16_GRAD_REL * float(total), (step, float(diff), float(total))
         with torch.no_grad():
             for model in (eager, graphed):
                 for p in model.parameters():
