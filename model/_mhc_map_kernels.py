@@ -12,7 +12,8 @@ import triton.language as tl
 
 @triton.jit
 def mapping_logits_kernel(x_ptr, phi_ptr, alpha_ptr, bias_ptr, out_ptr, count, eps, K: tl.constexpr,
-                          M: tl.constexpr, MP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
+                          M: tl.constexpr, MP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
+                          PRECISION: tl.constexpr):
     """out[r, j] = bias[j] + alpha[j] * (sum_k x[r, k] phi[k, j]) * rsqrt(mean_k x[r, k]^2 + eps)
     (Eq. 14-16: the GEMM on the raw x, then the 1 / rms scale; Eq. 7-8's RMSNorm-first form reordered)."""
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)  # [BLOCK_M]
@@ -30,9 +31,9 @@ def mapping_logits_kernel(x_ptr, phi_ptr, alpha_ptr, bias_ptr, out_ptr, count, e
         w = tl.load(phi_ptr + (k0 + ks)[:, None] * M + cols[None, :], mask=col_ok[None, :],
                     other=0.0)  # [BLOCK_K, MP]
         sumsq += tl.sum(x * x, axis=1)
-        # NOTE: tf32x3 (three tf32 tensor-core products, hi/lo split): ~float32 accuracy, which the
-        # logits need (Sinkhorn exponentiates them); plain tf32 rounds x and phi to 10 mantissa bits.
-        acc = tl.dot(x, w, acc, input_precision="tf32x3")  # [BLOCK_M, MP]
+        # NOTE: PRECISION "tf32x3" (three tf32 tensor-core products, hi/lo split): ~float32 accuracy, which
+        # the logits need (Sinkhorn exponentiates them); plain tf32 rounds x and phi to 10 mantissa bits.
+        acc = tl.dot(x, w, acc, input_precision=PRECISION)  # [BLOCK_M, MP]
     inv_rms = 1.0 / tl.sqrt(sumsq / K + eps)  # [BLOCK_M]
     alpha = tl.load(alpha_ptr + cols, mask=col_ok, other=0.0)  # [MP]
     bias = tl.load(bias_ptr + cols, mask=col_ok, other=0.0)  # [MP]

@@ -27,6 +27,8 @@ __all__ = ["available", "mapping_logits"]
 
 BLOCK_M = 32  # residues per program
 BLOCK_K = 64  # channels of vec(S) per loop step (nC must be a multiple)
+NUM_WARPS = 4
+PRECISION = "tf32x3"  # tl.dot input precision
 MAX_COLS = 128  # padded 2n + n^2 columns held per program (n <= 10)
 _DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
@@ -58,9 +60,12 @@ def available(streams: torch.Tensor, phi: torch.Tensor) -> bool:
     return triton_can_run(streams)
 
 
-def mapping_logits(streams: torch.Tensor, phi: torch.Tensor, alpha: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+def mapping_logits(streams: torch.Tensor, phi: torch.Tensor, alpha: torch.Tensor, bias: torch.Tensor, *,
+                   block_m: int = BLOCK_M, block_k: int = BLOCK_K, num_warps: int = NUM_WARPS,
+                   precision: str = PRECISION) -> torch.Tensor:
     """streams [..., n, C], phi [nC, M], alpha [M], bias [M] -> bias + alpha * RMSNorm(vec(S)) phi [..., M]
-    (float32)."""
+    (float32). The keywords are the kernel's tiling and ``tl.dot`` precision (``benchmarks/mhc_cost.py``
+    times the choices; nC must be a multiple of ``block_k``)."""
     k, m = phi.shape
     x = streams.reshape(-1, k).contiguous()  # [N, nC] in the streams' dtype (expand views get copied here)
     w = phi.float().contiguous()  # [nC, M]
@@ -69,7 +74,7 @@ def mapping_logits(streams: torch.Tensor, phi: torch.Tensor, alpha: torch.Tensor
     if count:
         from model.mhc import RMS_EPS  # NOTE: here, not at the top: model.mhc imports this module
 
-        _kernel()[(-(-count // BLOCK_M),)](x, w, alpha.float().contiguous(), bias.float().contiguous(), out,
-                                            count, RMS_EPS, K=k, M=m, MP=_padded_cols(m), BLOCK_M=BLOCK_M,
-                                            BLOCK_K=BLOCK_K)
+        _kernel()[(-(-count // block_m),)](x, w, alpha.float().contiguous(), bias.float().contiguous(), out,
+                                            count, RMS_EPS, K=k, M=m, MP=_padded_cols(m), BLOCK_M=block_m,
+                                            BLOCK_K=block_k, PRECISION=precision, num_warps=num_warps)
     return out
