@@ -1,8 +1,10 @@
 """Triton kernels of model/mhc_mix_triton.py (imports Triton at module level: import this lazily).
 
 Layout: streams S [count, N, C] contiguous (N streams of C channels per residue), h_pre / h_post
-[count, N], h_res [count, N, N], y [count, C]. One program handles BLOCK residues and keeps their
-streams in registers ([BLOCK, N, C]); N and C are powers of two.
+[count, N], h_res [count, N, N], y [count, C]; gradients have the layout of what they are the gradient
+of. One program handles BLOCK residues and keeps their streams (backward: the output gradient) in
+registers ([BLOCK, N, C]); N and C are powers of two. Sums run in float32, whatever the input dtype;
+results are stored in the output tensor's dtype.
 """
 
 import triton
@@ -43,3 +45,55 @@ def mix_out_kernel(h_res_ptr, h_post_ptr, s_ptr, y_ptr, out_ptr, count, N: tl.co
         out = tl.sum(h_i[:, :, None] * s, axis=1) + p_i[:, None] * y  # [BLOCK, C]
         offs = rows[:, None] * (N * C) + i * C + cols[None, :]
         tl.store(out_ptr + offs, out.to(out_ptr.dtype.element_ty), mask=valid[:, None])
+
+
+# ----------------------------------------------------------------------------- backward (training)
+
+
+@triton.jit
+def mix_in_backward_kernel(h_ptr, s_ptr, gx_ptr, gh_ptr, gs_ptr, count, N: tl.constexpr, C: tl.constexpr,
+                           BLOCK: tl.constexpr):
+    """Vector-Jacobian product of mix_in_kernel for the output gradient gx [count, C]:
+    gh[r, k] = sum_c gx[r, c] * S[r, k, c]   and   gS[r, k, c] = h[r, k] * gx[r, c]."""
+    rows = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)  # [BLOCK]
+    valid = rows < count
+    s = _load_streams(s_ptr, rows, valid, N, C)  # [BLOCK, N, C]
+    cols = tl.arange(0, C)
+    gx = tl.load(gx_ptr + rows[:, None] * C + cols[None, :], mask=valid[:, None], other=0.0).to(tl.float32)
+    h_offs = rows[:, None] * N + tl.arange(0, N)[None, :]  # [BLOCK, N]
+    h = tl.load(h_ptr + h_offs, mask=valid[:, None], other=0.0).to(tl.float32)  # [BLOCK, N]
+    gh = tl.sum(gx[:, None, :] * s, axis=2)  # [BLOCK, N]
+    tl.store(gh_ptr + h_offs, gh.to(gh_ptr.dtype.element_ty), mask=valid[:, None])
+    gs = h[:, :, None] * gx[:, None, :]  # [BLOCK, N, C]
+    s_offs = rows[:, None, None] * (N * C) + tl.arange(0, N)[None, :, None] * C + cols[None, None, :]
+    tl.store(gs_ptr + s_offs, gs.to(gs_ptr.dtype.element_ty), mask=valid[:, None, None])
+
+
+@triton.jit
+def mix_out_backward_kernel(h_res_ptr, h_post_ptr, s_ptr, y_ptr, g_ptr, gh_res_ptr, gh_post_ptr, gs_ptr,
+                            gy_ptr, count, N: tl.constexpr, C: tl.constexpr, BLOCK: tl.constexpr):
+    """Vector-Jacobian product of mix_out_kernel for the output gradient g [count, N, C]:
+    gS[r, k, c] = sum_i h_res[r, i, k] g[r, i, c]      gh_res[r, i, k] = sum_c g[r, i, c] S[r, k, c]
+    gh_post[r, i] = sum_c g[r, i, c] y[r, c]           gy[r, c] = sum_i h_post[r, i] g[r, i, c]
+    g stays in registers; S is read one stream k at a time (column k of H_res and of gh_res with it)."""
+    rows = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)  # [BLOCK]
+    valid = rows < count
+    g = _load_streams(g_ptr, rows, valid, N, C)  # [BLOCK, N, C]
+    cols = tl.arange(0, C)
+    streams = tl.arange(0, N)
+    y = tl.load(y_ptr + rows[:, None] * C + cols[None, :], mask=valid[:, None], other=0.0).to(tl.float32)
+    p_offs = rows[:, None] * N + streams[None, :]  # [BLOCK, N]
+    p = tl.load(h_post_ptr + p_offs, mask=valid[:, None], other=0.0).to(tl.float32)  # [BLOCK, N]
+    gp = tl.sum(g * y[:, None, :], axis=2)  # [BLOCK, N]
+    tl.store(gh_post_ptr + p_offs, gp.to(gh_post_ptr.dtype.element_ty), mask=valid[:, None])
+    gy = tl.sum(p[:, :, None] * g, axis=1)  # [BLOCK, C]
+    tl.store(gy_ptr + rows[:, None] * C + cols[None, :], gy.to(gy_ptr.dtype.element_ty), mask=valid[:, None])
+    for k in tl.static_range(N):
+        col_offs = rows[:, None] * (N * N) + streams[None, :] * N + k  # [BLOCK, N]: column k of H_res
+        h_k = tl.load(h_res_ptr + col_offs, mask=valid[:, None], other=0.0).to(tl.float32)  # [BLOCK, N]
+        k_offs = rows[:, None] * (N * C) + k * C + cols[None, :]  # [BLOCK, C]: stream k
+        s_k = tl.load(s_ptr + k_offs, mask=valid[:, None], other=0.0).to(tl.float32)  # [BLOCK, C]
+        gs_k = tl.sum(h_k[:, :, None] * g, axis=1)  # [BLOCK, C]
+        tl.store(gs_ptr + k_offs, gs_k.to(gs_ptr.dtype.element_ty), mask=valid[:, None])
+        gh_k = tl.sum(g * s_k[:, None, :], axis=2)  # [BLOCK, N]: column k of gh_res
+        tl.store(gh_res_ptr + col_offs, gh_k.to(gh_res_ptr.dtype.element_ty), mask=valid[:, None])

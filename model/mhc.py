@@ -254,6 +254,9 @@ def _mix(h: torch.Tensor, streams: torch.Tensor, matmul: bool) -> torch.Tensor:
     ``matmul``: one batched GEMM (the GPU path: one kernel each way instead of a [B, L, m, n, C]
     broadcast product and its reduction). Otherwise the broadcast multiply-sum, the reference and
     the CPU path (CPU bmm over B * L tiny matrices is a slow per-matrix loop). Tests compare them.
+    On CUDA, MHCResidual normally runs neither: the fused kernels of model/mhc_mix_triton.py replace
+    both mixings (forward and backward); this stays for shapes they do not take, float64,
+    ``fused_mixing = False``, torch.compile and the CPU, and as the reference the tests compare with.
     """
     if matmul:
         return h @ streams
@@ -300,7 +303,7 @@ class MHCResidual(nn.Module):
         self.record = True
         self.last_h_res: torch.Tensor | None = None
         self.matmul_mixing: bool | None = None  # None: batched GEMM on CUDA, broadcast sums on CPU
-        self.fused_mixing = True  # without gradients on CUDA: model/mhc_mix_triton.py (False: reference)
+        self.fused_mixing = True  # on CUDA, training too: model/mhc_mix_triton.py (False: reference)
 
     def forward(self, streams: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         if streams.shape[-2:] != (self.n, self.dim):
@@ -318,7 +321,8 @@ class MHCResidual(nn.Module):
         # NOTE: stream mixing outside autocast, in the streams' dtype (float32 in training), so the
         # residual stream is never rounded to bf16 (the plain residual s + y promotes the same way).
         matmul = streams.is_cuda if self.matmul_mixing is None else self.matmul_mixing
-        # sampling (no gradient) on CUDA: one fused Triton kernel per mixing (model/mhc_mix_triton.py)
+        # on CUDA: one fused Triton kernel per mixing (model/mhc_mix_triton.py), in sampling and, through
+        # its autograd Functions (one backward kernel each), in training; the reference where it cannot run
         fused = self.fused_mixing and mhc_mix_triton.available(streams)
         with torch.autocast(device_type=streams.device.type, enabled=False):
             h_pre = h_pre.to(dt)

@@ -1,15 +1,34 @@
-"""Fused mHC stream mixing for sampling: H_pre S and H_res S + H_post^T y, one Triton kernel each.
+"""Fused mHC stream mixing: H_pre S and H_res S + H_post^T y, one Triton kernel each, forward and backward.
 
 The reference is ``model.mhc.mix_in`` / ``mix_out``: on CUDA two batched GEMMs with K = n = 4 (one
-[n, n] or [1, n] matrix per residue) and an ``addcmul``. Measured on the H100 (BENCHMARKS.md, profile of
-a 256 x 128 sampling step of the shipped pair-free model): those GEMMs are 1.23 ms of the step, about
-half of what mHC costs there. These kernels read the residue's streams once, keep them in registers and
-write the result once (``model/_mhc_mix_kernels.py``).
+[n, n] or [1, n] matrix per residue) and an ``addcmul``, and in training their backward (more batched
+GEMMs, plus the elementwise and reduction kernels of the ``addcmul`` and broadcast gradients). Measured
+on the H100: in a 256 x 128 sampling step of the shipped pair-free model (BENCHMARKS.md) those GEMMs
+are 1.23 ms, about half of what mHC costs there; in a CUDA-graphed training step of the pair-free
+model (56 x 72 residues, n = 4, C = 128, float32 streams; 12.1 ms without mHC, 14.0 ms with it) the
+``aten::bmm`` of the two mixings, forward and backward, is +640 us (30 calls), mHC's largest item.
+These kernels read the residue's streams once, keep them in registers and write the result once
+(``model/_mhc_mix_kernels.py``).
 
-Forward only: used when no gradient is needed (sampling under ``torch.no_grad``); training keeps the
-reference, whose gradients autograd provides. n and C must be powers of two (mhcExpansionRate 4 and
-C_s = 128 are); other shapes, float64, and CPU tensors without ``TRITON_INTERPRET=1`` take the reference.
-Imported lazily, like ``model.sinkhorn_triton``.
+``mix_in`` / ``mix_out`` launch the forward kernel directly when no gradient is needed (sampling
+under ``torch.no_grad``: no autograd node, nothing saved), and go through the autograd Functions
+``MixIn`` / ``MixOut`` when one is (training). Their backward is one kernel each, the vector-Jacobian
+products of out = H_pre S and out = H_res S + H_post^T y, per residue r (gx, g the output gradients):
+
+    mix_in:   gh_pre[r, k] = sum_c gx[r, c] S[r, k, c]        gS[r, k, c] = h_pre[r, k] gx[r, c]
+    mix_out:  gS[r, k, c] = sum_i h_res[r, i, k] g[r, i, c]   gh_res[r, i, k] = sum_c g[r, i, c] S[r, k, c]
+              gh_post[r, i] = sum_c g[r, i, c] y[r, c]        gy[r, c] = sum_i h_post[r, i] g[r, i, c]
+
+NOTE: the first version was forward only (``available`` was False whenever gradients were enabled), so
+training ran the reference; the training step with these backward kernels is not yet timed on the H100.
+The backward is not differentiable again (``once_differentiable``: no double backward).
+
+The streams feed both mixings of a residual; autograd adds the two gS. Sums run in float32; results
+are stored in the inputs' dtype (float32 streams in training; bf16 / fp16 work too). CUDA-graph safe:
+the host only reads shapes, outputs and gradients come from ``torch.empty``, nothing syncs.
+n and C must be powers of two (mhcExpansionRate 4 and C_s = 128 are); other shapes, float64, and CPU
+tensors without ``TRITON_INTERPRET=1`` take the reference (``available``). Imported lazily, like
+``model.sinkhorn_triton``.
 """
 
 from __future__ import annotations
@@ -17,20 +36,22 @@ from __future__ import annotations
 import functools
 
 import torch
+from torch.autograd.function import once_differentiable
 
 from model.triton_support import triton_can_run
 
-__all__ = ["available", "mix_in", "mix_out"]
+__all__ = ["MixIn", "MixOut", "available", "mix_in", "mix_out"]
 
 BLOCK = 8  # residues per program: their [8, n, C] streams stay in registers
 
 
 @functools.cache
 def _kernels():
-    """(mix_in, mix_out) Triton kernels; Triton is imported here, never at package import."""
+    """(mix_in, mix_out, mix_in backward, mix_out backward) Triton kernels; Triton is imported here,
+    never at package import."""
     from model import _mhc_mix_kernels as k
 
-    return k.mix_in_kernel, k.mix_out_kernel
+    return k.mix_in_kernel, k.mix_out_kernel, k.mix_in_backward_kernel, k.mix_out_backward_kernel
 
 
 def _pow2(v: int) -> bool:
@@ -38,37 +59,121 @@ def _pow2(v: int) -> bool:
 
 
 def available(streams: torch.Tensor) -> bool:
-    """True when the kernels can run for ``streams`` [..., n, C]: CUDA (or CPU under
-    ``TRITON_INTERPRET=1``), float32 / 16-bit, n and C powers of two, no gradient needed, Triton importable."""
+    """True when the kernels can run for ``streams`` [..., n, C], with or without a gradient: CUDA (or
+    CPU under ``TRITON_INTERPRET=1``), float32 / 16-bit, n and C powers of two, Triton importable, not
+    inside torch.compile (which fuses the reference itself)."""
     n, c = streams.shape[-2:]
-    if not (_pow2(n) and _pow2(c)) or streams.dtype == torch.float64 or torch.is_grad_enabled():
+    if not (_pow2(n) and _pow2(c)) or streams.dtype == torch.float64:
         return False
     return triton_can_run(streams)
 
 
-def _grid(count: int) -> tuple[int]:
-    return (max(1, -(-count // BLOCK)),)
+def _launch(kernel, count: int, *tensors, n: int, c: int) -> None:
+    if count:
+        kernel[(max(1, -(-count // BLOCK)),)](*tensors, count, N=n, C=c, BLOCK=BLOCK)
+
+
+def _check(streams: torch.Tensor, **others: tuple[torch.Tensor, tuple[int, ...]]) -> None:
+    """The kernels index every tensor by the streams' residues (no broadcasting): check the shapes."""
+    lead = tuple(streams.shape[:-2])
+    for name, (t, tail) in others.items():
+        if tuple(t.shape) != lead + tail:
+            raise ValueError(f"mhc_mix_triton: {name} must be {list(lead + tail)} for streams "
+                             f"{list(streams.shape)}, got {list(t.shape)}")
+
+
+def _needs_grad(*tensors: torch.Tensor) -> bool:
+    return torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
+
+
+def _mix_in_forward(h: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
+    """h [..., n], s [..., n, C] contiguous, one dtype -> [..., C]."""
+    n, c = s.shape[-2:]
+    out = torch.empty(*s.shape[:-2], c, device=s.device, dtype=s.dtype)
+    _launch(_kernels()[0], s.numel() // (n * c), h, s, out, n=n, c=c)
+    return out
+
+
+def _mix_out_forward(h_res: torch.Tensor, h_post: torch.Tensor, s: torch.Tensor,
+                     y: torch.Tensor) -> torch.Tensor:
+    """h_res [..., n, n], h_post [..., n], s [..., n, C], y [..., C] contiguous, one dtype -> [..., n, C]."""
+    n, c = s.shape[-2:]
+    out = torch.empty_like(s)
+    _launch(_kernels()[1], s.numel() // (n * c), h_res, h_post, s, y, out, n=n, c=c)
+    return out
+
+
+class MixIn(torch.autograd.Function):
+    """H_pre S, both ways fused: h [..., n], streams [..., n, C] (one dtype) -> [..., C].
+
+    Saves h and the (contiguous) streams; the backward kernel returns (gh, gS) in their dtype.
+    NOTE: both gradients are always computed (one kernel reads S and gx once for both); in training
+    both are needed.
+    """
+
+    @staticmethod
+    def forward(ctx, h: torch.Tensor, streams: torch.Tensor) -> torch.Tensor:
+        h, s = h.contiguous(), streams.contiguous()
+        ctx.save_for_backward(h, s)
+        return _mix_in_forward(h, s)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_out: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        h, s = ctx.saved_tensors
+        n, c = s.shape[-2:]
+        gh, gs = torch.empty_like(h), torch.empty_like(s)  # [..., n], [..., n, C]
+        _launch(_kernels()[2], s.numel() // (n * c), h, s, grad_out.contiguous(), gh, gs, n=n, c=c)
+        return gh, gs
+
+
+class MixOut(torch.autograd.Function):
+    """H_res S + H_post^T y, both ways fused: h_res [..., n, n], h_post [..., n], streams [..., n, C],
+    y [..., C] (one dtype) -> [..., n, C].
+
+    Saves all four inputs (contiguous); the backward kernel returns (gh_res, gh_post, gS, gy).
+    NOTE: all four are always computed, for the reason given in ``MixIn``.
+    """
+
+    @staticmethod
+    def forward(ctx, h_res: torch.Tensor, h_post: torch.Tensor, streams: torch.Tensor,
+                y: torch.Tensor) -> torch.Tensor:
+        h_res, h_post, s, y = h_res.contiguous(), h_post.contiguous(), streams.contiguous(), y.contiguous()
+        ctx.save_for_backward(h_res, h_post, s, y)
+        return _mix_out_forward(h_res, h_post, s, y)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_out: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        h_res, h_post, s, y = ctx.saved_tensors
+        n, c = s.shape[-2:]
+        g_res, g_post, gs, gy = (torch.empty_like(t) for t in (h_res, h_post, s, y))
+        _launch(_kernels()[3], s.numel() // (n * c), h_res, h_post, s, y, grad_out.contiguous(),
+                g_res, g_post, gs, gy, n=n, c=c)
+        return g_res, g_post, gs, gy
 
 
 def mix_in(h_pre: torch.Tensor, streams: torch.Tensor) -> torch.Tensor:
-    """h_pre [..., n], streams [..., n, C] -> H_pre S [..., C] (the streams' dtype)."""
-    n, c = streams.shape[-2:]
-    s = streams.contiguous()
-    h = h_pre.to(s.dtype).contiguous()
-    out = torch.empty(*s.shape[:-2], c, device=s.device, dtype=s.dtype)
-    count = s.numel() // (n * c)
-    if count:
-        _kernels()[0][_grid(count)](h, s, out, count, N=n, C=c, BLOCK=BLOCK)
-    return out
+    """h_pre [..., n], streams [..., n, C] -> H_pre S [..., C] (the streams' dtype; h_pre is cast to it).
+
+    Through ``MixIn`` (fused backward) when a gradient is needed, else the forward kernel alone."""
+    _check(streams, h_pre=(h_pre, (streams.shape[-2],)))
+    h = h_pre.to(streams.dtype)
+    if _needs_grad(h, streams):
+        return MixIn.apply(h, streams)
+    return _mix_in_forward(h.contiguous(), streams.contiguous())
 
 
-def mix_out(h_res: torch.Tensor, h_post: torch.Tensor, streams: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    """h_res [..., n, n], h_post [..., n], streams [..., n, C], y [..., C] -> H_res S + H_post^T y [..., n, C]."""
+def mix_out(h_res: torch.Tensor, h_post: torch.Tensor, streams: torch.Tensor,
+            y: torch.Tensor) -> torch.Tensor:
+    """h_res [..., n, n], h_post [..., n], streams [..., n, C], y [..., C] -> H_res S + H_post^T y [..., n, C]
+    (the streams' dtype; the others are cast to it).
+
+    Through ``MixOut`` (fused backward) when a gradient is needed, else the forward kernel alone."""
     n, c = streams.shape[-2:]
-    s = streams.contiguous()
-    out = torch.empty_like(s)
-    count = s.numel() // (n * c)
-    if count:
-        _kernels()[1][_grid(count)](h_res.to(s.dtype).contiguous(), h_post.to(s.dtype).contiguous(), s,
-                                    y.to(s.dtype).contiguous(), out, count, N=n, C=c, BLOCK=BLOCK)
-    return out
+    _check(streams, h_res=(h_res, (n, n)), h_post=(h_post, (n,)), y=(y, (c,)))
+    dt = streams.dtype
+    h_res, h_post, y = h_res.to(dt), h_post.to(dt), y.to(dt)
+    if _needs_grad(h_res, h_post, streams, y):
+        return MixOut.apply(h_res, h_post, streams, y)
+    return _mix_out_forward(h_res.contiguous(), h_post.contiguous(), streams.contiguous(), y.contiguous())

@@ -463,19 +463,34 @@ def fused_mixing_matches_reference(device: str) -> None:
         torch.testing.assert_close(fused, res(streams), atol=ATOL_MIX, rtol=0)
 
 
-def test_fused_mixing_dispatch_rules():
-    """The fused mixing runs only where it can and should: not on a plain CPU tensor, not when a
-    gradient is needed (training keeps the reference), not for n or C that are not powers of two."""
+def test_fused_mixing_dispatch_rules(monkeypatch):
+    """The fused mixing runs only where it can: not on a plain CPU tensor, not for float64 (gradcheck
+    keeps the reference), not for n or C that are not powers of two; with or without gradients (its
+    autograd Functions train). Checked on the CPU with TRITON_INTERPRET=1 set (no kernel is launched)."""
     from model import mhc_mix_triton
 
-    with torch.no_grad():
-        assert not mhc_mix_triton.available(torch.zeros(3, 4, 8))  # CPU without the interpreter
-        if torch.cuda.is_available():
-            assert mhc_mix_triton.available(torch.zeros(3, 4, 8, device="cuda"))
-            assert not mhc_mix_triton.available(torch.zeros(3, 3, 8, device="cuda"))
-            assert not mhc_mix_triton.available(torch.zeros(3, 4, 24, device="cuda"))
+    s = torch.zeros(3, 4, 8)
+    for grad in (False, True):
+        with torch.set_grad_enabled(grad):
+            assert not mhc_mix_triton.available(s)  # CPU without the interpreter
     if torch.cuda.is_available():
-        assert not mhc_mix_triton.available(torch.zeros(3, 4, 8, device="cuda"))  # grad enabled
+        assert mhc_mix_triton.available(s.cuda())  # grad enabled: the training path
+        assert not mhc_mix_triton.available(s.cuda().double())
+    pytest.importorskip("triton")
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    for grad in (False, True):
+        with torch.set_grad_enabled(grad):
+            assert mhc_mix_triton.available(s)
+            assert mhc_mix_triton.available(s.bfloat16()) and mhc_mix_triton.available(s.half())
+            assert mhc_mix_triton.available(s.requires_grad_(grad))
+            assert not mhc_mix_triton.available(s.double())  # float64 (gradcheck)
+            assert not mhc_mix_triton.available(torch.zeros(3, 3, 8))  # n = 3
+            assert not mhc_mix_triton.available(torch.zeros(3, 4, 24))  # C = 24
+    # the kernels index every tensor by the streams' residues: no broadcasting (checked before any launch)
+    with pytest.raises(ValueError, match="h_pre must be"):
+        mhc_mix_triton.mix_in(torch.zeros(4), s)
+    with pytest.raises(ValueError, match="y must be"):
+        mhc_mix_triton.mix_out(torch.zeros(3, 4, 4), torch.zeros(3, 4), s, torch.zeros(1, 8))
 
 
 def test_fused_mixing_matches_reference_in_the_triton_interpreter():
@@ -487,6 +502,189 @@ def test_fused_mixing_matches_reference_in_the_triton_interpreter():
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_gpu_fused_mixing_matches_reference():
     fused_mixing_matches_reference("cuda")
+
+
+# training: the autograd Functions MixIn / MixOut (fused backward kernels)
+ATOL_MIX_GRAD = 1e-5  # fused vs reference outputs and gradients, float32 (C = 128 sums: measured <= 3.5e-6)
+RTOL_MIX_GRAD = 1e-5
+# 16-bit outputs: one rounding of a float32 sum, at most 2^-8 (bf16) or 2^-11 (fp16) of the value (twice
+# that allowed). NOTE: Triton's CPU interpreter converts float32 to bf16 by truncation (up to 2^-7 of the
+# value; measured 0.0077), hence 2^-6 there
+RTOL_MIX_16 = {torch.bfloat16: 2.0**-7, torch.float16: 2.0**-10}
+RTOL_MIX_BF16_INTERPRETER = 2.0**-6
+ATOL_RESIDUAL = 1e-5  # whole MHCResidual (two calls) fused vs reference mixing: output and gradients, float32
+RTOL_RESIDUAL = 1e-4
+# the same under bf16 autocast, |a - b| / |b| per tensor: the branch rounds x to bf16, where mixing-order
+# differences can flip a rounding (measured <= 3e-7 on the CPU)
+REL_RESIDUAL_BF16 = 1e-3
+
+
+def _mix_inputs(n: int, c: int, lead: tuple[int, ...], g: torch.Generator) -> list[torch.Tensor]:
+    """float64 (h_pre, h_post, h_res, streams, y): h_pre in (0, 1), h_post in (0, 2), h_res a row softmax
+    of N(0, 1) logits (far from the identity), streams [*lead, n, c] and y [*lead, c] ~ N(0, 1)."""
+    f64 = {"generator": g, "dtype": torch.float64}
+    return [torch.rand(*lead, n, **f64), 2 * torch.rand(*lead, n, **f64),
+            torch.softmax(torch.randn(*lead, n, n, **f64), -1), torch.randn(*lead, n, c, **f64),
+            torch.randn(*lead, c, **f64)]
+
+
+def _mix_with_grads(fused: bool, inputs, wx: torch.Tensor, wo: torch.Tensor, *, matmul: bool = False,
+                    share: bool = True) -> list[torch.Tensor]:
+    """x = H_pre S and out = H_res S + H_post^T y (fused, or the reference of model.mhc), loss <x, wx> +
+    <out, wo>; returns [x, out, then the gradients of h_pre, h_post, h_res, S, y]. ``share``: one S
+    feeds both (its gradient is the sum of two, as in MHCResidual); else mix_out gets its own copy,
+    whose gradient comes last."""
+    from model import mhc_mix_triton
+    from model.mhc import mix_in, mix_out
+
+    leaves = [t.detach().clone().requires_grad_() for t in inputs]
+    if not share:
+        leaves.append(leaves[3].detach().clone().requires_grad_())
+    h_pre, h_post, h_res, s, y = leaves[:5]
+    s_out = s if share else leaves[5]
+    if fused:
+        x, out = mhc_mix_triton.mix_in(h_pre, s), mhc_mix_triton.mix_out(h_res, h_post, s_out, y)
+        assert type(x.grad_fn).__name__ == "MixInBackward" and type(out.grad_fn).__name__ == "MixOutBackward"
+    else:
+        x, out = mix_in(h_pre, s, matmul), mix_out(h_res, h_post, s_out, y, matmul)
+    grads = torch.autograd.grad((x * wx).sum() + (out * wo).sum(), leaves)
+    return [x.detach(), out.detach(), *grads]
+
+
+def fused_mixing_gradients_match_reference(device: str) -> None:
+    """MixIn / MixOut (model/mhc_mix_triton.py with gradients) vs model.mhc.mix_in / mix_out: outputs and
+    the gradients of all five inputs, one S feeding both mixings. float32 against the float32 reference
+    (broadcast and GEMM forms) and the float64 one (the kernels take no float64: the float64 reference is
+    the exact answer), n = 4 and 2, C = 128 and 32, residue counts not multiples of the block of 8,
+    2-D leading shapes; bf16 / fp16 against the float32 reference of the same rounded inputs, each mixing
+    on its own (a 16-bit sum of the two S gradients would round once more). Runs on CUDA, or on the CPU
+    under TRITON_INTERPRET=1."""
+    from model import mhc_mix_triton
+
+    g = torch.Generator().manual_seed(17)
+    cases = [(4, 128, (1,)), (4, 128, (2, 13)), (4, 32, (130,)), (2, 32, (7,))]
+    if device == "cuda":  # the profiled training batch: 56 chains x 72 residues
+        cases += [(4, 128, (56, 72))]
+    for n, c, lead in cases:
+        inputs = _mix_inputs(n, c, lead, g)
+        weights = [torch.randn(*lead, c, generator=g, dtype=torch.float64),
+                   torch.randn(*lead, n, c, generator=g, dtype=torch.float64)]
+        exact = _mix_with_grads(False, inputs, *weights)  # float64 on the CPU
+
+        def cast(ts, dtype=torch.float32):
+            return [t.to(device=device, dtype=dtype) for t in ts]
+
+        assert mhc_mix_triton.available(cast(inputs)[3])
+        fused = _mix_with_grads(True, cast(inputs), *cast(weights))
+        for matmul in (False, True):
+            ref = _mix_with_grads(False, cast(inputs), *cast(weights), matmul=matmul)
+            for i, (a, b) in enumerate(zip(fused, ref, strict=True)):
+                assert a.dtype == torch.float32 and a.shape == b.shape
+                torch.testing.assert_close(a, b, atol=ATOL_MIX_GRAD, rtol=RTOL_MIX_GRAD,
+                                           msg=lambda m, i=i: f"{i}: {m}")
+        for i, (a, b) in enumerate(zip(fused, exact, strict=True)):
+            torch.testing.assert_close(a.cpu().double(), b, atol=ATOL_MIX_GRAD, rtol=RTOL_MIX_GRAD,
+                                       msg=lambda m, i=i: f"{i} vs float64: {m}")
+        for dtype in (torch.bfloat16, torch.float16):
+            low, w_low = cast(inputs, dtype), cast(weights, dtype)
+            fused = _mix_with_grads(True, low, *w_low, share=False)
+            ref = _mix_with_grads(False, cast(low), *cast(w_low), share=False)
+            interpreted_bf16 = dtype == torch.bfloat16 and device == "cpu"
+            rtol = RTOL_MIX_BF16_INTERPRETER if interpreted_bf16 else RTOL_MIX_16[dtype]
+            for i, (a, b) in enumerate(zip(fused, ref, strict=True)):
+                assert a.dtype == dtype
+                torch.testing.assert_close(a.float(), b, atol=ATOL_MIX_GRAD, rtol=rtol,
+                                           msg=lambda m, i=i, d=dtype: f"{d} {i}: {m}")
+
+
+def fused_residual_matches_reference(device: str) -> None:
+    """Two applications of one MHCResidual (n = 4, C = 32; perturbed mappings, padded mask), forward and
+    backward, ``fused_mixing`` True vs False: the output, the gradient of s (the first call sees
+    ``expand``'s stride-0 streams) and of every parameter; float32, then under bf16 autocast (only the
+    branch in bf16). The fused run must really be the autograd path (its grad_fn). Runs on CUDA, or on
+    the CPU under TRITON_INTERPRET=1."""
+    torch.manual_seed(19)
+    g = torch.Generator().manual_seed(19)
+    block = MHCResidual(Branch(32), 32, _cfg(mhcExpansionRate=4))
+    _randomize(block, 19)
+    block.to(device)
+    s = torch.randn(2, 5, 32, generator=g).to(device).requires_grad_()  # 10 residues: not a multiple of 8
+    mask = torch.ones(2, 5, device=device)
+    mask[1, 3:] = 0
+    w = torch.randn(2, 5, 4, 32, generator=g).to(device)
+    for autocast in (False, True):
+        runs = {}
+        for fused in (True, False):
+            block.fused_mixing = fused
+            block.zero_grad(set_to_none=True)
+            s.grad = None
+            with torch.autocast(device_type=s.device.type, dtype=torch.bfloat16, enabled=autocast):
+                out = block(block(expand(s, 4), mask), mask)  # [2, 5, 4, 32]
+            assert out.dtype == torch.float32
+            assert (type(out.grad_fn).__name__ == "MixOutBackward") == fused
+            (out * w).sum().backward()
+            grads = [(k, p.grad) for k, p in block.named_parameters()]
+            runs[fused] = [("out", out.detach()), ("s", s.grad), *grads]
+        assert len(runs[True]) == 2 + len(list(block.parameters()))
+        for (name, a), (_, b) in zip(runs[True], runs[False], strict=True):
+            assert a is not None and b is not None and a.dtype == b.dtype == torch.float32, name
+            if autocast:
+                rel = float((a - b).norm() / b.norm())
+                assert rel <= REL_RESIDUAL_BF16, (name, rel)
+            else:
+                torch.testing.assert_close(a, b, atol=ATOL_RESIDUAL, rtol=RTOL_RESIDUAL,
+                                           msg=lambda m, k=name: f"{k}: {m}")
+
+
+def fused_mixing_training(device: str) -> None:
+    fused_mixing_gradients_match_reference(device)
+    fused_residual_matches_reference(device)
+
+
+def test_fused_mixing_gradients_match_reference_in_the_triton_interpreter():
+    """The backward kernels' source, executed by Triton's CPU interpreter (forward too)."""
+    _in_triton_interpreter("fused_mixing_training")
+
+
+def fused_mixing_in_cuda_graph() -> None:
+    """MixIn / MixOut forward + backward captured in one CUDA graph (training size, float32), replayed on
+    new inputs copied into the static ones: the same outputs and gradients as eager calls."""
+    g = torch.Generator().manual_seed(23)
+    n, c, lead = 4, 128, (56, 72)
+
+    def fresh():
+        return [t.float().cuda() for t in _mix_inputs(n, c, lead, g)], [
+            torch.randn(*lead, c, generator=g).cuda(), torch.randn(*lead, n, c, generator=g).cuda()]
+
+    static, static_w = fresh()
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):  # warm-up (Triton compiles) outside the capture
+        for _ in range(2):
+            _mix_with_grads(True, static, *static_w)
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        captured = _mix_with_grads(True, static, *static_w)
+    for _ in range(2):
+        inputs, weights = fresh()
+        for dst, src in zip(static + static_w, inputs + weights, strict=True):
+            dst.copy_(src)
+        graph.replay()
+        eager = _mix_with_grads(True, inputs, *weights)
+        ref = _mix_with_grads(False, inputs, *weights)
+        for a, b, r in zip(captured, eager, ref, strict=True):
+            torch.testing.assert_close(a, b, atol=0, rtol=0)
+            torch.testing.assert_close(a, r, atol=ATOL_MIX_GRAD, rtol=RTOL_MIX_GRAD)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_gpu_fused_mixing_gradients_match_reference(monkeypatch):
+    # the GEMM form of the reference must be a true float32 bmm (no TF32) for the tolerances
+    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
+    fused_mixing_training("cuda")
+    fused_mixing_in_cuda_graph()
 
 
 # ----------------------------------------------------------------------------- fused mapping logits
