@@ -10,7 +10,7 @@ and sum(x^2) beside it, and writes bias + alpha * (x phi) / rms(x): the normalis
 the GEMM, as the paper's Eqs. 14-16 do (``model/_mhc_map_kernels.py``).
 
 Forward only: used when no gradient is needed (sampling under ``torch.no_grad``); training keeps the
-reference, whose gradients autograd provides. nC must be a multiple of ``BLOCK_K`` (64; n = 4 and
+reference, whose gradients autograd provides. nC must be a multiple of ``BLOCK_K`` (32; n = 4 and
 C_s = 128 give 512) and phi [nC, M] with M <= 128; other shapes, float64, and CPU tensors without
 ``TRITON_INTERPRET=1`` take the reference. Imported lazily, like ``model.sinkhorn_triton``.
 """
@@ -25,8 +25,12 @@ from model.triton_support import triton_can_run
 
 __all__ = ["available", "mapping_logits"]
 
-BLOCK_M = 32  # residues per program
-BLOCK_K = 64  # channels of vec(S) per loop step (nC must be a multiple)
+# Tiling measured on the H100 (benchmarks/mhc_cost.py, tf32x3, n = 4, C = 128): 4,032 residues 14.3 us
+# at 32 x 32 (64 x 64: 16.9 us), 32,768 residues 45.0 us at 128 x 32 (32 x 64: 81.9 us).
+BLOCK_M = 32  # residues per program below LARGE_COUNT residues
+BLOCK_M_LARGE = 128  # residues per program from LARGE_COUNT residues on
+LARGE_COUNT = 16384
+BLOCK_K = 32  # channels of vec(S) per loop step (nC must be a multiple)
 NUM_WARPS = 4
 PRECISION = "tf32x3"  # tl.dot input precision
 MAX_COLS = 128  # padded 2n + n^2 columns held per program (n <= 10)
@@ -61,7 +65,7 @@ def available(streams: torch.Tensor, phi: torch.Tensor) -> bool:
 
 
 def mapping_logits(streams: torch.Tensor, phi: torch.Tensor, alpha: torch.Tensor, bias: torch.Tensor, *,
-                   block_m: int = BLOCK_M, block_k: int = BLOCK_K, num_warps: int = NUM_WARPS,
+                   block_m: int | None = None, block_k: int = BLOCK_K, num_warps: int = NUM_WARPS,
                    precision: str = PRECISION) -> torch.Tensor:
     """streams [..., n, C], phi [nC, M], alpha [M], bias [M] -> bias + alpha * RMSNorm(vec(S)) phi [..., M]
     (float32). The keywords are the kernel's tiling and ``tl.dot`` precision (``benchmarks/mhc_cost.py``
@@ -71,6 +75,8 @@ def mapping_logits(streams: torch.Tensor, phi: torch.Tensor, alpha: torch.Tensor
     w = phi.float().contiguous()  # [nC, M]
     out = torch.empty(*streams.shape[:-2], m, device=streams.device, dtype=torch.float32)
     count = x.shape[0]
+    if block_m is None:
+        block_m = BLOCK_M_LARGE if count >= LARGE_COUNT else BLOCK_M
     if count:
         from model.mhc import RMS_EPS  # NOTE: here, not at the top: model.mhc imports this module
 

@@ -721,14 +721,16 @@ def fused_mapping_matches_reference(device: str) -> None:
         for n, c, lead, dtype in cases:
             s, phi, alpha, bias = _map_case(n, c, lead, dtype, g, device)
             assert mhc_map_triton.available(s, phi)
-            out = mhc_map_triton.mapping_logits(s, phi, alpha, bias)
             ref = mapping_logits(s, phi, alpha, bias)  # [*lead, 2n + n^2] float32
-            assert out.shape == ref.shape and out.dtype == ref.dtype == torch.float32
             # what the rounding of the sums scales with (rms(|x|) = rms(x)): |b| + |alpha| |x'| |phi|
             scale = mapping_logits(s.abs(), phi.abs(), alpha.abs(), bias.abs())
-            err = float(((out - ref).abs() / scale).max())
-            assert err <= REL_MAP, (n, c, lead, dtype, err)
-            torch.testing.assert_close(out.reshape(-1, out.shape[-1])[0], bias)  # the zero residue: b
+            # the default tiling (by residue count) and the large-batch one forced on a small batch
+            for kw in ({}, {"block_m": mhc_map_triton.BLOCK_M_LARGE}):
+                out = mhc_map_triton.mapping_logits(s, phi, alpha, bias, **kw)
+                assert out.shape == ref.shape and out.dtype == ref.dtype == torch.float32
+                err = float(((out - ref).abs() / scale).max())
+                assert err <= REL_MAP, (n, c, lead, dtype, kw, err)
+                torch.testing.assert_close(out.reshape(-1, out.shape[-1])[0], bias)  # the zero residue: b
         maps = MHCMappings(128, 4, _cfg()).to(device)
         for p in maps.parameters():
             p.add_(0.3 * torch.randn(p.shape, generator=g).to(device))
