@@ -25,10 +25,8 @@ NOTE (differences from the paper, each also marked where it happens):
 - phi_pre, phi_post, phi_res are stored as one matrix ``phi`` [nC, 2n + n^2] (one GEMM, Eq. 14).
 - RMSNorm has no learnable gain (as in Eq. 15; a gain would be absorbed by phi).
 - The mappings and the stream mixing run in float32 (at least) even under autocast; the branch
-  runs in whatever precision autocast gives it. (The fused kernel for the mapping logits runs
-  x phi on tensor cores as tf32x3, which is float32 accuracy, not float32 arithmetic; in training
-  its two backward GEMMs, the gradients of phi and of the streams through the mappings, run in
-  the autocast dtype, like every other weight gradient under autocast.)
+  runs in whatever precision autocast gives it. (The sampling kernel for the mapping logits runs
+  x phi on tensor cores as tf32x3, which is float32 accuracy, not float32 arithmetic.)
 - Bias initialisation (the paper does not fix it): see ``MHCMappings.reset_parameters``.
 - n = 1 has no mappings at all: H_pre = H_post = H_res = 1, so the update is exactly s + f(s).
 """
@@ -181,9 +179,8 @@ class MHCMappings(nn.Module):
         config: reads ``mhcAlphaInit`` and ``mhcSinkhornIters``.
     forward(streams [B, L, n, C]) -> (h_pre [B, L, n], h_post [B, L, n], h_res [B, L, n, n]),
     all float32 (at least).
-    ``fused`` (default True): on CUDA the logits come from one Triton kernel (model/mhc_map_triton.py;
-    with gradients its backward GEMMs run in the caller's autocast dtype); False forces the reference
-    ``mapping_logits``.
+    ``fused`` (default True): without gradients on CUDA the logits come from one Triton kernel
+    (model/mhc_map_triton.py); False forces the reference ``mapping_logits``.
     """
 
     def __init__(self, dim: int, n: int, config) -> None:
@@ -201,7 +198,7 @@ class MHCMappings(nn.Module):
         self.b_pre = nn.Parameter(torch.empty(n))
         self.b_post = nn.Parameter(torch.empty(n))
         self.b_res = nn.Parameter(torch.empty(n, n))
-        self.fused = True  # on CUDA: model/mhc_map_triton.py (False: the reference mapping_logits)
+        self.fused = True  # without gradients on CUDA: model/mhc_map_triton.py (False: reference)
         self.reset_parameters()
 
     @torch.no_grad()
@@ -234,18 +231,14 @@ class MHCMappings(nn.Module):
 
     def forward(self, streams: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         n = self.n
-        dev = streams.device.type
-        # the fused projection's backward GEMMs follow the caller's autocast (bf16 in training)
-        gemm_dtype = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else torch.float32
-        with torch.autocast(device_type=dev, enabled=False):
+        with torch.autocast(device_type=streams.device.type, enabled=False):
             # Eq. 8's three maps alpha * raw + b over the 2n + n^2 columns at once (launch count:
             # the step is CPU-bound in mHC mode, every op of the 10 residuals costs host time).
             alpha = torch.cat([self.alpha_pre.expand(n), self.alpha_post.expand(n), self.alpha_res.expand(n * n)])
             bias = torch.cat([self.b_pre, self.b_post, self.b_res.flatten()])  # [2n + n^2]
-            # on CUDA: norm, GEMM, scale and shift as one Triton kernel (training: + its autograd backward)
+            # sampling (no gradient) on CUDA: norm, GEMM, scale and shift as one Triton kernel
             if self.fused and mhc_map_triton.available(streams, self.phi):
-                logits = mhc_map_triton.mapping_logits(streams, self.phi, alpha, bias,
-                                                       gemm_dtype=gemm_dtype)  # [B, L, 2n + n^2]
+                logits = mhc_map_triton.mapping_logits(streams, self.phi, alpha, bias)  # [B, L, 2n + n^2]
             else:
                 logits = mapping_logits(streams, self.phi, alpha, bias)  # [B, L, 2n + n^2]
             pre, post, res = logits.split([n, n, n * n], dim=-1)

@@ -749,79 +749,6 @@ def fused_mapping_matches_reference(device: str) -> None:
                 torch.testing.assert_close(a, b, atol=ATOL_MAP_H, rtol=0)
 
 
-REL_MAP_GRAD = 1e-5  # fused projection's gradients (float32 backward GEMMs) vs autograd through the reference
-REL_MAP_GRAD_BF16 = 1e-2  # ... with bf16 backward GEMMs (autocast training), or bf16 streams
-
-
-def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
-    return float((a.float() - b.float()).norm() / b.float().norm().clamp_min(1e-30))
-
-
-def fused_mapping_gradients_match_reference(device: str) -> None:
-    """The training path of the fused mapping logits (``mhc_map_triton._Projection``: the kernel forward,
-    a PyTorch backward) vs autograd through ``model.mhc.mapping_logits``: the gradients of the streams,
-    phi, alpha and bias, with float32 and with bf16 backward GEMMs; then a whole MHCMappings forward +
-    backward (h_pre, h_post, h_res) fused vs ``fused = False``, in float32 and under bf16 autocast."""
-    from model import mhc_map_triton
-    from model.mhc import mapping_logits
-
-    g = torch.Generator().manual_seed(17)
-    cases = [(4, 128, (3, 37), torch.float32), (4, 128, (2, 45), torch.bfloat16), (2, 32, (7,), torch.float32)]
-    if device == "cuda":  # the profiled training size
-        cases += [(4, 128, (56, 72), torch.float32)]
-    for n, c, lead, dtype in cases:
-        s, phi, alpha, bias = _map_case(n, c, lead, dtype, g, device)
-        w = torch.randn(*lead, phi.shape[1], generator=g).to(device)  # [*lead, M] loss weights
-        results = {}
-        for name, fn, kw in (("ref", mapping_logits, {}),
-                             ("f32", mhc_map_triton.mapping_logits, {"gemm_dtype": torch.float32}),
-                             ("bf16", mhc_map_triton.mapping_logits, {"gemm_dtype": torch.bfloat16})):
-            leaves = [t.detach().clone().requires_grad_() for t in (s, phi, alpha, bias)]
-            out = fn(*leaves, **kw)
-            results[name] = (out.detach(), torch.autograd.grad((out * w).sum(), leaves))
-        ref_out, ref_grads = results["ref"]
-        for name, tol in (("f32", REL_MAP_GRAD), ("bf16", REL_MAP_GRAD_BF16)):
-            out, grads = results[name]
-            assert _rel(out, ref_out) <= REL_MAP_GRAD, (n, c, lead, dtype, name)
-            for what, a, b in zip(("streams", "phi", "alpha", "bias"), grads, ref_grads, strict=True):
-                assert a.dtype == b.dtype and a.shape == b.shape, (what, a.dtype, b.dtype)
-                limit = REL_MAP_GRAD_BF16 if (what == "streams" and dtype != torch.float32) else tol
-                assert _rel(a, b) <= limit, (n, c, lead, dtype, name, what, _rel(a, b))
-    maps = MHCMappings(128, 4, _cfg()).to(device)
-    with torch.no_grad():
-        for p in maps.parameters():
-            p.add_(0.3 * torch.randn(p.shape, generator=g).to(device))
-        maps.alpha_pre.fill_(0.7)
-        maps.alpha_post.fill_(1.3)
-        maps.alpha_res.fill_(2.0)
-    streams = torch.randn(2, 21, 4, 128, generator=g).to(device)
-    weights = [torch.randn(shape, generator=g).to(device) for shape in ((2, 21, 4), (2, 21, 4), (2, 21, 4, 4))]
-    for amp, tol in ((False, REL_MAP_GRAD * 10), (True, REL_MAP_GRAD_BF16)):
-        grads = {}
-        for fused in (True, False):
-            maps.fused = fused
-            leaves = [streams.clone().requires_grad_(), *maps.parameters()]
-            with torch.autocast(device, dtype=torch.bfloat16, enabled=amp):
-                outs = maps(leaves[0])
-            loss = sum((o * wt).sum() for o, wt in zip(outs, weights, strict=True))
-            grads[fused] = torch.autograd.grad(loss, leaves)
-        for i, (a, b) in enumerate(zip(grads[True], grads[False], strict=True)):
-            assert _rel(a, b) <= tol, (amp, i, _rel(a, b))
-    maps.fused = True
-
-
-def test_fused_mapping_gradients_match_reference_in_the_triton_interpreter():
-    """The training path's kernel, executed by Triton's CPU interpreter."""
-    _in_triton_interpreter("fused_mapping_gradients_match_reference")
-
-
-@pytest.mark.gpu
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-def test_gpu_fused_mapping_gradients_match_reference(monkeypatch):
-    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
-    fused_mapping_gradients_match_reference("cuda")
-
-
 def test_fused_mapping_dispatch_rules(monkeypatch):
     """The fused logits run only where they can and should: not on a plain CPU tensor, not when a
     gradient is needed (training keeps the reference), not for float64, nor for shapes the kernel does
@@ -842,7 +769,7 @@ def test_fused_mapping_dispatch_rules(monkeypatch):
         assert not mhc_map_triton.available(s, torch.zeros(256, 24))  # phi does not match nC
         assert not mhc_map_triton.available(s, torch.zeros(512, 143))  # n = 11: too many columns
         assert not mhc_map_triton.available(s.long(), phi)
-    assert mhc_map_triton.available(s, phi)  # with gradients too (training: the autograd Function)
+    assert not mhc_map_triton.available(s, phi)  # grad enabled
 
 
 def test_fused_mapping_matches_reference_in_the_triton_interpreter():
