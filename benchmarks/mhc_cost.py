@@ -9,6 +9,10 @@ the replay's CUDA-event time / 10:
     ``MHCResidual`` against ``PlainResidual`` around the same cheap branch;
   training (forward + backward, ``torch.cuda.make_graphed_callables``): ``MHCResidual`` vs
     ``PlainResidual`` around the same branch, fused mixing on and off.
+    NOTE: those rows include the autograd engine's host work around the two graphs (one
+    AccumulateGrad per parameter), so at a few thousand residues they time the host, not the kernels
+    (two runs of 56 x 72 on the H100 gave fused / reference mixing 302 / 300 and 539 / 340 us); the
+    graphed training step A/B (``profile_train_step.py --ab flash,mhc_flash --graph``) is the measure.
 
     python benchmarks/mhc_cost.py [--shapes 56x72,256x128] [--json out.json]
 """

@@ -2,15 +2,16 @@
 
 The reference is ``model.mhc.mapping_logits`` (what ``MHCMappings.forward`` computes before the
 sigmoids and Sinkhorn, Eqs. 7-8 and 14): an RMSNorm pass over x = vec(S) [N, nC], then x' phi with
-phi [nC, 2n + n^2] in float32 and an ``addcmul``. Profiled on the H100 (sampling step, CUDA graph):
-that float32 GEMM runs on CUDA cores (cutlass SIMT sgemm, ~60 us per call for N = 32768, nC = 512,
-15 calls per step), plus the separate rms_norm pass and the casts. This kernel reads each residue's
-streams once, in their own dtype, accumulates x phi on tensor cores in tf32x3 (~float32 accuracy)
-and sum(x^2) beside it, and writes bias + alpha * (x phi) / rms(x): the normalisation moved after
-the GEMM, as the paper's Eqs. 14-16 do (``model/_mhc_map_kernels.py``).
+phi [nC, 2n + n^2] in float32 and an ``addcmul``; that float32 GEMM runs on CUDA cores (cutlass SIMT
+sgemm). Measured on the H100 (``benchmarks/mhc_cost.py``, graphed, n = 4, C = 128): 95 us per call at
+32,768 residues for the reference, 46 us for this kernel, which reads each residue's streams once, in
+their own dtype, accumulates x phi on tensor cores in tf32x3 (~float32 accuracy) and sum(x^2) beside
+it, and writes bias + alpha * (x phi) / rms(x): the normalisation moved after the GEMM, as the paper's
+Eqs. 14-16 do (``model/_mhc_map_kernels.py``).
 
 Forward only: used when no gradient is needed (sampling under ``torch.no_grad``); training keeps the
-reference, whose gradients autograd provides. nC must be a multiple of ``BLOCK_K`` (32; n = 4 and
+reference, whose gradients autograd provides. (The kernel with a PyTorch backward was tried in
+training: no faster, BENCHMARKS.md.) nC must be a multiple of ``BLOCK_K`` (32; n = 4 and
 C_s = 128 give 512) and phi [nC, M] with M <= 128; other shapes, float64, and CPU tensors without
 ``TRITON_INTERPRET=1`` take the reference. Imported lazily, like ``model.sinkhorn_triton``.
 """

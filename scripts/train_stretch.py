@@ -59,7 +59,7 @@ def main() -> None:
     ap.add_argument("--max-pair-elements", type=int, default=None,
                     help="padded pair entries per batch cap, B * L_max^2 (bounds the pair stack's memory)")
     ap.add_argument("--graph", action="store_true",
-                    help="graphTrainingStep True: forward + backward replayed from CUDA graphs, lengths padded to 16")
+                    help="graphTrainingStep True (forward + backward replayed from CUDA graphs, lengths padded to 16), whatever the config says")
     ap.add_argument("--name", default=None, help="run name (default: the config's); a new name starts fresh")
     args = ap.parse_args()
     cfg = load_config(args.config)
@@ -73,7 +73,7 @@ def main() -> None:
     print(f"resume: {'rebuilt from parts' if rebuilt else ('warm run dir' if last.is_file() else 'fresh start')}")
     dm = ProteinDataModule(cfg, chains=unpack(args.chains), max_residues_per_batch=args.max_residues,
                            max_pair_elements_per_batch=args.max_pair_elements,
-                           pad_to_multiple=GRAPH_LENGTH_MULTIPLE if args.graph else 8)
+                           pad_to_multiple=GRAPH_LENGTH_MULTIPLE if cfg.graphTrainingStep else 8)
     t0 = time.time()
     result = run_training(cfg, TrainOptions(accelerator=args.accelerator, devices="1", max_minutes=args.minutes,
                                             progress_bar=False, export_weights=False), datamodule=dm)
