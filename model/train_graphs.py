@@ -55,6 +55,8 @@ class _ShapeCall(nn.Module):
 
 @dataclass
 class GraphStats:
+    """What ``TrainGraphs`` did: shapes captured, calls replayed / run eagerly, shapes dropped (LRU)."""
+
     captures: int = 0
     replays: int = 0
     eager: int = 0

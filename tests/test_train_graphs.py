@@ -93,15 +93,17 @@ needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a C
 
 @pytest.mark.gpu
 @needs_cuda
-@pytest.mark.parametrize("dtype", [None, torch.bfloat16])
-def test_gpu_graphed_training_matches_eager_over_alternating_shapes(dtype):
+@pytest.mark.parametrize("dtype,max_graphs", [(None, 64), (torch.bfloat16, 64), (None, 1)])
+def test_gpu_graphed_training_matches_eager_over_alternating_shapes(dtype, max_graphs):
     """Graphed and eager copies of one model take the same SGD steps on batches of two shapes
     (A, B, A, B, ...): losses and every gradient agree at each step, so the replays see the in-place
-    parameter updates and the two shapes' graphs do not overwrite each other's memory."""
+    parameter updates and the two shapes' graphs do not overwrite each other's memory. With room for
+    one graph, every call from the third on drops the other shape's graphs and captures its own again
+    (from the shared pool)."""
     dev = torch.device("cuda")
     eager = _pair_free().to(dev)
     graphed = copy.deepcopy(eager)
-    graphs = TrainGraphs(graphed, capture_after=2)
+    graphs = TrainGraphs(graphed, capture_after=2, max_graphs=max_graphs)
     shapes = [(3, 24, 5), (2, 40, 7)]
     tol = {"rtol": 1e-4, "atol": 1e-5} if dtype is None else {"rtol": 2e-2, "atol": 2e-3}  # bf16: loss only
     for step in range(8):
@@ -129,7 +131,11 @@ def test_gpu_graphed_training_matches_eager_over_alternating_shapes(dtype):
                 for p in model.parameters():
                     p.sub_(0.05 * p.grad)
                     p.grad = None
-    assert graphs.stats.captures == 2 and graphs.stats.replays == 6 and graphs.stats.eager == 2
+    if max_graphs == 1:
+        assert (graphs.stats.captures, graphs.stats.evictions, graphs.stats.replays, len(graphs)) == (6, 5, 6, 1)
+    else:
+        assert (graphs.stats.captures, graphs.stats.evictions, graphs.stats.replays) == (2, 0, 6)
+    assert graphs.stats.eager == 2
 
 
 @pytest.mark.gpu
