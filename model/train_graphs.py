@@ -21,7 +21,9 @@ A call runs eagerly (the same module, same numbers up to kernel choice) when: no
 disabled, the module is in eval mode, gradient checkpointing is on (its RNG bookkeeping cannot be
 captured), or the shape has been seen fewer than ``capture_after`` times (one-off shapes, such as an
 epoch's last batch, are not worth a capture). At most ``max_graphs`` shapes are kept; the least
-recently used one is dropped for a new one.
+recently used one is dropped for a new one. If a capture fails (an op that cannot be captured, a
+host sync), a warning names the shape and the error and every later call runs eagerly: training goes
+on, at eager speed. Running out of memory is not caught (training's OOM handling saves a checkpoint).
 
 NOTE: ``MHCResidual.record`` (the H_res kept for ``mhc_diagnostics``) is off while capturing: a
 replay does not run Python, so a recorded tensor would be stale. Callers that log diagnostics run
@@ -32,6 +34,7 @@ NOTE: autocast's weight-cast cache cannot be captured; captures and replays run 
 
 from __future__ import annotations
 
+import warnings
 from collections import Counter, OrderedDict
 from dataclasses import dataclass
 
@@ -85,12 +88,15 @@ class TrainGraphs:
         self._graphs: OrderedDict[tuple, nn.Module] = OrderedDict()
         self._seen: Counter = Counter()
         self._pool = None
+        self.failed: str | None = None  # why capturing was given up (then every call runs eagerly)
 
     def __len__(self) -> int:
         return len(self._graphs)
 
     def unsupported_reason(self, x_t: torch.Tensor) -> str | None:
         """Why this call cannot be graphed (None when it can)."""
+        if self.failed is not None:
+            return self.failed
         if getattr(self.denoiser, "checkpointing", False):
             return "useGradientCheckpointing is on"
         if not self.denoiser.training:
@@ -112,7 +118,17 @@ class TrainGraphs:
             if self._seen[key] < self.capture_after:
                 self.stats.eager += 1
                 return self.denoiser(x_t, t, mask)
-            graphed = self._capture(key, x_t, t, mask)
+            try:
+                graphed = self._capture(key, x_t, t, mask)
+            except torch.cuda.OutOfMemoryError:
+                raise
+            except Exception as exc:  # noqa: BLE001 - any capture failure: warn, go on eagerly
+                self.failed = f"CUDA graph capture failed ({type(exc).__name__}: {exc})"
+                warnings.warn(f"graphTrainingStep: capturing batch shape {list(x_t.shape)} failed "
+                              f"({type(exc).__name__}: {exc}); training goes on with eager steps. Set "
+                              f"graphTrainingStep False to skip the attempt.", RuntimeWarning, stacklevel=2)
+                self.stats.eager += 1
+                return self.denoiser(x_t, t, mask)
         self._graphs.move_to_end(key)
         self.stats.replays += 1
         return graphed(x_t, t, mask)

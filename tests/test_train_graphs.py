@@ -58,6 +58,38 @@ def test_cpu_calls_run_eagerly_with_the_same_result_and_say_why():
         TrainGraphs(den, max_graphs=0)
 
 
+def test_a_failed_capture_warns_and_training_goes_on_eagerly(monkeypatch):
+    """A capture that raises (here: the capture call itself, simulated, since this machine has no GPU)
+    gives a warning naming the shape and the error; that call and every later one run eagerly with
+    the eager model's result, and no capture is tried again. Out-of-memory errors are not swallowed."""
+    den = _pair_free()
+    graphs = TrainGraphs(den, capture_after=1)
+    calls = []
+
+    def failing_capture(*args, **kwargs):
+        calls.append(1)
+        raise RuntimeError("operation not permitted when stream is capturing")
+
+    monkeypatch.setattr(TrainGraphs, "unsupported_reason", lambda self, x: self.failed)  # as if on a GPU
+    monkeypatch.setattr(torch.cuda, "graph_pool_handle", lambda: None)
+    monkeypatch.setattr(torch.cuda, "make_graphed_callables", failing_capture)
+    x, t, mask = _batch(2, 12, 3, seed=3)
+    with pytest.warns(RuntimeWarning, match=r"capturing batch shape \[2, 12, 3\] failed .*not permitted"):
+        out = graphs(x, t, mask)
+    torch.testing.assert_close(out, den(x, t, mask), rtol=0, atol=0)
+    out2 = graphs(x, t, mask)
+    torch.testing.assert_close(out2, den(x, t, mask), rtol=0, atol=0)
+    assert len(calls) == 1 and graphs.stats.eager == 2 and graphs.stats.captures == 0
+    assert graphs.failed.startswith("CUDA graph capture failed (RuntimeError")
+
+    def oom(*args, **kwargs):
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory")
+
+    monkeypatch.setattr(torch.cuda, "make_graphed_callables", oom)
+    with pytest.raises(torch.cuda.OutOfMemoryError):
+        TrainGraphs(den, capture_after=1)(x, t, mask)
+
+
 def test_graph_training_key_pads_lengths_and_keeps_diagnostics_steps_eager(tmp_path):
     """On the CPU the key changes no numbers: every step runs eagerly; the steps whose mHC diagnostics
     are logged would run eagerly on the GPU too (``_diagnostics_step``)."""
