@@ -30,6 +30,8 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from timing import event_ms
+
 from model import mhc, mhc_map_triton, mhc_mix_triton
 from model.config import Config
 from model.structure import PlainResidual
@@ -49,15 +51,8 @@ def graph_ms(fn, reps: int = 5) -> float:
     with torch.cuda.graph(graph):
         for _ in range(REPEAT):
             fn()
-    times = []
-    for _ in range(reps):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        graph.replay()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end) / REPEAT)
-    return sorted(times)[len(times) // 2]
+    times = sorted(event_ms(graph.replay, 1) / REPEAT for _ in range(reps))
+    return times[len(times) // 2]
 
 
 class CheapBranch(nn.Module):
@@ -88,12 +83,7 @@ def train_ms(module: nn.Module, streams: torch.Tensor, reps: int = 20) -> float:
     grad = torch.randn_like(streams)
     times = []
     for _ in range(reps + 3):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        graphed(streams).backward(grad)
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end))
+        times.append(event_ms(lambda: graphed(streams).backward(grad), 1))
         for p in module.parameters():
             p.grad = None
     times = sorted(times[3:])

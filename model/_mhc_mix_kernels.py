@@ -12,8 +12,14 @@ import triton.language as tl
 
 
 @triton.jit
+def _stream_offsets(rows, N: tl.constexpr, C: tl.constexpr):
+    """[BLOCK, N, C] element offsets of the residues ``rows`` in a [count, N, C] tensor."""
+    return rows[:, None, None] * (N * C) + tl.arange(0, N)[None, :, None] * C + tl.arange(0, C)[None, None, :]
+
+
+@triton.jit
 def _load_streams(s_ptr, rows, valid, N: tl.constexpr, C: tl.constexpr):
-    offs = rows[:, None, None] * (N * C) + tl.arange(0, N)[None, :, None] * C + tl.arange(0, C)[None, None, :]
+    offs = _stream_offsets(rows, N, C)
     return tl.load(s_ptr + offs, mask=valid[:, None, None], other=0.0).to(tl.float32)  # [BLOCK, N, C]
 
 
@@ -65,7 +71,7 @@ def mix_in_backward_kernel(h_ptr, s_ptr, gx_ptr, gh_ptr, gs_ptr, count, N: tl.co
     gh = tl.sum(gx[:, None, :] * s, axis=2)  # [BLOCK, N]
     tl.store(gh_ptr + h_offs, gh.to(gh_ptr.dtype.element_ty), mask=valid[:, None])
     gs = h[:, :, None] * gx[:, None, :]  # [BLOCK, N, C]
-    s_offs = rows[:, None, None] * (N * C) + tl.arange(0, N)[None, :, None] * C + cols[None, None, :]
+    s_offs = _stream_offsets(rows, N, C)
     tl.store(gs_ptr + s_offs, gs.to(gs_ptr.dtype.element_ty), mask=valid[:, None, None])
 
 

@@ -199,13 +199,12 @@ def compile_denoiser(denoiser: nn.Module, *, dynamic: bool | None = True, mode: 
     net = getattr(denoiser, "pair_transform_net", None)
     if net is not None:
         net.compile_layers(dynamic=dynamic, mode=mode, backend=backend)
-    fused = None
-    for module in denoiser.modules():
-        if _is_flash_ipa(module):
-            if fused is None:
-                from model.geometry import rotate_points_elementwise
+    flash = _flash_ipa_modules(denoiser)
+    if flash:
+        from model.geometry import rotate_points_elementwise
 
-                fused = torch.compile(rotate_points_elementwise, dynamic=dynamic, mode=mode, backend=backend)
+        fused = torch.compile(rotate_points_elementwise, dynamic=dynamic, mode=mode, backend=backend)
+        for module in flash:
             module.rotate = fused
     return denoiser
 
@@ -218,25 +217,25 @@ def compiled_parts(denoiser: nn.Module) -> list[str]:
     net = getattr(denoiser, "pair_transform_net", None)
     if net is not None and any(getattr(layer, "_compiled_call_impl", None) is not None for layer in net.layers):
         parts.append("pair_stack")
-    if any(_is_flash_ipa(m) and m.rotate is not rotate_points for m in denoiser.modules()):
+    if any(m.rotate is not rotate_points for m in _flash_ipa_modules(denoiser)):
         parts.append("point_rotations")
     return parts
 
 
-def _is_flash_ipa(module: nn.Module) -> bool:
+def _flash_ipa_modules(denoiser: nn.Module) -> list[nn.Module]:
+    """The Flash-IPA layers of ``denoiser`` (whose point rotations compile_denoiser swaps)."""
     from model.flash_ipa import FlashIPA
 
-    return isinstance(module, FlashIPA)
+    return [m for m in denoiser.modules() if isinstance(m, FlashIPA)]
 
 
 def uncompile_denoiser(denoiser: nn.Module) -> nn.Module:
     """Undo :func:`compile_denoiser` in place (the service's fallback when compiling fails); returns it."""
+    from model.geometry import rotate_points
+
     net = getattr(denoiser, "pair_transform_net", None)
     if net is not None:
         net.eager_layers()
-    from model.geometry import rotate_points
-
-    for module in denoiser.modules():
-        if _is_flash_ipa(module):
-            module.rotate = rotate_points
+    for module in _flash_ipa_modules(denoiser):
+        module.rotate = rotate_points
     return denoiser
