@@ -63,6 +63,23 @@ def tiny_cfg():
     return tiny_config()
 
 
+def tiny_pair_free_denoiser(extra_keys: str = ""):
+    """A small pair-free mHC + Flash-IPA denoiser (``parse_config`` text + ``extra_keys``), built under
+    seed 0, with every parameter perturbed (N(0, 0.05^2)) so the zero-initialised final layers pass
+    the IPA output on to eps_hat and every parameter gets a gradient."""
+    from model import build_denoiser
+    from model.config import parse_config
+
+    cfg = parse_config("useMHCMode True\nuseFlashMode True\nusePairFree True\nsingleFeatureDimension 32\n"
+                       "pairFeatureDimension 16\nnumStructureLayers 2\nipaNumHeads 2\nkNeighbors 4\n"
+                       "numTimesteps 20\n" + extra_keys)
+    torch.manual_seed(0)
+    den = build_denoiser(cfg)
+    for p in den.parameters():
+        p.data.add_(0.05 * torch.randn_like(p))
+    return den
+
+
 def random_ca_trace(batch: int, length: int, *, generator: torch.Generator | None = None,
                     step: float = 3.8) -> torch.Tensor:
     """A chain-like random walk (steps of ``step`` +- 5% A, mildly persistent), centred.

@@ -7,7 +7,7 @@ shapes) are tested in tests/test_pair_transform.py (CPU, slow) and on the GPU in
 from __future__ import annotations
 
 import torch
-from conftest import tiny_config
+from conftest import tiny_config, tiny_pair_free_denoiser
 
 from model import build_denoiser
 from model.denoiser import compile_denoiser
@@ -64,15 +64,7 @@ def test_point_rotation_elementwise_equals_the_matmul_reference():
 def _tiny_pair_free(extra_keys: str = ""):
     """A small pair-free mHC + Flash-IPA denoiser with non-zero final layers (so the IPA output reaches
     eps_hat), and inputs x [2, 11, 3], t [2], mask [2, 11] whose second chain has 3 padded residues."""
-    from model.config import parse_config
-
-    cfg = parse_config("useMHCMode True\nuseFlashMode True\nusePairFree True\nsingleFeatureDimension 32\n"
-                       "pairFeatureDimension 16\nnumStructureLayers 2\nipaNumHeads 2\nkNeighbors 4\n"
-                       "numTimesteps 20\n" + extra_keys)
-    torch.manual_seed(0)
-    den = build_denoiser(cfg)
-    for p in den.parameters():
-        p.data.add_(0.05 * torch.randn_like(p))
+    den = tiny_pair_free_denoiser(extra_keys)
     x = torch.randn(2, 11, 3) * 5
     t = torch.tensor([3, 17])
     mask = torch.ones(2, 11)

@@ -11,23 +11,14 @@ import copy
 
 import pytest
 import torch
-from conftest import random_ca_trace
+from conftest import random_ca_trace, tiny_pair_free_denoiser
 
-from model import build_denoiser
-from model.config import parse_config
 from model.diffusion import loss as genie_loss
 from model.train_graphs import TrainGraphs
 
 
 def _pair_free(extra: str = ""):
-    cfg = parse_config("useMHCMode True\nuseFlashMode True\nusePairFree True\nsingleFeatureDimension 32\n"
-                       "pairFeatureDimension 16\nnumStructureLayers 2\nipaNumHeads 2\nkNeighbors 4\n"
-                       "numTimesteps 20\nipaDropout 0.0\nstructureTransitionDropout 0.0\n" + extra)
-    torch.manual_seed(0)
-    den = build_denoiser(cfg)
-    for p in den.parameters():  # non-zero final layers, so every parameter gets a gradient signal
-        p.data.add_(0.05 * torch.randn_like(p))
-    return den.train()
+    return tiny_pair_free_denoiser("ipaDropout 0.0\nstructureTransitionDropout 0.0\n" + extra).train()
 
 
 def _batch(b: int, length: int, pad: int, seed: int, device="cpu"):
