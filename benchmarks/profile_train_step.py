@@ -6,6 +6,8 @@
     python benchmarks/profile_train_step.py configs/ship_mhc_flash.txt --device cpu --batch 8 --length 40
     # the cost of mHC with the forward + backward replayed from CUDA graphs (GPU time, not launches)
     python benchmarks/profile_train_step.py configs/ship_pairfree.txt --ab flash,mhc_flash --graph --steps 40
+    # ... and where it goes: GPU time per kernel name and step in each mode (eager steps, profiler)
+    python benchmarks/profile_train_step.py configs/ship_pairfree.txt --ab flash,mhc_flash --kernels --out DIR
 
 On CPU the op counts are what matters (each aten op is one or more kernels on the GPU, and the GPU
 step is bound by their number, not by FLOPs); ``--stacks`` adds the model source lines that issue
@@ -118,6 +120,42 @@ def profile_ops(step, device: str, stacks: bool = False, steps: int = 2, table: 
     return res
 
 
+def kernel_times(step, steps: int = 3) -> dict[str, dict[str, float]]:
+    """GPU time (us) and launches per step of every CUDA kernel name, from the profiler, eager steps.
+
+    Kernel time does not depend on launch overhead, so the difference of two modes' totals is the GPU
+    work one adds, which is what a CUDA-graphed step pays (plus ~1 us of gap per kernel)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(steps):
+            step()
+        torch.cuda.synchronize()
+    out: dict[str, dict[str, float]] = {}
+    for e in prof.key_averages():
+        if e.device_type.name != "CUDA":
+            continue
+        us = getattr(e, "self_device_time_total", getattr(e, "self_cuda_time_total", 0.0))
+        out[e.key] = {"us": us / steps, "count": e.count / steps}
+    return out
+
+
+def kernel_diff_table(times: dict[str, dict[str, dict[str, float]]], names: list[str], rows: int = 40) -> str:
+    """The kernels whose GPU time per step differs most between two modes (B - A), and the totals."""
+    a, b = (times[n] for n in names)
+    keys = sorted(set(a) | set(b), key=lambda k: -abs(b.get(k, {}).get("us", 0.0) - a.get(k, {}).get("us", 0.0)))
+    zero = {"us": 0.0, "count": 0.0}
+    lines = [f"{'B - A us':>9} {names[0] + ' us':>10} {names[1] + ' us':>12} {'launches A/B':>13}  kernel"]
+    for k in keys[:rows]:
+        ka, kb = a.get(k, zero), b.get(k, zero)
+        lines.append(f"{kb['us'] - ka['us']:9.1f} {ka['us']:10.1f} {kb['us']:12.1f} "
+                     f"{ka['count']:6.0f}/{kb['count']:<6.0f}  {k[:110]}")
+    ta, tb = (sum(v["us"] for v in t.values()) for t in (a, b))
+    na, nb = (sum(v["count"] for v in t.values()) for t in (a, b))
+    lines.append(f"{tb - ta:9.1f} {ta:10.1f} {tb:12.1f} {na:6.0f}/{nb:<6.0f}  TOTAL kernel time and launches per step")
+    return "\n".join(lines)
+
+
 def ab_compare(args) -> None:
     """Two modes in one process, steps alternated A, B, A, B, ... so clock / load drift hits both."""
     import copy
@@ -141,16 +179,24 @@ def ab_compare(args) -> None:
             _sync(args.device)
             times[name].append((time.perf_counter() - t0) * 1e3)
     med = {name: statistics.median(t) for name, t in times.items()}
+    kernels = {name: kernel_times(steps[name]) for name in names} if args.kernels else None
     res = {"config": args.config, "device": args.device, "batch": args.batch, "length": args.length,
            "steps": args.steps, "graphed": args.graph, "compiled": args.compile, "step_ms_median": med,
            "overhead": med[names[1]] / med[names[0]] - 1.0,
            "step_ms_quartiles": {n: statistics.quantiles(t, n=4) for n, t in times.items()}}
     if args.device.startswith("cuda"):
         res["gpu"] = torch.cuda.get_device_name()
+    if kernels is not None:
+        res["kernels_per_step"] = kernels
     if args.out is not None:
         args.out.mkdir(parents=True, exist_ok=True)
         (args.out / "ab.json").write_text(json.dumps(res, indent=1))
-    print(json.dumps(res, indent=1))
+    print(json.dumps({k: v for k, v in res.items() if k != "kernels_per_step"}, indent=1))
+    if kernels is not None:
+        table = kernel_diff_table(kernels, names)
+        print(table)
+        if args.out is not None:
+            (args.out / "kernels.txt").write_text(table + "\n")
 
 
 def main() -> None:
@@ -169,6 +215,9 @@ def main() -> None:
                     help="replay the forward + backward from CUDA graphs (model.train_graphs, graphTrainingStep)")
     ap.add_argument("--compile-structure", action="store_true",
                     help="also torch.compile each structure layer (an experiment; not what compileModel does)")
+    ap.add_argument("--kernels", action="store_true",
+                    help="with --ab on a GPU: GPU time per kernel name and step in both modes (eager steps, "
+                         "profiler), the largest differences as a table (kernels.txt) and all in ab.json")
     ap.add_argument("--out", type=Path, default=None)
     ap.add_argument("--ab", default=None, metavar="MODE_A,MODE_B",
                     help="A/B: build both modes, time their steps alternately (--steps each), report both "

@@ -19,8 +19,8 @@ without varlen unpadding, and it is the same large finite negative the math refe
 ``-inf``: a fully-masked row gives a uniform softmax, not NaN. Padded query rows output zeros.
 
 Shapes: q, k [B, L, H, D_qk], v [B, L, H, D_v]; D_qk may differ from D_v: the inputs are zero-padded
-to what the chosen kernel needs (a multiple of 8, equal widths for FA / SDPA-flash / cuDNN) and the
-output is cut back to D_v. Optional accelerators are imported lazily, inside functions.
+to what the chosen kernel needs (a multiple of 8, equal widths for FA / SDPA-flash; cuDNN: each a
+multiple of 16, unequal where the device's cuDNN takes that) and the output is cut back to D_v. Optional accelerators are imported lazily, inside functions.
 """
 
 from __future__ import annotations
@@ -51,6 +51,7 @@ __all__ = [
 BACKEND_ORDER = ("fa3", "fa2", "sdpa_cudnn", "sdpa_flash", "sdpa_efficient", "math")
 FA_MAX_HEAD_DIM = 256  # FlashAttention 2 and 3 (forward and backward)
 HALF_DTYPES = (torch.float16, torch.bfloat16)
+CUDNN_WIDTH_MULTIPLE = 16  # cuDNN attention: q / k and v widths each padded to a multiple of this
 # Elements of one fp32 logit block in math_attention (B * H * chunk * L_k): 64 Mi = 256 MiB.
 MATH_BLOCK_ELEMENTS = 1 << 26
 
@@ -166,19 +167,37 @@ def _sdpa_accepts(name: str, dim_qk: int, dim_v: int, dtype: torch.dtype, device
         return False
 
 
-def _padded_dims(name: str, dim_qk: int, dim_v: int) -> tuple[int, int]:
-    """Widths the kernel ``name`` receives for a (mask-folded) q / k of ``dim_qk`` and a v of ``dim_v``."""
+def _cudnn_takes_unequal_widths(device: torch.device | None) -> bool:
+    """Whether this device's cuDNN attention accepts q / k narrower than v (PyTorch's own check; torch
+    2.11 with cuDNN 9 does). Without a CUDA device (CPU tests of the packing) the answer is True."""
+    if device is None or device.type != "cuda":
+        return True
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    return _sdpa_accepts("sdpa_cudnn", 64, 112, torch.bfloat16, index)
+
+
+def _padded_dims(name: str, dim_qk: int, dim_v: int, device: torch.device | None = None) -> tuple[int, int]:
+    """Widths the kernel ``name`` receives for a (mask-folded) q / k of ``dim_qk`` and a v of ``dim_v``.
+
+    NOTE (cuDNN): q / k and v are padded separately, each to a multiple of ``CUDNN_WIDTH_MULTIPLE``,
+    where the device's cuDNN takes unequal widths (else both to the wider, as FA / SDPA-flash need).
+    Flash-IPA's shipped rows (q / k 58 + the mask column, v 104): 64 / 112 instead of 104 / 104 ran the
+    forward 10-16 % and forward + backward 9-12 % faster on the H100 (L = 4096, B = 32 and 8;
+    ``benchmarks/attention_widths.py``, BENCHMARKS.md); 64 / 104 was 2-3 % slower forward + backward.
+    """
     if name == "math":
         return dim_qk, dim_v
-    up = lambda d: -(-d // 8) * 8
+    up = lambda d, multiple=8: -(-d // multiple) * multiple
     if name == "sdpa_efficient":
         return up(dim_qk), up(dim_v)
+    if name == "sdpa_cudnn" and _cudnn_takes_unequal_widths(device):
+        return up(dim_qk, CUDNN_WIDTH_MULTIPLE), up(dim_v, CUDNN_WIDTH_MULTIPLE)
     width = up(max(dim_qk, dim_v))
     return width, width
 
 
 def _kernel_accepts(name: str, dim_qk: int, dim_v: int, dtype: torch.dtype, device: torch.device) -> tuple[bool, str]:
-    dq, dv = _padded_dims(name, dim_qk, dim_v)
+    dq, dv = _padded_dims(name, dim_qk, dim_v, device)
     if name in ("fa3", "fa2"):
         if dtype not in HALF_DTYPES:
             return False, f"{name} needs fp16/bf16, got {dtype}"
@@ -311,7 +330,7 @@ def pack_rows(q_cols: list[torch.Tensor], k_cols: list[torch.Tensor], v_cols: li
     dtype = q_cols[0].dtype
     b, l, h = q_cols[0].shape[:3]
     dim_qk, dim_v = sum(t.shape[-1] for t in q_cols), sum(t.shape[-1] for t in v_cols)
-    pad_qk, pad_v = _padded_dims(name, dim_qk + 1, dim_v)
+    pad_qk, pad_v = _padded_dims(name, dim_qk + 1, dim_v, q_cols[0].device)
     q_tail = _constant_row(pad_qk - dim_qk, 1, dtype, q_cols[0].device)  # [1, 0, ..., 0]
     if key_padding_mask is None:
         k_tail = torch.zeros(b, l, 1, pad_qk - dim_qk, dtype=dtype, device=q_cols[0].device)
