@@ -68,9 +68,10 @@ def available(streams: torch.Tensor) -> bool:
     return triton_can_run(streams)
 
 
-def _launch(kernel, count: int, *tensors, n: int, c: int) -> None:
+def _launch(kernel, count: int, *tensors, n: int, c: int, **flags: bool) -> None:
+    """One program per BLOCK residues; ``flags`` are the kernel's boolean constexprs (MEAN, GRAD_OUT, ...)."""
     if count:
-        kernel[(max(1, -(-count // BLOCK)),)](*tensors, count, N=n, C=c, BLOCK=BLOCK)
+        kernel[(max(1, -(-count // BLOCK)),)](*tensors, count, N=n, C=c, BLOCK=BLOCK, **flags)
 
 
 def _check(streams: torch.Tensor, **others: tuple[torch.Tensor, tuple[int, ...]]) -> None:
@@ -94,13 +95,16 @@ def _mix_in_forward(h: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
     return out
 
 
-def _mix_out_forward(h_res: torch.Tensor, h_post: torch.Tensor, s: torch.Tensor,
-                     y: torch.Tensor) -> torch.Tensor:
-    """h_res [..., n, n], h_post [..., n], s [..., n, C], y [..., C] contiguous, one dtype -> [..., n, C]."""
+def _mix_out_forward(h_res: torch.Tensor, h_post: torch.Tensor, s: torch.Tensor, y: torch.Tensor,
+                     with_mean: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """h_res [..., n, n], h_post [..., n], s [..., n, C], y [..., C] contiguous, one dtype -> ([..., n, C],
+    the mean over the n new streams [..., C] if ``with_mean`` else None)."""
     n, c = s.shape[-2:]
     out = torch.empty_like(s)
-    _launch(_kernels()[1], s.numel() // (n * c), h_res, h_post, s, y, out, n=n, c=c)
-    return out
+    mean = torch.empty_like(y) if with_mean else None
+    _launch(_kernels()[1], s.numel() // (n * c), h_res, h_post, s, y, out, out if mean is None else mean, n=n, c=c,
+            MEAN=with_mean)  # (out as the mean's placeholder pointer when there is no mean: not written)
+    return out, mean
 
 
 class MixIn(torch.autograd.Function):
@@ -129,28 +133,37 @@ class MixIn(torch.autograd.Function):
 
 class MixOut(torch.autograd.Function):
     """H_res S + H_post^T y, both ways fused: h_res [..., n, n], h_post [..., n], streams [..., n, C],
-    y [..., C] (one dtype) -> [..., n, C].
+    y [..., C] (one dtype) -> [..., n, C], and with ``with_mean`` also its mean over the streams [..., C].
 
-    Saves all four inputs (contiguous); the backward kernel returns (gh_res, gh_post, gS, gy).
+    Saves all four inputs (contiguous); the backward kernel returns (gh_res, gh_post, gS, gy), taking the
+    streams' gradient and the mean's (either may be absent) in one pass: the mean read-out's gradient
+    reaches the streams without a separate broadcast and add.
     NOTE: all four are always computed, for the reason given in ``MixIn``.
     """
 
     @staticmethod
-    def forward(ctx, h_res: torch.Tensor, h_post: torch.Tensor, streams: torch.Tensor,
-                y: torch.Tensor) -> torch.Tensor:
+    def forward(ctx, h_res: torch.Tensor, h_post: torch.Tensor, streams: torch.Tensor, y: torch.Tensor,
+                with_mean: bool = False):
         h_res, h_post, s, y = h_res.contiguous(), h_post.contiguous(), streams.contiguous(), y.contiguous()
         ctx.save_for_backward(h_res, h_post, s, y)
-        return _mix_out_forward(h_res, h_post, s, y)
+        ctx.set_materialize_grads(False)  # an unused output's gradient arrives as None: no zeros read
+        out, mean = _mix_out_forward(h_res, h_post, s, y, with_mean)
+        return (out, mean) if with_mean else out
 
     @staticmethod
     @once_differentiable
-    def backward(ctx, grad_out: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    def backward(ctx, grad_out: torch.Tensor | None, grad_mean: torch.Tensor | None = None):
         h_res, h_post, s, y = ctx.saved_tensors
         n, c = s.shape[-2:]
         g_res, g_post, gs, gy = (torch.empty_like(t) for t in (h_res, h_post, s, y))
-        _launch(_kernels()[3], s.numel() // (n * c), h_res, h_post, s, y, grad_out.contiguous(),
-                g_res, g_post, gs, gy, n=n, c=c)
-        return g_res, g_post, gs, gy
+        has_out, has_mean = grad_out is not None, grad_mean is not None
+        if not (has_out or has_mean):
+            return g_res.zero_(), g_post.zero_(), gs.zero_(), gy.zero_(), None
+        g = grad_out.contiguous() if has_out else gs  # a placeholder pointer when absent (not read)
+        gm = grad_mean.contiguous() if has_mean else gy  # likewise
+        _launch(_kernels()[3], s.numel() // (n * c), h_res, h_post, s, y, g, gm, g_res, g_post, gs, gy, n=n, c=c,
+                GRAD_OUT=has_out, GRAD_MEAN=has_mean)
+        return g_res, g_post, gs, gy, None
 
 
 def mix_in(h_pre: torch.Tensor, streams: torch.Tensor) -> torch.Tensor:
@@ -164,10 +177,12 @@ def mix_in(h_pre: torch.Tensor, streams: torch.Tensor) -> torch.Tensor:
     return _mix_in_forward(h.contiguous(), streams.contiguous())
 
 
-def mix_out(h_res: torch.Tensor, h_post: torch.Tensor, streams: torch.Tensor,
-            y: torch.Tensor) -> torch.Tensor:
+def mix_out(h_res: torch.Tensor, h_post: torch.Tensor, streams: torch.Tensor, y: torch.Tensor, *,
+            with_mean: bool = False):
     """h_res [..., n, n], h_post [..., n], streams [..., n, C], y [..., C] -> H_res S + H_post^T y [..., n, C]
-    (the streams' dtype; the others are cast to it).
+    (the streams' dtype; the others are cast to it). ``with_mean``: returns (new streams, their mean over
+    the n streams [..., C]) from the same kernel (``model.mhc.contract`` of the output, which the next
+    backbone update reads), instead of a second pass over the streams.
 
     Through ``MixOut`` (fused backward) when a gradient is needed, else the forward kernel alone."""
     n, c = streams.shape[-2:]
@@ -175,5 +190,7 @@ def mix_out(h_res: torch.Tensor, h_post: torch.Tensor, streams: torch.Tensor,
     dt = streams.dtype
     h_res, h_post, y = h_res.to(dt), h_post.to(dt), y.to(dt)
     if _needs_grad(h_res, h_post, streams, y):
-        return MixOut.apply(h_res, h_post, streams, y)
-    return _mix_out_forward(h_res.contiguous(), h_post.contiguous(), streams.contiguous(), y.contiguous())
+        return MixOut.apply(h_res, h_post, streams, y, with_mean)
+    out, mean = _mix_out_forward(h_res.contiguous(), h_post.contiguous(), streams.contiguous(), y.contiguous(),
+                                 with_mean)
+    return (out, mean) if with_mean else out

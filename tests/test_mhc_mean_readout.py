@@ -1,0 +1,72 @@
+"""The mean read-out fused into mHC's mix_out kernel (model/mhc_mix_triton.py, ``with_mean``).
+
+The structure layer's backbone update reads the mean of the new streams (``model.mhc.contract``);
+``mix_out(..., with_mean=True)`` returns it from the kernel that writes the streams, and its backward
+takes both gradients in one pass. Checked against the reference ``mix_out`` followed by ``contract``:
+outputs and the gradients of all four inputs, when both outputs are used, only the mean, or only the
+streams. Runs on CUDA, or on the CPU under Triton's interpreter.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from test_mhc import _in_triton_interpreter, _mix_inputs
+
+ATOL = 1e-5  # float32 sums of 4 streams in another order (the mean: one more division)
+RTOL = 1e-5
+
+
+def _run(fused: bool, inputs, w_out, w_mean, use_out: bool, use_mean: bool):
+    from model import mhc_mix_triton
+    from model.mhc import contract, mix_out
+
+    leaves = [t.detach().clone().requires_grad_() for t in inputs[1:]]  # h_post, h_res, S, y
+    h_post, h_res, s, y = leaves
+    if fused:
+        out, mean = mhc_mix_triton.mix_out(h_res, h_post, s, y, with_mean=True)
+        assert type(out.grad_fn).__name__ == "MixOutBackward"
+    else:
+        out = mix_out(h_res, h_post, s, y, matmul=False)
+        mean = contract(out)
+    loss = (out * w_out).sum() * use_out + (mean * w_mean).sum() * use_mean
+    grads = torch.autograd.grad(loss, leaves, allow_unused=False)
+    return [out.detach(), mean.detach(), *grads]
+
+
+def fused_mean_matches_reference(device: str) -> None:
+    from model import mhc_mix_triton
+
+    g = torch.Generator().manual_seed(29)
+    cases = [(4, 128, (2, 13)), (4, 32, (9,)), (2, 32, (3, 5))]
+    if device == "cuda":
+        cases.append((4, 128, (56, 72)))
+    for n, c, lead in cases:
+        inputs = [t.float().to(device) for t in _mix_inputs(n, c, lead, g)]
+        w_out = torch.randn(*lead, n, c, generator=g).to(device)
+        w_mean = torch.randn(*lead, c, generator=g).to(device)
+        assert mhc_mix_triton.available(inputs[3])
+        for use_out, use_mean in ((True, True), (False, True), (True, False)):
+            fused = _run(True, inputs, w_out, w_mean, use_out, use_mean)
+            ref = _run(False, inputs, w_out, w_mean, use_out, use_mean)
+            for i, (a, b) in enumerate(zip(fused, ref, strict=True)):
+                assert a.shape == b.shape and a.dtype == b.dtype == torch.float32
+                torch.testing.assert_close(a, b, atol=ATOL, rtol=RTOL,
+                                           msg=lambda m, i=i, u=(use_out, use_mean): f"{u} output {i}: {m}")
+        # no gradient: the forward kernel alone, same values; without with_mean the old single output
+        with torch.no_grad():
+            out, mean = mhc_mix_triton.mix_out(inputs[2], inputs[1], inputs[3], inputs[4], with_mean=True)
+            plain = mhc_mix_triton.mix_out(inputs[2], inputs[1], inputs[3], inputs[4])
+        torch.testing.assert_close(out, plain, atol=0, rtol=0)
+        torch.testing.assert_close(mean, plain.mean(dim=-2), atol=ATOL, rtol=RTOL)
+
+
+def test_fused_mean_matches_reference_in_the_triton_interpreter():
+    """The kernels' source, executed by Triton's CPU interpreter."""
+    _in_triton_interpreter("fused_mean_matches_reference", module="test_mhc_mean_readout")
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_gpu_fused_mean_matches_reference():
+    fused_mean_matches_reference("cuda")
