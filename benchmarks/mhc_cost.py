@@ -7,6 +7,8 @@ the replay's CUDA-event time / 10:
     kernel at each tiling / tl.dot precision, with its max error against float64), the whole
     ``MHCMappings``, Sinkhorn, the two stream mixings (reference vs fused), and the whole
     ``MHCResidual`` against ``PlainResidual`` around the same cheap branch;
+  Sinkhorn tilings: the fused kernel's forward and forward + backward (``torch.autograd.grad``
+    captured) at each (matrices per program, warps) choice;
   training (forward + backward, ``torch.cuda.make_graphed_callables``): ``MHCResidual`` vs
     ``PlainResidual`` around the same branch, fused mixing on and off.
     NOTE: those rows include the autograd engine's host work around the two graphs (one
@@ -32,7 +34,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from timing import event_ms
 
-from model import mhc, mhc_map_triton, mhc_mix_triton
+from model import mhc, mhc_map_triton, mhc_mix_triton, sinkhorn_triton
 from model.config import Config
 from model.structure import PlainResidual
 
@@ -88,6 +90,29 @@ def train_ms(module: nn.Module, streams: torch.Tensor, reps: int = 20) -> float:
             p.grad = None
     times = sorted(times[3:])
     return times[len(times) // 2]
+
+
+def sinkhorn_tilings(count: int, n: int, iters: int) -> list[dict]:
+    """The fused Sinkhorn's forward and forward + backward (graphed) at each (matrices per program,
+    warps) tiling, for ``count`` random [n, n] logit matrices; the max difference from the default."""
+    dev = torch.device("cuda")
+    z = torch.randn(count, n, n, device=dev) * 2.0
+    g = torch.randn(count, n, n, device=dev)
+    floor = mhc.SINKHORN_LOGIT_FLOOR
+    zr = z.clone().requires_grad_()
+    ref_out = sinkhorn_triton.sinkhorn_fused(zr, iters, floor)
+    (ref_grad,) = torch.autograd.grad(ref_out, zr, g)
+    out = []
+    for block, warps in itertools.product((4, 8, 16, 32), (1, 2, 4)):
+        kw = {"block": block, "num_warps": warps}
+        with torch.no_grad():
+            fwd = graph_ms(lambda kw=kw: sinkhorn_triton.sinkhorn_fused(z, iters, floor, **kw))
+        both = graph_ms(lambda kw=kw: torch.autograd.grad(sinkhorn_triton.sinkhorn_fused(zr, iters, floor, **kw), zr, g))
+        o = sinkhorn_triton.sinkhorn_fused(zr, iters, floor, **kw)
+        (gr,) = torch.autograd.grad(o, zr, g)
+        err = max(float((o - ref_out).abs().max()), float((gr - ref_grad).abs().max()))
+        out.append({**kw, "forward_ms": fwd, "forward_backward_ms": both, "max_abs_diff_vs_default": err})
+    return out
 
 
 def run_shape(batch: int, length: int, n: int, c: int) -> dict:
@@ -149,7 +174,8 @@ def run_shape(batch: int, length: int, n: int, c: int) -> dict:
         mres.fused_mixing = fused
         training[f"mHC residual fwd + bwd (fused_mixing {fused})"] = train_ms(mres.train(), s_req)
     return {"batch": batch, "length": length, "n": n, "C": c, "sampling_ms": rows, "training_ms": training,
-            "mapping_variants": variants, "best_tf32x3": best}
+            "mapping_variants": variants, "best_tf32x3": best,
+            "sinkhorn_tilings": sinkhorn_tilings(batch * length, n, cfg.mhcSinkhornIters)}
 
 
 def main() -> None:
@@ -173,6 +199,10 @@ def main() -> None:
         for v in sorted((v for v in res["mapping_variants"] if "ms" in v), key=lambda v: v["ms"])[:6]:
             print(f"    {v['ms'] * 1e3:8.1f} us  block_m {v['block_m']:3d} block_k {v['block_k']:3d} "
                   f"warps {v['num_warps']} {v['precision']:6s} err {v['max_abs_err_vs_float64']:.1e}")
+        print(f"  Sinkhorn tilings (default: block {sinkhorn_triton.BLOCK}, warps {sinkhorn_triton.NUM_WARPS}):")
+        for v in sorted(res["sinkhorn_tilings"], key=lambda v: v["forward_backward_ms"]):
+            print(f"    fwd {v['forward_ms'] * 1e3:7.1f} us  fwd+bwd {v['forward_backward_ms'] * 1e3:7.1f} us  "
+                  f"block {v['block']:2d} warps {v['num_warps']}  diff {v['max_abs_diff_vs_default']:.1e}")
     text = json.dumps(out, indent=1)
     if args.json:
         Path(args.json).write_text(text)

@@ -37,6 +37,7 @@ __all__ = ["available", "sinkhorn_fused"]
 # program left most of the H100's 132 SMs idle behind a 40-half-step dependency chain (backward
 # 80 us per call, BENCHMARKS.md); sampling batches (32,768 matrices) fill the card either way.
 BLOCK = 16  # matrices per program
+NUM_WARPS = 4  # warps per program (Triton's default)
 
 
 @functools.cache
@@ -57,21 +58,23 @@ def available(logits: torch.Tensor) -> bool:
     return triton_can_run(logits)
 
 
-def _launch(kernel, count: int, *tensors, iters: int, n: int, floor: float) -> None:
-    grid = (max(1, -(-count // BLOCK)),)
-    kernel[grid](*tensors, count, ITERS=iters, N=n, FLOOR=floor, BLOCK=BLOCK)
+def _launch(kernel, count: int, *tensors, iters: int, n: int, floor: float, block: int = BLOCK,
+            num_warps: int = NUM_WARPS) -> None:
+    grid = (max(1, -(-count // block)),)
+    kernel[grid](*tensors, count, ITERS=iters, N=n, FLOOR=floor, BLOCK=block, num_warps=num_warps)
 
 
 class _SinkhornFused(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, logits: torch.Tensor, iters: int, floor: float) -> torch.Tensor:
+    def forward(ctx, logits: torch.Tensor, iters: int, floor: float, tiling: tuple[int, int]) -> torch.Tensor:
         z = logits.detach().float().contiguous()  # [..., n, n]
         out = torch.empty_like(z)
         count, n = z.numel() // (z.shape[-1] ** 2), z.shape[-1]
+        block, warps = tiling
         if count:
-            _launch(_kernels()[0], count, z, out, iters=iters, n=n, floor=floor)
+            _launch(_kernels()[0], count, z, out, iters=iters, n=n, floor=floor, block=block, num_warps=warps)
         ctx.save_for_backward(z)
-        ctx.iters, ctx.floor = iters, floor
+        ctx.iters, ctx.floor, ctx.tiling = iters, floor, tiling
         return out
 
     @staticmethod
@@ -81,11 +84,15 @@ class _SinkhornFused(torch.autograd.Function):
         count, n = z.numel() // (z.shape[-1] ** 2), z.shape[-1]
         if count:
             sums = torch.empty(count, 2 * ctx.iters, n, dtype=torch.float64, device=z.device)  # scratch
+            block, warps = ctx.tiling
             _launch(_kernels()[1], count, z, grad_out.float().contiguous(), grad, sums, iters=ctx.iters, n=n,
-                    floor=ctx.floor)
-        return grad, None, None
+                    floor=ctx.floor, block=block, num_warps=warps)
+        return grad, None, None, None
 
 
-def sinkhorn_fused(logits: torch.Tensor, num_iters: int, floor: float) -> torch.Tensor:
-    """``model.mhc.sinkhorn_knopp`` as one kernel each way: [..., n, n] (fp32 / bf16 / fp16) -> float32."""
-    return _SinkhornFused.apply(logits, int(num_iters), float(floor))
+def sinkhorn_fused(logits: torch.Tensor, num_iters: int, floor: float, *, block: int = BLOCK,
+                   num_warps: int = NUM_WARPS) -> torch.Tensor:
+    """``model.mhc.sinkhorn_knopp`` as one kernel each way: [..., n, n] (fp32 / bf16 / fp16) -> float32.
+    ``block`` (matrices per program, a power of two) and ``num_warps``: the tiling, forward and backward
+    (``benchmarks/mhc_cost.py`` times the choices)."""
+    return _SinkhornFused.apply(logits, int(num_iters), float(floor), (int(block), int(num_warps)))
