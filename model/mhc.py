@@ -39,7 +39,7 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from model import mhc_map_triton, mhc_mix_triton, sinkhorn_triton
+from model import mhc_map_triton, mhc_mix_triton, mhc_pre_triton, sinkhorn_triton
 
 __all__ = [
     "GatedReadout",
@@ -51,6 +51,7 @@ __all__ = [
     "expand",
     "find_mhc_modules",
     "mhc_diagnostics",
+    "mhc_pre_reference",
     "sinkhorn_knopp",
     "sinkhorn_knopp_direct",
     "sinkhorn_knopp_log",
@@ -170,6 +171,36 @@ def mapping_logits(streams: torch.Tensor, phi: torch.Tensor, alpha: torch.Tensor
         return torch.addcmul(bias.to(dtype), alpha.to(dtype), raw)  # [..., M]  alpha * raw + b (Eq. 7)
 
 
+def _columns(n: int, alpha_pre: torch.Tensor, alpha_post: torch.Tensor, alpha_res: torch.Tensor,
+             b_pre: torch.Tensor, b_post: torch.Tensor, b_res: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-column alpha and bias of the 2n + n^2 logits (pre | post | res): ([M], [M])."""
+    alpha = torch.cat([alpha_pre.expand(n), alpha_post.expand(n), alpha_res.expand(n * n)])
+    bias = torch.cat([b_pre, b_post, b_res.flatten()])
+    return alpha, bias
+
+
+def mhc_pre_reference(streams: torch.Tensor, phi: torch.Tensor, alpha_pre: torch.Tensor,
+                      alpha_post: torch.Tensor, alpha_res: torch.Tensor, b_pre: torch.Tensor,
+                      b_post: torch.Tensor, b_res: torch.Tensor,
+                      sinkhorn_iters: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Everything MHCResidual computes before its branch, from the references (Eqs. 7-9, then H_pre S).
+
+    streams [..., n, C], phi [nC, 2n + n^2], alpha_* [] (scalars), b_pre [n], b_post [n], b_res [n, n]
+    -> (x [..., C] in the streams' dtype, h_post [..., n], h_res [..., n, n] in float32 at least).
+    ``model.mhc_pre_triton.mhc_pre`` is the fused op of the same, forward and backward (tests compare).
+    """
+    n = streams.shape[-2]
+    with torch.autocast(device_type=streams.device.type, enabled=False):
+        alpha, bias = _columns(n, alpha_pre, alpha_post, alpha_res, b_pre, b_post, b_res)  # [M], [M]
+        logits = mapping_logits(streams, phi, alpha, bias)  # [..., 2n + n^2]
+        pre, post, res = logits.split([n, n, n * n], dim=-1)
+        h_pre = torch.sigmoid(pre)  # [..., n]
+        h_post = 2.0 * torch.sigmoid(post)  # [..., n]
+        h_res = sinkhorn_knopp(res.reshape(*res.shape[:-1], n, n), sinkhorn_iters, fused=False)  # [..., n, n]
+        x = mix_in(h_pre.to(streams.dtype), streams, matmul=False)  # [..., C]
+    return x, h_post, h_res
+
+
 class MHCMappings(nn.Module):
     """H_pre, H_post, H_res of one layer from the current streams, Eqs. (7)-(9), per residue.
 
@@ -180,7 +211,8 @@ class MHCMappings(nn.Module):
     forward(streams [B, L, n, C]) -> (h_pre [B, L, n], h_post [B, L, n], h_res [B, L, n, n]),
     all float32 (at least).
     ``fused`` (default True): without gradients on CUDA the logits come from one Triton kernel
-    (model/mhc_map_triton.py); False forces the reference ``mapping_logits``.
+    (model/mhc_map_triton.py); False forces the reference ``mapping_logits`` (and keeps
+    ``MHCResidual`` off its fused pre-branch, which does not call this module's forward).
     """
 
     def __init__(self, dim: int, n: int, config) -> None:
@@ -229,13 +261,16 @@ class MHCMappings(nn.Module):
         diag = math.log(RES_DIAG_INIT * (n - 1) / (1.0 - RES_DIAG_INIT))
         self.b_res.copy_(torch.eye(n) * diag)
 
+    def column_parameters(self) -> tuple[torch.Tensor, ...]:
+        """(alpha_pre, alpha_post, alpha_res, b_pre, b_post, b_res): the arguments of ``mhc_pre``."""
+        return self.alpha_pre, self.alpha_post, self.alpha_res, self.b_pre, self.b_post, self.b_res
+
     def forward(self, streams: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         n = self.n
         with torch.autocast(device_type=streams.device.type, enabled=False):
             # Eq. 8's three maps alpha * raw + b over the 2n + n^2 columns at once (launch count:
             # the step is CPU-bound in mHC mode, every op of the 10 residuals costs host time).
-            alpha = torch.cat([self.alpha_pre.expand(n), self.alpha_post.expand(n), self.alpha_res.expand(n * n)])
-            bias = torch.cat([self.b_pre, self.b_post, self.b_res.flatten()])  # [2n + n^2]
+            alpha, bias = _columns(n, *self.column_parameters())  # [2n + n^2] each
             # sampling (no gradient) on CUDA: norm, GEMM, scale and shift as one Triton kernel
             if self.fused and mhc_map_triton.available(streams, self.phi):
                 logits = mhc_map_triton.mapping_logits(streams, self.phi, alpha, bias)  # [B, L, 2n + n^2]
@@ -290,6 +325,10 @@ class MHCResidual(nn.Module):
     ``S + f(S[..., 0, :])[..., None, :]``: bit-identical to the plain residual s + f(s).
     After each forward ``last_h_res`` holds the detached H_res [B, L, n, n] (float32) for
     ``mhc_diagnostics``; set ``record = False`` to skip that (e.g. under torch.compile / serving).
+    On CUDA (``fused_pre``, ``fused_mixing`` and ``mappings.fused`` all True, the default) everything
+    before the branch (the mappings and H_pre S) is one fused op, forward and backward
+    (model/mhc_pre_triton.py; its reference is ``mhc_pre_reference``); ``fused_pre = False`` keeps
+    ``MHCMappings`` and the separate mixing kernel (A/B benchmarks).
     """
 
     def __init__(self, branch: nn.Module, dim: int, config, *, n: int | None = None) -> None:
@@ -304,6 +343,9 @@ class MHCResidual(nn.Module):
         self.last_h_res: torch.Tensor | None = None
         self.matmul_mixing: bool | None = None  # None: batched GEMM on CUDA, broadcast sums on CPU
         self.fused_mixing = True  # on CUDA, training too: model/mhc_mix_triton.py (False: reference)
+        # with fused_mixing and mappings.fused: mappings + H_pre S as one op, model/mhc_pre_triton.py
+        # (False: MHCMappings, then the mixing kernel, as before)
+        self.fused_pre = True
 
     def forward(self, streams: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         if streams.shape[-2:] != (self.n, self.dim):
@@ -314,9 +356,6 @@ class MHCResidual(nn.Module):
             if self.record:
                 self.last_h_res = torch.ones(*streams.shape[:-2], 1, 1, device=streams.device)
             return streams + y.unsqueeze(-2)
-        h_pre, h_post, h_res = self.mappings(streams)  # [B, L, n], [B, L, n], [B, L, n, n]
-        if self.record:
-            self.last_h_res = h_res.detach()
         dt = streams.dtype
         # NOTE: stream mixing outside autocast, in the streams' dtype (float32 in training), so the
         # residual stream is never rounded to bf16 (the plain residual s + y promotes the same way).
@@ -324,9 +363,19 @@ class MHCResidual(nn.Module):
         # on CUDA: one fused Triton kernel per mixing (model/mhc_mix_triton.py), in sampling and, through
         # its autograd Functions (one backward kernel each), in training; the reference where it cannot run
         fused = self.fused_mixing and mhc_mix_triton.available(streams)
-        with torch.autocast(device_type=streams.device.type, enabled=False):
-            h_pre = h_pre.to(dt)
-            x = mhc_mix_triton.mix_in(h_pre, streams) if fused else mix_in(h_pre, streams, matmul)  # [B, L, C]
+        maps = self.mappings
+        if fused and self.fused_pre and maps.fused and mhc_pre_triton.available(streams, maps.phi):
+            # mappings and H_pre S as one kernel each way (model/mhc_pre_triton.py)
+            with torch.autocast(device_type=streams.device.type, enabled=False):
+                x, h_post, h_res = mhc_pre_triton.mhc_pre(streams, maps.phi, *maps.column_parameters(),
+                                                          maps.sinkhorn_iters)  # [B, L, C], [B, L, n], [B, L, n, n]
+        else:
+            h_pre, h_post, h_res = maps(streams)  # [B, L, n], [B, L, n], [B, L, n, n]
+            with torch.autocast(device_type=streams.device.type, enabled=False):
+                h_pre = h_pre.to(dt)
+                x = mhc_mix_triton.mix_in(h_pre, streams) if fused else mix_in(h_pre, streams, matmul)  # [B, L, C]
+        if self.record:
+            self.last_h_res = h_res.detach()
         y = self.branch(x, *args, **kwargs)  # [B, L, C]
         with torch.autocast(device_type=streams.device.type, enabled=False):
             h_res, h_post, y = h_res.to(dt), h_post.to(dt), y.to(dt)

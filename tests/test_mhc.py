@@ -400,9 +400,9 @@ def test_fused_sinkhorn_dispatch_rules():
         assert not sinkhorn_triton.available(torch.zeros(3, 4, 4, device="cuda", dtype=torch.float64))
 
 
-def _in_triton_interpreter(check: str) -> None:
-    """Run ``test_mhc.<check>('cpu')`` under Triton's CPU interpreter (a subprocess, because
-    TRITON_INTERPRET is read when the kernels are defined). Skips where Triton is not installed."""
+def _in_triton_interpreter(check: str, module: str = "test_mhc") -> None:
+    """Run ``<module>.<check>('cpu')`` (a module of tests/) under Triton's CPU interpreter (a subprocess,
+    because TRITON_INTERPRET is read when the kernels are defined). Skips where Triton is not installed."""
     import os
     import subprocess
     import sys
@@ -412,7 +412,7 @@ def _in_triton_interpreter(check: str) -> None:
     tests = Path(__file__).resolve().parent
     env = {**os.environ, "TRITON_INTERPRET": "1",
            "PYTHONPATH": os.pathsep.join([str(tests), str(tests.parent), os.environ.get("PYTHONPATH", "")])}
-    code = f"import test_mhc; test_mhc.{check}('cpu'); print('ok')"
+    code = f"import {module}; {module}.{check}('cpu'); print('ok')"
     res = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=600,
                          check=False)
     assert res.returncode == 0 and res.stdout.strip().endswith("ok"), res.stderr[-3000:]

@@ -1,0 +1,236 @@
+"""Fused mHC pre-branch: the three mappings and the branch input H_pre S, one Triton kernel each way.
+
+The reference is ``model.mhc.mhc_pre_reference``: what ``MHCResidual`` runs before its branch, i.e.
+``MHCMappings`` (torch.cat of alpha / bias, ``mapping_logits``: RMSNorm + a float32 GEMM + addcmul,
+split, sigmoid, 2 sigmoid, the fused Sinkhorn) and then ``mix_in``: about 9 kernels forward, and in
+training their backward (rms_norm backward, two GEMMs, addcmul / sigmoid / cat backward, Sinkhorn and
+mix_in backward, autograd's adds of the stream gradients): many more. On the H100 the CUDA-graphed
+training step paid +8.8 % for mHC and batch-1 sampling +11.9 % (launch-bound), against a 5 % budget.
+
+Math per residue r (v = vec(S_r) in R^D, D = nC, M = 2n + n^2 columns; Eqs. 7-9 and 14-16 of the mHC
+paper, the GEMM on the raw v and the 1 / rms scale after it, as ``model/_mhc_map_kernels.py``):
+
+    rinv = 1 / sqrt(mean(v^2) + RMS_EPS);  raw = (v phi) rinv  [M];  l = alpha raw + b
+    h_pre = sigmoid(l_pre);  h_post = 2 sigmoid(l_post);  h_res = Sinkhorn(mat(l_res))  (Eq. 9, as
+    model/_sinkhorn_kernels.py: float64, max shift, floor, t_max column-then-row normalisations)
+    x = sum_i h_pre_i S_i  [C]
+
+Backward, for the output gradients gx [C], g_post [n], g_res [n, n] (any may be absent: zero):
+
+    g_hpre_i = gx . S_i;  gl_pre = g_hpre h_pre (1 - h_pre);  gl_post = g_post h_post (1 - h_post / 2)
+    gl_res = the Sinkhorn VJP of g_res (the existing kernel of model/sinkhorn_triton.py, its own launch)
+    graw = alpha gl;  g_alpha_group = sum_r sum_group gl raw;  g_b = sum_r gl
+    du = graw rinv;  g_phi = sum_r v^T du  [D, M]
+    gS = du phi^T - (graw . raw) rinv^2 v / D + h_pre_i gx   (the RMSNorm term, then mix_in's)
+
+Kernels (model/_mhc_pre_kernels.py), one program per ``BLOCK_M`` residues. Forward: pass 1 over D in
+chunks of ``BLOCK_K``: one tf32x3 ``tl.dot`` per chunk (tensor cores, ~float32 accuracy) into a single
+[BLOCK_M, MP] accumulator holding all 2n + n^2 columns (reordered res | pre | post so each group can be
+taken out exactly: see the kernels' docstring), and sum(v^2); then the sigmoids and the Sinkhorn in
+registers; pass 2 over the (L2-resident) streams in chunks of ``BLOCK_C`` for x. Backward: pass 1 over
+C for g_hpre; the logits gradients of all columns as one [BLOCK_M, MP] tile; pass 2 over D, two tf32x3
+dots per chunk (du phi^T for gS, v^T du for this program's g_phi). Row sums (g_phi, g_alpha, g_b) are
+written per program to a [programs, D M + M + 3] buffer that one ``torch.sum`` reduces (deterministic,
+no atomics; the parameter gradients are views of its result).
+Launches: forward 1 (was ~9); backward 3: the Sinkhorn VJP (when g_res is given), this kernel, the sum.
+
+Measured on one H100 (n = 4, C = 128, float32 streams, CUDA graphs; scratch timings of this session,
+not yet in BENCHMARKS.md): pre-branch forward without gradient 31.2 -> 23.2 us at 128 residues,
+33.8 -> 30.3 us at 4,032, 109.5 -> 89.6 us at 32,768 (MHCMappings + the fused mix_in before);
+forward + backward 176 -> 111 us at 4,032 and 610 -> 392 us at 32,768. Graphed training step of
+configs/ship_pairfree.txt (``profile_train_step.py --ab flash,mhc_flash --graph``, 3 runs each): mHC
+overhead +8.4 % -> +5.3 %; graphed sampling step of mhc_flash_pairfree_v1 at 1 x 128: 1.80 -> 1.75 ms.
+
+``mhc_pre`` launches the forward kernel alone when no gradient is needed (sampling under
+``torch.no_grad``: nothing saved, no autograd node), and goes through the autograd Function ``MHCPre``
+when one is (training), which also saves raw [N, M], z = l_res [N, n^2] and rinv [N] (float32).
+CUDA-graph safe: the host only reads shapes; outputs, gradients and scratch come from ``torch.empty``.
+The backward is not differentiable again (``once_differentiable``).
+
+n * n must be a power of two and C a power of two >= 16 (mhcExpansionRate 4 and C_s = 128 are), phi
+float32 [nC, 2n + n^2]; streams float32 / bf16 / fp16 (sums in float32, x stored in the streams'
+dtype). Other shapes, float64, torch.compile and CPU tensors without ``TRITON_INTERPRET=1`` take the
+reference (``available``). Imported lazily, like ``model.sinkhorn_triton``.
+NOTE: the whole forward is one chain of dependent steps per program (16 GEMM chunks, 40 float64 Sinkhorn
+half steps, the mixing pass), so at a few thousand residues (one program per SM) it is latency-bound.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+from torch.autograd.function import once_differentiable
+
+from model import sinkhorn_triton
+from model.triton_support import triton_can_run
+
+__all__ = ["MHCPre", "available", "mhc_pre"]
+
+# Tilings (BLOCK_M residues per program, BLOCK_K channels of vec(S) per GEMM step, BLOCK_C channels per step
+# of the mixing passes, num_warps) by residue count; BLOCK_K and BLOCK_C are capped at C (backward: one
+# stream per chunk). Swept on the H100 (n = 4, C = 128, float32, graphed; forward no-grad at 128 / 4,032 /
+# 32,768 residues: 23.1 / 29.9 / 89.3 us with these; forward + backward 112 us at 4,032 and 442 us at 32,768).
+# BLOCK_M 64 with BLOCK_K 64 runs out of shared memory in the backward.
+FORWARD_TILINGS = ((1024, (16, 64, 32, 4)), (16384, (32, 32, 32, 4)), (None, (64, 32, 32, 4)))
+BACKWARD_TILINGS = ((16384, (32, 64, 32, 4)), (None, (32, 128, 32, 4)))
+PRECISION = "tf32x3"  # tl.dot input precision (~float32; plain tf32 would round v and phi to 10 bits)
+_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+@functools.cache
+def _kernels():
+    """(forward, backward) Triton kernels; Triton is imported here, never at package import."""
+    from model import _mhc_pre_kernels as k
+
+    return k.pre_forward_kernel, k.pre_backward_kernel
+
+
+def _pow2(v: int) -> bool:
+    return v > 0 and v & (v - 1) == 0
+
+
+def _padded_cols(m: int) -> int:
+    """The 2n + n^2 columns padded to a power of two >= 16 (``tl.dot``'s smallest tile side)."""
+    return max(16, 1 << (m - 1).bit_length())
+
+
+def available(streams: torch.Tensor, phi: torch.Tensor) -> bool:
+    """True when the fused op can run for ``streams`` [..., n, C] and ``phi`` [nC, 2n + n^2], with or
+    without a gradient: CUDA (or CPU under ``TRITON_INTERPRET=1``), streams float32 / 16-bit, phi
+    float32 on the same device, n >= 2 with n * n a power of two, C a power of two >= 16, Triton
+    importable, not inside torch.compile (which fuses the reference itself)."""
+    if streams.dim() < 3 or phi.dim() != 2:
+        return False
+    n, c = streams.shape[-2:]
+    if n < 2 or not _pow2(n * n) or not _pow2(c) or c < 16:
+        return False
+    if tuple(phi.shape) != (n * c, 2 * n + n * n):
+        return False
+    if streams.dtype not in _DTYPES or phi.dtype != torch.float32 or phi.device != streams.device:
+        return False
+    return triton_can_run(streams)
+
+
+def _tiling(count: int, c: int, backward: bool) -> tuple[int, int, int, int]:
+    """(BLOCK_M, BLOCK_K, BLOCK_C, num_warps) for ``count`` residues of C channels."""
+    for below, tiling in BACKWARD_TILINGS if backward else FORWARD_TILINGS:
+        if below is None or count < below:
+            block_m, block_k, block_c, warps = tiling
+            return block_m, min(block_k, c), min(block_c, c), warps
+    raise AssertionError("the tiling tables end with None")
+
+
+def _f32(t: torch.Tensor) -> torch.Tensor:
+    return t.detach().float().contiguous()
+
+
+def _forward(s: torch.Tensor, phi: torch.Tensor, params: tuple[torch.Tensor, ...], iters: int,
+             save: bool) -> tuple[torch.Tensor, ...]:
+    """s [..., n, C] contiguous -> x [..., C] (s's dtype), h_post [..., n], h_res [..., n, n], and if
+    ``save`` raw [N, M], z [N, n^2], rinv [N] (float32; else None)."""
+    from model.mhc import RMS_EPS, SINKHORN_LOGIT_FLOOR  # NOTE: here: model.mhc imports this module
+
+    n, c = s.shape[-2:]
+    lead = s.shape[:-2]
+    count, m = s.numel() // (n * c), 2 * n + n * n
+    dev = s.device
+    x = torch.empty(*lead, c, device=dev, dtype=s.dtype)
+    h_post = torch.empty(*lead, n, device=dev, dtype=torch.float32)
+    h_res = torch.empty(*lead, n, n, device=dev, dtype=torch.float32)
+    raw = z = rinv = None
+    if save:
+        raw = torch.empty(count, m, device=dev, dtype=torch.float32)
+        z = torch.empty(count, n * n, device=dev, dtype=torch.float32)
+        rinv = torch.empty(count, device=dev, dtype=torch.float32)
+    if count:
+        dummy = h_post  # never read or written when SAVE is off
+        block_m, block_k, block_c, warps = _tiling(count, c, backward=False)
+        _kernels()[0][(-(-count // block_m),)](
+            s, _f32(phi), *(_f32(p) for p in params), x, h_post, h_res,
+            raw if save else dummy, z if save else dummy, rinv if save else dummy, count, RMS_EPS,
+            N=n, C=c, MP=_padded_cols(m), ITERS=iters, FLOOR=SINKHORN_LOGIT_FLOOR,
+            BLOCK_M=block_m, BLOCK_K=block_k, BLOCK_C=block_c, SAVE=save, PRECISION=PRECISION, num_warps=warps)
+    return x, h_post, h_res, raw, z, rinv
+
+
+class MHCPre(torch.autograd.Function):
+    """(streams [..., n, C], phi [nC, M], alpha_pre, alpha_post, alpha_res (scalars), b_pre [n],
+    b_post [n], b_res [n, n], sinkhorn_iters) -> (x [..., C], h_post [..., n], h_res [..., n, n]).
+
+    Saves the contiguous streams, the parameters and the forward's raw, z, rinv. Output gradients that
+    autograd does not produce stay None (not materialised as zeros): the kernel skips them.
+    NOTE: every input gradient is always computed (in training all are needed).
+    """
+
+    @staticmethod
+    def forward(ctx, streams, phi, alpha_pre, alpha_post, alpha_res, b_pre, b_post, b_res, sinkhorn_iters):
+        ctx.set_materialize_grads(False)
+        s = streams.contiguous()  # [..., n, C] (an expand view is copied here)
+        params = (alpha_pre, alpha_post, alpha_res, b_pre, b_post, b_res)
+        x, h_post, h_res, raw, z, rinv = _forward(s, phi, params, sinkhorn_iters, save=True)
+        ctx.save_for_backward(s, phi, *params, raw, z, rinv)
+        ctx.iters = sinkhorn_iters
+        return x, h_post, h_res
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, gx, g_post, g_res):
+        s, phi, a_pre, a_post, a_res, b_pre, b_post, b_res, raw, z, rinv = ctx.saved_tensors
+        from model.mhc import SINKHORN_LOGIT_FLOOR
+
+        n, c = s.shape[-2:]
+        count, m, d = raw.shape[0], raw.shape[1], n * c
+        block_m, block_k, block_c, warps = _tiling(count, c, backward=True)
+        programs = -(-count // block_m)
+        gs = torch.empty_like(s)  # [..., n, C]
+        part = torch.empty(programs, d * m + m + 3, device=s.device, dtype=torch.float32)  # per-program sums
+        if count:
+            gl_res = None
+            if g_res is not None:  # the Sinkhorn VJP, the existing kernel (its own launch)
+                # NOTE: model/sinkhorn_triton.py's private launcher, as _SinkhornFused.backward calls it
+                gl_res = torch.empty_like(z)  # [N, n^2]
+                sums = torch.empty(count, 2 * ctx.iters, n, dtype=torch.float64, device=s.device)  # scratch
+                sinkhorn_triton._launch(sinkhorn_triton._kernels()[1], count, z, _f32(g_res), gl_res, sums,
+                                        iters=ctx.iters, n=n, floor=SINKHORN_LOGIT_FLOOR)
+            dummy = rinv  # never read when its HAS_* flag is off
+            _kernels()[1][(programs,)](
+                s, _f32(phi), *(_f32(p) for p in (a_pre, a_post, a_res, b_pre, b_post, b_res)), raw, rinv,
+                dummy if gx is None else gx.contiguous(), dummy if g_post is None else _f32(g_post),
+                dummy if gl_res is None else gl_res, gs, part, count, N=n, C=c, MP=_padded_cols(m),
+                BLOCK_M=block_m, BLOCK_K=block_k, BLOCK_C=block_c,
+                HAS_GX=gx is not None, HAS_POST=g_post is not None, HAS_RES=gl_res is not None,
+                PRECISION=PRECISION, num_warps=warps)
+        total = part.sum(dim=0)  # [D M + M + 3]: one reduction for every parameter gradient
+        g_phi = total[:d * m].view(d, m)
+        g_b = total[d * m:d * m + m]
+        g_alpha = total[d * m + m:]
+
+        def like(g: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
+            return g.view(p.shape).to(p.dtype)
+
+        return (gs, like(g_phi, phi), like(g_alpha[0], a_pre), like(g_alpha[1], a_post), like(g_alpha[2], a_res),
+                like(g_b[:n], b_pre), like(g_b[n:2 * n], b_post), like(g_b[2 * n:], b_res), None)
+
+
+def mhc_pre(streams: torch.Tensor, phi: torch.Tensor, alpha_pre: torch.Tensor, alpha_post: torch.Tensor,
+            alpha_res: torch.Tensor, b_pre: torch.Tensor, b_post: torch.Tensor, b_res: torch.Tensor,
+            sinkhorn_iters: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """streams [..., n, C], phi [nC, 2n + n^2], alpha_* [] (scalars), b_pre [n], b_post [n], b_res [n, n]
+    -> (x = H_pre S [..., C] in the streams' dtype, H_post [..., n], H_res [..., n, n] float32).
+
+    Through ``MHCPre`` (fused backward) when a gradient is needed, else the forward kernel alone."""
+    iters = int(sinkhorn_iters)
+    if iters < 1:
+        raise ValueError(f"mhc_pre: sinkhorn_iters must be >= 1 (mhcSinkhornIters), got {iters}")
+    n = streams.shape[-2]
+    for name, t, shape in (("alpha_pre", alpha_pre, ()), ("alpha_post", alpha_post, ()),
+                           ("alpha_res", alpha_res, ()), ("b_pre", b_pre, (n,)), ("b_post", b_post, (n,)),
+                           ("b_res", b_res, (n, n))):
+        if tuple(t.shape) != shape:
+            raise ValueError(f"mhc_pre: {name} must have shape {list(shape)}, got {list(t.shape)}")
+    inputs = (streams, phi, alpha_pre, alpha_post, alpha_res, b_pre, b_post, b_res)
+    if torch.is_grad_enabled() and any(t.requires_grad for t in inputs):
+        return MHCPre.apply(*inputs, iters)
+    x, h_post, h_res, *_ = _forward(streams.contiguous(), phi, inputs[2:], iters, save=False)
+    return x, h_post, h_res
