@@ -50,6 +50,7 @@ __all__ = [
     "contract",
     "expand",
     "find_mhc_modules",
+    "is_mean_readout",
     "mhc_diagnostics",
     "mhc_pre_reference",
     "sinkhorn_knopp",
@@ -348,6 +349,16 @@ class MHCResidual(nn.Module):
         self.fused_pre = True
 
     def forward(self, streams: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        return self._update(streams, args, kwargs, with_mean=False)
+
+    def forward_with_mean(self, streams: torch.Tensor, *args, **kwargs) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(forward(streams, ...), contract(of that))``: the new streams and their mean [B, L, C], which
+        the structure layer's backbone update reads. On the fused path the mean comes from the kernel
+        that writes the streams (``mhc_mix_triton.mix_out(with_mean=True)``): one pass fewer over the
+        streams forward, and no separate broadcast-and-add of its gradient backward."""
+        return self._update(streams, args, kwargs, with_mean=True)
+
+    def _update(self, streams: torch.Tensor, args: tuple, kwargs: dict, *, with_mean: bool):
         if streams.shape[-2:] != (self.n, self.dim):
             raise ValueError(f"MHCResidual: expected streams [..., {self.n}, {self.dim}], "
                              f"got {tuple(streams.shape)}")
@@ -355,7 +366,8 @@ class MHCResidual(nn.Module):
             y = self.branch(streams[..., 0, :], *args, **kwargs)  # [B, L, C]
             if self.record:
                 self.last_h_res = torch.ones(*streams.shape[:-2], 1, 1, device=streams.device)
-            return streams + y.unsqueeze(-2)
+            out = streams + y.unsqueeze(-2)
+            return (out, contract(out)) if with_mean else out
         dt = streams.dtype
         # NOTE: stream mixing outside autocast, in the streams' dtype (float32 in training), so the
         # residual stream is never rounded to bf16 (the plain residual s + y promotes the same way).
@@ -379,9 +391,16 @@ class MHCResidual(nn.Module):
         y = self.branch(x, *args, **kwargs)  # [B, L, C]
         with torch.autocast(device_type=streams.device.type, enabled=False):
             h_res, h_post, y = h_res.to(dt), h_post.to(dt), y.to(dt)
-            if fused:
-                return mhc_mix_triton.mix_out(h_res, h_post, streams, y)  # [B, L, n, C]
-            return mix_out(h_res, h_post, streams, y, matmul)  # H_res S + H_post^T y
+            if fused:  # [B, L, n, C] (and its mean [B, L, C] from the same kernel)
+                return mhc_mix_triton.mix_out(h_res, h_post, streams, y, with_mean=with_mean)
+            out = mix_out(h_res, h_post, streams, y, matmul)  # H_res S + H_post^T y
+            return (out, contract(out)) if with_mean else out
+
+
+def is_mean_readout(readout) -> bool:
+    """True for the mean read-out (``contract`` or a ``MeanReadout``), which ``MHCResidual.forward_with_mean``
+    computes together with the streams."""
+    return readout is contract or isinstance(readout, MeanReadout)
 
 
 class MeanReadout(nn.Module):

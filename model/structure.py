@@ -35,6 +35,7 @@ import torch
 from torch import nn
 
 from model.geometry import Frames, quaternion_update
+from model.mhc import MHCResidual, is_mean_readout
 
 __all__ = ["BackboneUpdate", "PlainResidual", "StructureBranch", "StructureLayer", "StructureTransition"]
 
@@ -152,6 +153,11 @@ class StructureLayer(nn.Module):
 
     def forward(self, streams: torch.Tensor, pair, frames: Frames, mask: torch.Tensor,
                 readout) -> tuple[torch.Tensor, Frames]:
-        streams = self.residual(streams, pair, frames, mask)  # [B, L, C_s] or [B, L, n, C_s]
-        frames = self.backbone_update(frames, readout(streams), mask)
+        if isinstance(self.residual, MHCResidual) and is_mean_readout(readout):
+            # the streams' mean comes out of the residual's last kernel (one pass fewer, fwd and bwd)
+            streams, s = self.residual.forward_with_mean(streams, pair, frames, mask)  # [B, L, n, C_s], [B, L, C_s]
+        else:
+            streams = self.residual(streams, pair, frames, mask)  # [B, L, C_s] or [B, L, n, C_s]
+            s = readout(streams)  # [B, L, C_s]
+        frames = self.backbone_update(frames, s, mask)
         return streams, frames

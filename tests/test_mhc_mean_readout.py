@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import pytest
 import torch
-from test_mhc import _in_triton_interpreter, _mix_inputs
+from test_mhc import Branch, _cfg, _in_triton_interpreter, _mix_inputs, _randomize
+
+from model.mhc import MHCResidual, contract, expand, is_mean_readout
 
 ATOL = 1e-5  # float32 sums of 4 streams in another order (the mean: one more division)
 RTOL = 1e-5
@@ -61,9 +63,85 @@ def fused_mean_matches_reference(device: str) -> None:
         torch.testing.assert_close(mean, plain.mean(dim=-2), atol=ATOL, rtol=RTOL)
 
 
+def residual_with_mean_matches(device: str) -> None:
+    """``MHCResidual.forward_with_mean`` (two layers, the first on ``expand``'s stride-0 streams, padded
+    mask) vs ``forward`` then ``contract``: the streams, the mean and the gradients of s and of every
+    parameter, float32; where the kernels run, the mean really comes from the mixing kernel (its grad_fn)."""
+    from model import mhc_mix_triton
+
+    torch.manual_seed(31)
+    g = torch.Generator().manual_seed(31)
+    block = MHCResidual(Branch(32), 32, _cfg(mhcExpansionRate=4))
+    _randomize(block, 31)
+    block.to(device)
+    s = torch.randn(2, 5, 32, generator=g).to(device).requires_grad_()
+    mask = torch.ones(2, 5, device=device)
+    mask[1, 3:] = 0
+    w_out, w_mean = torch.randn(2, 5, 4, 32, generator=g).to(device), torch.randn(2, 5, 32, generator=g).to(device)
+    runs = []
+    for fused_mean in (True, False):
+        block.zero_grad(set_to_none=True)
+        s.grad = None
+        mid = block(expand(s, 4), mask)
+        if fused_mean:
+            out, mean = block.forward_with_mean(mid, mask)
+        else:
+            out = block(mid, mask)
+            mean = contract(out)
+        assert (type(out.grad_fn).__name__ == "MixOutBackward") == mhc_mix_triton.available(mid)
+        ((out * w_out).sum() + (mean * w_mean).sum()).backward()
+        runs.append([out.detach(), mean.detach(), s.grad, *(p.grad for p in block.parameters())])
+    for i, (a, b) in enumerate(zip(*runs, strict=True)):
+        torch.testing.assert_close(a, b, atol=ATOL, rtol=1e-4, msg=lambda m, i=i: f"tensor {i}: {m}")
+
+
+def fused_mean_checks(device: str) -> None:
+    fused_mean_matches_reference(device)
+    residual_with_mean_matches(device)
+
+
 def test_fused_mean_matches_reference_in_the_triton_interpreter():
     """The kernels' source, executed by Triton's CPU interpreter."""
-    _in_triton_interpreter("fused_mean_matches_reference", module="test_mhc_mean_readout")
+    _in_triton_interpreter("fused_mean_checks", module="test_mhc_mean_readout")
+
+
+def test_residual_with_mean_on_the_cpu_path():
+    """Without Triton kernels (plain CPU): forward_with_mean is forward + contract, exactly."""
+    residual_with_mean_matches("cpu")
+
+
+def test_structure_layer_takes_the_mean_from_the_residual(monkeypatch):
+    """The structure layer asks an mHC residual for the streams and their mean together when its read-out
+    is the mean (``contract`` or ``MeanReadout``), and calls the read-out itself otherwise."""
+    from model.mhc import GatedReadout, MeanReadout
+    from model.structure import StructureLayer
+
+    assert is_mean_readout(contract) and is_mean_readout(MeanReadout())
+    assert not is_mean_readout(GatedReadout(32, 4, _cfg()))
+    class LayerBranch(Branch):  # the structure layer's branch signature (x, pair, frames, mask)
+        def forward(self, x, pair, frames, mask):
+            return super().forward(x, mask)
+
+    calls = []
+    block = MHCResidual(LayerBranch(32), 32, _cfg(mhcExpansionRate=4))
+    original = block.forward_with_mean
+    monkeypatch.setattr(block, "forward_with_mean", lambda *a, **k: calls.append(1) or original(*a, **k))
+
+    class Update(torch.nn.Module):  # records what the backbone update reads
+        def forward(self, frames, s, mask):
+            calls.append(s)
+            return frames
+
+    layer = StructureLayer(residual=block, c_s=32)
+    layer.backbone_update = Update()
+    streams = torch.randn(2, 5, 4, 32)
+    mask = torch.ones(2, 5)
+    out, _ = layer(streams, mask, None, mask, contract)
+    assert calls[0] == 1 and torch.equal(calls[1], contract(out))
+    calls.clear()
+    gated = GatedReadout(32, 4, _cfg())
+    out, _ = layer(streams, mask, None, mask, gated)
+    assert len(calls) == 1 and torch.equal(calls[0], gated(out))
 
 
 @pytest.mark.gpu
