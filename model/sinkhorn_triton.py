@@ -58,8 +58,11 @@ def available(logits: torch.Tensor) -> bool:
     return triton_can_run(logits)
 
 
-def _launch(kernel, count: int, *tensors, iters: int, n: int, floor: float, block: int = BLOCK,
-            num_warps: int = NUM_WARPS) -> None:
+def _launch(kernel, count: int, *tensors, iters: int, n: int, floor: float, block: int | None = None,
+            num_warps: int | None = None) -> None:
+    """One program per ``block`` matrices (default ``BLOCK``, ``NUM_WARPS``: read at each call)."""
+    block = BLOCK if block is None else block
+    num_warps = NUM_WARPS if num_warps is None else num_warps
     grid = (max(1, -(-count // block)),)
     kernel[grid](*tensors, count, ITERS=iters, N=n, FLOOR=floor, BLOCK=block, num_warps=num_warps)
 
@@ -90,9 +93,10 @@ class _SinkhornFused(torch.autograd.Function):
         return grad, None, None, None
 
 
-def sinkhorn_fused(logits: torch.Tensor, num_iters: int, floor: float, *, block: int = BLOCK,
-                   num_warps: int = NUM_WARPS) -> torch.Tensor:
+def sinkhorn_fused(logits: torch.Tensor, num_iters: int, floor: float, *, block: int | None = None,
+                   num_warps: int | None = None) -> torch.Tensor:
     """``model.mhc.sinkhorn_knopp`` as one kernel each way: [..., n, n] (fp32 / bf16 / fp16) -> float32.
     ``block`` (matrices per program, a power of two) and ``num_warps``: the tiling, forward and backward
     (``benchmarks/mhc_cost.py`` times the choices)."""
-    return _SinkhornFused.apply(logits, int(num_iters), float(floor), (int(block), int(num_warps)))
+    tiling = (BLOCK if block is None else int(block), NUM_WARPS if num_warps is None else int(num_warps))
+    return _SinkhornFused.apply(logits, int(num_iters), float(floor), tiling)
