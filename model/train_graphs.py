@@ -21,9 +21,12 @@ A call runs eagerly (the same module, same numbers up to kernel choice) when: no
 disabled, the module is in eval mode, gradient checkpointing is on (its RNG bookkeeping cannot be
 captured), or the shape has been seen fewer than ``capture_after`` times (one-off shapes, such as an
 epoch's last batch, are not worth a capture). At most ``max_graphs`` shapes are kept; the least
-recently used one is dropped for a new one. If a capture fails (an op that cannot be captured, a
-host sync), a warning names the shape and the error and every later call runs eagerly: training goes
-on, at eager speed. Running out of memory is not caught (training's OOM handling saves a checkpoint).
+recently used one is dropped for a new one (when that leaves none, the next capture takes a fresh
+pool). If a capture fails (an op that cannot be captured, a host sync), a warning names the shape and
+the error and every later call runs eagerly: training goes on, at eager speed; unless the failure left
+the CUDA random number generator unusable (seen when a capture failed as it began), which raises an
+error telling the user to set ``graphTrainingStep False``. Running out of memory is not caught
+(training's OOM handling saves a checkpoint).
 
 NOTE: ``MHCResidual.record`` (the H_res kept for ``mhc_diagnostics``) is off while capturing: a
 replay does not run Python, so a recorded tensor would be stale. Callers that log diagnostics run
@@ -64,6 +67,18 @@ class GraphStats:
     replays: int = 0
     eager: int = 0
     evictions: int = 0
+
+
+def _rng_broken(device: torch.device) -> bool:
+    """True when the CUDA random number generator of ``device`` cannot draw (e.g. left in graph-capture
+    mode by a capture that failed after it started); always False off CUDA."""
+    if device.type != "cuda":
+        return False
+    try:
+        torch.empty(1, device=device).normal_()
+    except RuntimeError:
+        return True
+    return False
 
 
 class TrainGraphs:
@@ -122,8 +137,14 @@ class TrainGraphs:
                 graphed = self._capture(key, x_t, t, mask)
             except torch.cuda.OutOfMemoryError:
                 raise
-            except Exception as exc:  # noqa: BLE001 - any capture failure: warn, go on eagerly
+            except Exception as exc:  # any capture failure: warn, go on eagerly (if the RNG survived)
                 self.failed = f"CUDA graph capture failed ({type(exc).__name__}: {exc})"
+                if _rng_broken(x_t.device):  # a capture that failed half-way can leave it in capture mode
+                    raise RuntimeError(
+                        f"graphTrainingStep: capturing batch shape {list(x_t.shape)} failed ({type(exc).__name__}: "
+                        f"{exc}) and left the CUDA random number generator unusable, so training cannot go on "
+                        "eagerly in this process. Set graphTrainingStep False and rerun (training resumes from "
+                        "the last checkpoint).") from exc
                 warnings.warn(f"graphTrainingStep: capturing batch shape {list(x_t.shape)} failed "
                               f"({type(exc).__name__}: {exc}); training goes on with eager steps. Set "
                               f"graphTrainingStep False to skip the attempt.", RuntimeWarning, stacklevel=2)
@@ -146,6 +167,11 @@ class TrainGraphs:
         while len(self._graphs) >= self.max_graphs:
             self._graphs.popitem(last=False)
             self.stats.evictions += 1
+        if not self._graphs:
+            # NOTE: no graph holds the shared pool any more, and the allocator releases a pool whose graphs
+            # are gone; capturing into the old handle then failed on the H100 (INTERNAL ASSERT use_count > 0
+            # in CUDACachingAllocator, max_graphs = 1): start a fresh pool
+            self._pool = None
         if self._pool is None:
             self._pool = torch.cuda.graph_pool_handle()
         mhc_modules = find_mhc_modules(self.denoiser)

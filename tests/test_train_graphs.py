@@ -81,6 +81,48 @@ def test_a_failed_capture_warns_and_training_goes_on_eagerly(monkeypatch):
         TrainGraphs(den, capture_after=1)(x, t, mask)
 
 
+def test_a_failed_capture_that_breaks_the_rng_stops_with_advice(monkeypatch):
+    """If the failed capture left the CUDA generator unusable (simulated), the call raises an error that
+    names the shape and graphTrainingStep instead of going on eagerly into a confusing RNG error."""
+    import model.train_graphs as tg
+
+    def failing_capture(*args, **kwargs):
+        raise RuntimeError("INTERNAL ASSERT FAILED use_count > 0")
+
+    monkeypatch.setattr(TrainGraphs, "unsupported_reason", lambda self, x: self.failed)
+    monkeypatch.setattr(torch.cuda, "graph_pool_handle", lambda: None)
+    monkeypatch.setattr(torch.cuda, "make_graphed_callables", failing_capture)
+    real_check = tg._rng_broken
+    monkeypatch.setattr(tg, "_rng_broken", lambda device: True)
+    x, t, mask = _batch(2, 12, 3, seed=3)
+    with pytest.raises(RuntimeError, match=r"shape \[2, 12, 3\] failed .*use_count.*graphTrainingStep False"):
+        TrainGraphs(_pair_free(), capture_after=1)(x, t, mask)
+    assert not real_check(torch.device("cpu"))  # off CUDA the check never fires
+
+
+@pytest.mark.parametrize("max_graphs,pools", [(1, 4), (2, 1)])
+def test_evicting_every_graph_starts_a_fresh_pool(monkeypatch, max_graphs, pools):
+    """Shapes A, B, A, B: with room for one graph each capture evicts the only other one, so it must not
+    reuse the pool handle whose graphs are gone (the allocator may have released that pool); with room
+    for two, both captures share one pool. Captures simulated (no GPU here): the pool each one got."""
+    handles, used = iter(range(100)), []
+
+    def fake_capture(module, static, *, pool, **kwargs):
+        used.append(pool)
+        return module
+
+    monkeypatch.setattr(TrainGraphs, "unsupported_reason", lambda self, x: self.failed)
+    monkeypatch.setattr(torch.cuda, "graph_pool_handle", lambda: next(handles))
+    monkeypatch.setattr(torch.cuda, "make_graphed_callables", fake_capture)
+    den = _pair_free()
+    graphs = TrainGraphs(den, capture_after=1, max_graphs=max_graphs)
+    for step in range(4):
+        x, t, mask = _batch(2, 12 + 4 * (step % 2), 3, seed=step)
+        torch.testing.assert_close(graphs(x, t, mask), den(x, t, mask), rtol=0, atol=0)
+    assert len(used) == (4 if max_graphs == 1 else 2)
+    assert len(set(used)) == pools, used
+
+
 def test_graph_training_key_pads_lengths_and_keeps_diagnostics_steps_eager(tmp_path):
     """On the CPU the key changes no numbers: every step runs eagerly; the steps whose mHC diagnostics
     are logged would run eagerly on the GPU too (``_diagnostics_step``)."""
