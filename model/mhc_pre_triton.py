@@ -154,11 +154,6 @@ def _forward(s: torch.Tensor, phi: torch.Tensor, params: tuple[torch.Tensor, ...
     return x, h_post, h_res, raw, z, rinv
 
 
-def _sum_partials(part: torch.Tensor) -> torch.Tensor:
-    """Column sums of the per-program partials [programs, K] -> [K] (deterministic)."""
-    return part.sum(dim=0)
-
-
 class MHCPre(torch.autograd.Function):
     """(streams [..., n, C], phi [nC, M], alpha_pre, alpha_post, alpha_res (scalars), b_pre [n],
     b_post [n], b_res [n, n], sinkhorn_iters) -> (x [..., C], h_post [..., n], h_res [..., n, n]).
@@ -206,7 +201,7 @@ class MHCPre(torch.autograd.Function):
                 BLOCK_M=block_m, BLOCK_K=block_k, BLOCK_C=block_c,
                 HAS_GX=gx is not None, HAS_POST=g_post is not None, HAS_RES=gl_res is not None,
                 PRECISION=PRECISION, num_warps=warps)
-        total = _sum_partials(part)  # [D M + M + 3]: one reduction for every parameter gradient
+        total = part.sum(dim=0)  # [D M + M + 3]: one reduction for every parameter gradient
         g_phi = total[:d * m].view(d, m)
         g_b = total[d * m:d * m + m]
         g_alpha = total[d * m + m:]
