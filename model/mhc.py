@@ -11,7 +11,8 @@ the mHC paper's:
 - Eq. (8)  H_pre = sigmoid(H~_pre), H_post = 2 sigmoid(H~_post), H_res = Sinkhorn-Knopp(H~_res)
 - Eq. (9)  M(0) = exp(H~_res), M(t) = T_r(T_c(M(t-1))), t_max = mhcSinkhornIters
 - Eq. (14)-(16) the fused form: one GEMM x phi, then scale by 1 / rms(x) (normalisation reordered;
-           the sampling kernel of model/mhc_map_triton.py, the reference normalises first)
+           the kernels of model/mhc_pre_triton.py and model/mhc_map_triton.py, the reference
+           normalises first)
 
 Symbols: B batch, L residues, n streams (``mhcExpansionRate``), C channels (C_s).
 
@@ -25,8 +26,8 @@ NOTE (differences from the paper, each also marked where it happens):
 - phi_pre, phi_post, phi_res are stored as one matrix ``phi`` [nC, 2n + n^2] (one GEMM, Eq. 14).
 - RMSNorm has no learnable gain (as in Eq. 15; a gain would be absorbed by phi).
 - The mappings and the stream mixing run in float32 (at least) even under autocast; the branch
-  runs in whatever precision autocast gives it. (The sampling kernel for the mapping logits runs
-  x phi on tensor cores as tf32x3, which is float32 accuracy, not float32 arithmetic.)
+  runs in whatever precision autocast gives it. (The fused kernels run x phi on tensor cores as
+  tf32x3, which is float32 accuracy, not float32 arithmetic.)
 - Bias initialisation (the paper does not fix it): see ``MHCMappings.reset_parameters``.
 - n = 1 has no mappings at all: H_pre = H_post = H_res = 1, so the update is exactly s + f(s).
 """

@@ -34,12 +34,12 @@ written per program to a [programs, D M + M + 3] buffer that one ``torch.sum`` r
 no atomics; the parameter gradients are views of its result).
 Launches: forward 1 (was ~9); backward 3: the Sinkhorn VJP (when g_res is given), this kernel, the sum.
 
-Measured on one H100 (n = 4, C = 128, float32 streams, CUDA graphs; scratch timings of this session,
-not yet in BENCHMARKS.md): pre-branch forward without gradient 31.2 -> 23.2 us at 128 residues,
-33.8 -> 30.3 us at 4,032, 109.5 -> 89.6 us at 32,768 (MHCMappings + the fused mix_in before);
-forward + backward 176 -> 111 us at 4,032 and 610 -> 392 us at 32,768. Graphed training step of
-configs/ship_pairfree.txt (``profile_train_step.py --ab flash,mhc_flash --graph``, 3 runs each): mHC
-overhead +8.4 % -> +5.3 %; graphed sampling step of mhc_flash_pairfree_v1 at 1 x 128: 1.80 -> 1.75 ms.
+Measured on one H100 (n = 4, C = 128, float32 streams, CUDA graphs; BENCHMARKS.md, session 6):
+pre-branch forward without gradient 31.4 -> 23.1 us at 128 residues, 34.0 -> 29.9 us at 4,032,
+110.1 -> 89.3 us at 32,768 (MHCMappings + the fused mix_in before); forward + backward 175.7 -> 112 us
+at 4,032. Graphed training step of configs/ship_pairfree.txt at 56 x 72 (``profile_train_step.py --ab
+flash,mhc_flash --graph``, 3 runs each): mHC overhead +8.4 % -> +5.3 %; graphed sampling step of
+mhc_flash_pairfree_v1 at 1 x 128: 1.80 -> 1.76 ms.
 
 ``mhc_pre`` launches the forward kernel alone when no gradient is needed (sampling under
 ``torch.no_grad``: nothing saved, no autograd node), and goes through the autograd Function ``MHCPre``
