@@ -597,21 +597,30 @@ def fused_mixing_gradients_match_reference(device: str) -> None:
                                            msg=lambda m, i=i, d=dtype: f"{d} {i}: {m}")
 
 
+def residual_case(seed: int, device: str) -> tuple[MHCResidual, torch.Tensor, torch.Tensor, torch.Tensor,
+                                                   torch.Generator]:
+    """One MHCResidual (n = 4, C = 32, ``Branch``, mappings moved off the init) on ``device``, single
+    features s [2, 5, 32] that require a gradient (10 residues: not a multiple of the kernels' blocks), a
+    mask with padding, output weights w [2, 5, 4, 32], and the generator for further draws."""
+    torch.manual_seed(seed)
+    g = torch.Generator().manual_seed(seed)
+    block = MHCResidual(Branch(32), 32, _cfg(mhcExpansionRate=4))
+    _randomize(block, seed)
+    block.to(device)
+    s = torch.randn(2, 5, 32, generator=g).to(device).requires_grad_()
+    mask = torch.ones(2, 5, device=device)
+    mask[1, 3:] = 0
+    w = torch.randn(2, 5, 4, 32, generator=g).to(device)
+    return block, s, mask, w, g
+
+
 def fused_residual_matches_reference(device: str) -> None:
     """Two applications of one MHCResidual (n = 4, C = 32; perturbed mappings, padded mask), forward and
     backward, ``fused_mixing`` True vs False: the output, the gradient of s (the first call sees
     ``expand``'s stride-0 streams) and of every parameter; float32, then under bf16 autocast (only the
     branch in bf16). The fused run must really be the autograd path (its grad_fn). Runs on CUDA, or on
     the CPU under TRITON_INTERPRET=1."""
-    torch.manual_seed(19)
-    g = torch.Generator().manual_seed(19)
-    block = MHCResidual(Branch(32), 32, _cfg(mhcExpansionRate=4))
-    _randomize(block, 19)
-    block.to(device)
-    s = torch.randn(2, 5, 32, generator=g).to(device).requires_grad_()  # 10 residues: not a multiple of 8
-    mask = torch.ones(2, 5, device=device)
-    mask[1, 3:] = 0
-    w = torch.randn(2, 5, 4, 32, generator=g).to(device)
+    block, s, mask, w, _ = residual_case(19, device)
     for autocast in (False, True):
         runs = {}
         for fused in (True, False):

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from test_mhc import Branch, _cfg, _in_triton_interpreter, _mix_inputs, _randomize
+from test_mhc import Branch, _cfg, _in_triton_interpreter, _mix_inputs, residual_case
 
 from model.mhc import MHCResidual, contract, expand, is_mean_readout
 
@@ -69,15 +69,8 @@ def residual_with_mean_matches(device: str) -> None:
     parameter, float32; where the kernels run, the mean really comes from the mixing kernel (its grad_fn)."""
     from model import mhc_mix_triton
 
-    torch.manual_seed(31)
-    g = torch.Generator().manual_seed(31)
-    block = MHCResidual(Branch(32), 32, _cfg(mhcExpansionRate=4))
-    _randomize(block, 31)
-    block.to(device)
-    s = torch.randn(2, 5, 32, generator=g).to(device).requires_grad_()
-    mask = torch.ones(2, 5, device=device)
-    mask[1, 3:] = 0
-    w_out, w_mean = torch.randn(2, 5, 4, 32, generator=g).to(device), torch.randn(2, 5, 32, generator=g).to(device)
+    block, s, mask, w_out, g = residual_case(37, device)
+    w_mean = torch.randn(2, 5, 32, generator=g).to(device)
     runs = []
     for fused_mean in (True, False):
         block.zero_grad(set_to_none=True)

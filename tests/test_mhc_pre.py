@@ -6,10 +6,9 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import tiny_config
-from test_mhc import Branch, _in_triton_interpreter, _randomize
+from test_mhc import _in_triton_interpreter, residual_case
 
-from model.mhc import MHCResidual, expand, mhc_pre_reference
+from model.mhc import expand, mhc_pre_reference
 
 ITERS = 20  # mhcSinkhornIters default
 # fused vs reference, max |a - b| / max(1, max |exact|) per tensor, float32 (measured <= 1.4e-6 in the
@@ -139,15 +138,7 @@ def fused_pre_residual_matches_reference(device: str) -> None:
 
     mhc_pre_triton.mhc_pre = counted
     try:
-        torch.manual_seed(31)
-        g = torch.Generator().manual_seed(31)
-        block = MHCResidual(Branch(32), 32, tiny_config(mhcExpansionRate=4))
-        _randomize(block, 31)
-        block.to(device)
-        s = torch.randn(2, 5, 32, generator=g).to(device).requires_grad_()  # 10 residues
-        mask = torch.ones(2, 5, device=device)
-        mask[1, 3:] = 0
-        w = torch.randn(2, 5, 4, 32, generator=g).to(device)
+        block, s, mask, w, _ = residual_case(31, device)
         for autocast in (False, True):
             runs = {}
             for fused in (True, False):
