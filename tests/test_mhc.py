@@ -635,14 +635,20 @@ def fused_residual_matches_reference(device: str) -> None:
             grads = [(k, p.grad) for k, p in block.named_parameters()]
             runs[fused] = [("out", out.detach()), ("s", s.grad), *grads]
         assert len(runs[True]) == 2 + len(list(block.parameters()))
-        for (name, a), (_, b) in zip(runs[True], runs[False], strict=True):
-            assert a is not None and b is not None and a.dtype == b.dtype == torch.float32, name
-            if autocast:
-                rel = float((a - b).norm() / b.norm())
-                assert rel <= REL_RESIDUAL_BF16, (name, rel)
-            else:
-                torch.testing.assert_close(a, b, atol=ATOL_RESIDUAL, rtol=RTOL_RESIDUAL,
-                                           msg=lambda m, k=name: f"{k}: {m}")
+        assert_residual_runs_match(runs[True], runs[False], autocast)
+
+
+def assert_residual_runs_match(fast: list, ref: list, autocast: bool) -> None:
+    """Two runs of (name, tensor) pairs of a residual (output, gradients) agree: float32 within
+    ATOL_RESIDUAL / RTOL_RESIDUAL, under bf16 autocast within REL_RESIDUAL_BF16 per tensor."""
+    for (name, a), (_, b) in zip(fast, ref, strict=True):
+        assert a is not None and b is not None and a.dtype == b.dtype == torch.float32, name
+        if autocast:
+            rel = float((a - b).norm() / b.norm())
+            assert rel <= REL_RESIDUAL_BF16, (name, rel)
+        else:
+            torch.testing.assert_close(a, b, atol=ATOL_RESIDUAL, rtol=RTOL_RESIDUAL,
+                                       msg=lambda m, k=name: f"{k}: {m}")
 
 
 def fused_mixing_training(device: str) -> None:

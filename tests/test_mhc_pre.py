@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from test_mhc import _in_triton_interpreter, residual_case
+from test_mhc import _in_triton_interpreter, assert_residual_runs_match, residual_case
 
 from model.mhc import expand, mhc_pre_reference
 
@@ -17,9 +17,6 @@ REL_PRE = 1e-5
 # 16-bit x and gS: one rounding of a float32 sum, relative to the tensor's max (the interpreter truncates
 # float32 to bf16: up to 2^-7, hence 2^-6)
 REL_PRE_16 = 2.0**-6
-ATOL_RESIDUAL = 1e-5  # whole MHCResidual (two calls), fused_pre on vs off, float32
-RTOL_RESIDUAL = 1e-4
-REL_RESIDUAL_BF16 = 1e-3  # the same under bf16 autocast, |a - b| / |b| per tensor (only the branch in bf16)
 NAMES = ("x", "h_post", "h_res", "g_streams", "g_phi", "g_alpha_pre", "g_alpha_post", "g_alpha_res",
          "g_b_pre", "g_b_post", "g_b_res")
 
@@ -153,14 +150,7 @@ def fused_pre_residual_matches_reference(device: str) -> None:
                 (out * w).sum().backward()
                 grads = [(k, p.grad) for k, p in block.named_parameters()]
                 runs[fused] = [("out", out.detach()), ("h_res", h_res), ("s", s.grad), *grads]
-            for (name, a), (_, b) in zip(runs[True], runs[False], strict=True):
-                assert a is not None and b is not None and a.dtype == b.dtype == torch.float32, name
-                if autocast:
-                    rel = float((a - b).norm() / b.norm())
-                    assert rel <= REL_RESIDUAL_BF16, (name, rel)
-                else:
-                    torch.testing.assert_close(a, b, atol=ATOL_RESIDUAL, rtol=RTOL_RESIDUAL,
-                                               msg=lambda m, k=name: f"{k}: {m}")
+            assert_residual_runs_match(runs[True], runs[False], autocast)
     finally:
         mhc_pre_triton.mhc_pre = original
 
