@@ -141,3 +141,15 @@ def test_structure_layer_takes_the_mean_from_the_residual(monkeypatch):
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_gpu_fused_mean_matches_reference():
     fused_mean_matches_reference("cuda")
+
+
+def test_one_stream_forward_with_mean_is_the_plain_residual():
+    """n = 1 (no mappings): the streams are s + f(s) and their mean is that one stream, exactly."""
+    torch.manual_seed(41)
+    block = MHCResidual(Branch(32), 32, _cfg(mhcExpansionRate=1))
+    s = torch.randn(2, 5, 32)
+    mask = torch.ones(2, 5)
+    mask[0, 4:] = 0
+    out, mean = block.forward_with_mean(expand(s, 1), mask)
+    torch.testing.assert_close(out, block(expand(s, 1), mask), rtol=0, atol=0)
+    torch.testing.assert_close(mean, s + block.branch(s, mask), rtol=0, atol=0)
