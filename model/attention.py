@@ -20,7 +20,8 @@ without varlen unpadding, and it is the same large finite negative the math refe
 
 Shapes: q, k [B, L, H, D_qk], v [B, L, H, D_v]; D_qk may differ from D_v: the inputs are zero-padded
 to what the chosen kernel needs (a multiple of 8, equal widths for FA / SDPA-flash; cuDNN: each a
-multiple of 16, unequal where the device's cuDNN takes that) and the output is cut back to D_v. Optional accelerators are imported lazily, inside functions.
+multiple of 16, unequal where the device's cuDNN takes that) and the output is cut back to D_v.
+Optional accelerators are imported lazily, inside functions.
 """
 
 from __future__ import annotations
