@@ -132,6 +132,9 @@ class DiffusionModule(pl.LightningModule):
         self.stop_checkpoint: Path | None = None
         self.checkpoint_dir: Path | None = None  # set by run_training / build_trainer
         self._nonfinite = None  # device counter of skipped (non-finite) steps
+        # device copies of the step index and of the first non-finite step's (-1: none): no host sync per step
+        self._step_index = None
+        self._first_nonfinite = None
         self._grad_norm = None
         self._residues = None
         self._samples = 0
@@ -222,6 +225,12 @@ class DiffusionModule(pl.LightningModule):
                 p.grad.nan_to_num_(0.0, 0.0, 0.0)
         self._grad_norm = norm.detach()
         self._nonfinite = bad if self._nonfinite is None else self._nonfinite + bad
+        if self._step_index is None:  # one host-to-device copy per run (a resumed run starts at its step)
+            self._step_index = torch.tensor(self.global_step, device=norm.device)
+            self._first_nonfinite = torch.full((), -1, dtype=self._step_index.dtype, device=norm.device)
+        first = self._first_nonfinite
+        self._first_nonfinite = torch.where((bad > 0) & (first < 0), self._step_index, first)
+        self._step_index += 1
 
     def on_train_start(self) -> None:
         self._t_last = time.perf_counter()
@@ -268,9 +277,11 @@ class DiffusionModule(pl.LightningModule):
             self.trainer.save_checkpoint(path)
         self.stop_checkpoint = path
         where = f"saved to {path}" if path else "not saved (no checkpoint directory)"
+        first = int(self._first_nonfinite) if self._first_nonfinite is not None else -1
         self.stop_reason = (
-            f"Training stopped: non-finite (NaN/Inf) loss or gradient in {count} step(s), detected at step "
-            f"{step} (nanPolicy stop). Those steps were not applied; the last good state is {where}.\n"
+            f"Training stopped: non-finite (NaN/Inf) loss or gradient in {count} step(s), the first in optimizer "
+            f"step {first} (counting from 0), detected at step {step} (nanPolicy stop). Those steps were not "
+            f"applied; the last good state is {where}.\n"
             f"To stabilise training, change these config keys (current values):\n"
             f"{knob_text(self.config, NAN_KNOBS)}\n"
             f"or set 'nanPolicy skip' to skip such steps and go on. Rerun the same command to resume.")

@@ -168,6 +168,7 @@ def test_nan_loss_stops_cleanly_with_last_good_checkpoint(tmp_path, chains):
     for key in NAN_KNOBS:
         assert f"{key} {getattr(cfg, key)}" in text
     assert "nanPolicy skip" in text and str(stop.checkpoint) in text
+    assert "the first in optimizer step 3 (counting from 0), detected at step 4" in text
     ckpt = torch.load(stop.checkpoint, weights_only=True)
     assert ckpt["global_step"] == 4  # detected right after step index 3
     assert all(torch.isfinite(v).all() for v in ckpt["state_dict"].values())
