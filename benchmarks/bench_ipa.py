@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import statistics
 import sys
 import time
@@ -216,12 +217,13 @@ def main() -> None:
         names = ("flash", "dense_ref", "ipa") + (("flash_graphed", "ipa_graphed") if graphed else ())
         for name in names:
             if name not in ("flash", "flash_graphed") and length > args.dense_max:
-                rows.append(dict(layer=name, L=length, ms=None, peak_mib=None, note="skipped"))
+                rows.append({"layer": name, "L": length, "ms": None, "peak_mib": None, "note": "skipped"})
                 continue
             try:
                 if name == "ipa":
                     zs = [torch.randn(b, length, length, cp, device=device, dtype=dtype) for _ in range(1)]
-                    fn = lambda i: layer_step(dense, sets[i][0], zs[0], sets[i][2], sets[i][3], dtype)
+                    # NOTE: late binding on purpose (B023): `zs = None` below frees the L x L tensor
+                    fn = lambda i: layer_step(dense, sets[i][0], zs[0], sets[i][2], sets[i][3], dtype)  # noqa: B023
                 elif name == "flash_graphed":
                     flat = [(x, f.left, f.right, fr.rots, fr.trans, m) for x, f, fr, m in sets]
                     fn = graphed_step(flash, True, flat, dtype)
@@ -232,15 +234,15 @@ def main() -> None:
                     fn = graphed_step(dense, False, flat, dtype)
                 else:
                     ref_flag = name == "dense_ref"
-                    fn = lambda i, f=ref_flag: layer_step(flash, *sets[i], dtype, reference=f)
+                    fn = lambda i, f=ref_flag: layer_step(flash, *sets[i], dtype, reference=f)  # noqa: B023 (this L's sets)
                 ms, peak = timer(fn, len(sets))
-                rows.append(dict(layer=name, L=length, ms=ms, peak_mib=peak, note=""))
+                rows.append({"layer": name, "L": length, "ms": ms, "peak_mib": peak, "note": ""})
                 if length <= args.h2h_max and name != "dense_ref":
                     kept[name] = fn
             except Exception as err:
                 if not is_oom(err):
                     raise
-                rows.append(dict(layer=name, L=length, ms=None, peak_mib=None, note="OOM"))
+                rows.append({"layer": name, "L": length, "ms": None, "peak_mib": None, "note": "OOM"})
             finally:
                 if length > args.h2h_max:
                     zs = None
@@ -250,7 +252,7 @@ def main() -> None:
         for a, b_name in (("flash", "ipa"), ("flash_graphed", "ipa_graphed")):
             if a in kept and b_name in kept:
                 ms_a, ms_b = interleaved(kept[a], kept[b_name], len(sets), args.h2h_repeats, device)
-                h2h.append(dict(L=length, pair=f"{a} vs {b_name}", ms_a=ms_a, ms_b=ms_b, ratio=ms_a / ms_b))
+                h2h.append({"L": length, "pair": f"{a} vs {b_name}", "ms_a": ms_a, "ms_b": ms_b, "ratio": ms_a / ms_b})
                 print(h2h[-1])
         kept.clear()
         zs = None
@@ -258,7 +260,7 @@ def main() -> None:
     for length in args.pair_free_lengths:
         sets = inputs(length)
 
-        def step(i):
+        def step(i, sets=sets):
             x, _, frames, mask = sets[i]
             with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
                 factors = pair_free(x, None, frames, mask)
@@ -266,11 +268,11 @@ def main() -> None:
             y.float().square().mean().backward()
         try:
             ms, peak = timer(step, len(sets))
-            rows.append(dict(layer="pairfree", L=length, ms=ms, peak_mib=peak, note=""))
+            rows.append({"layer": "pairfree", "L": length, "ms": ms, "peak_mib": peak, "note": ""})
         except Exception as err:
             if not is_oom(err):
                 raise
-            rows.append(dict(layer="pairfree", L=length, ms=None, peak_mib=None, note="OOM"))
+            rows.append({"layer": "pairfree", "L": length, "ms": None, "peak_mib": None, "note": "OOM"})
         print(rows[-1])
 
     # ---- attention core FLOP/s vs a measured matmul rate
@@ -287,10 +289,10 @@ def main() -> None:
             k = torch.randn(cb, length, h, dqk, device=device, dtype=dtype)
             v = torch.randn(cb, length, h, dv, device=device, dtype=dtype)
             mask = torch.ones(cb, length, device=device)
-            ms, _ = timer(lambda i: attention(q, k, v, mask, backend=choice, scale=1.0), 1)
+            ms, _ = timer(lambda i, q=q, k=k, v=v, mask=mask: attention(q, k, v, mask, backend=choice, scale=1.0), 1)
             flops = 2 * cb * h * length * length * (dqk + dv)
-            core.append(dict(B=cb, L=length, ms=ms, tflops=flops / (ms * 1e-3) / 1e12,
-                             fraction_of_matmul=flops / (ms * 1e-3) / 1e12 / mm_tflops))
+            core.append({"B": cb, "L": length, "ms": ms, "tflops": flops / (ms * 1e-3) / 1e12,
+                             "fraction_of_matmul": flops / (ms * 1e-3) / 1e12 / mm_tflops})
             print(f"core B={cb} L={length}: {ms:.3f} ms, {core[-1]['tflops']:.1f} TFLOP/s "
                   f"({100 * core[-1]['tflops'] / mm_tflops:.0f}% of matmul {mm_tflops:.0f})")
 
@@ -305,7 +307,7 @@ def main() -> None:
         for r in h2h:
             print(f"| {r['L']} | {r['pair']} | {r['ms_a']:.3f} | {r['ms_b']:.3f} | {r['ratio']:.2f} |")
     args.out.mkdir(parents=True, exist_ok=True)
-    result = dict(info=info, rows=rows, head_to_head=h2h, core=core, matmul_tflops=mm_tflops, command=" ".join(sys.argv))
+    result = {"info": info, "rows": rows, "head_to_head": h2h, "core": core, "matmul_tflops": mm_tflops, "command": " ".join(sys.argv)}
     (args.out / "bench_ipa.json").write_text(json.dumps(result, indent=2))
     plot(rows, core, mm_tflops, info, args.out / "bench_ipa.png")
     print(f"wrote {args.out / 'bench_ipa.json'} and {args.out / 'bench_ipa.png'}")
@@ -324,7 +326,7 @@ def plot(rows, core, mm_tflops, info, path: Path) -> None:
             continue
         ls, ms, mem = zip(*pts)
         axes[0].plot(ls, ms, "o-", label=name)
-        if all(m == m for m in mem):  # no peak memory on CPU (NaN)
+        if not any(math.isnan(m) for m in mem):  # no peak memory on CPU (NaN)
             axes[1].plot(ls, mem, "o-", label=name)
     if core:
         for cb in sorted({c.get("B", 1) for c in core}):

@@ -37,7 +37,7 @@ def measure(mode: str, pair_free: bool, batch: int, length: int, steps: int = 3,
     orig = pts.load_config
     pts.load_config = lambda p: orig(p).replace(**model_cfg)
     try:
-        cfg, step = _setup(args)
+        _, step = _setup(args)
     finally:
         pts.load_config = orig
     torch.cuda.reset_peak_memory_stats()
@@ -51,7 +51,7 @@ def measure(mode: str, pair_free: bool, batch: int, length: int, steps: int = 3,
         b.record()
         torch.cuda.synchronize()
         times.append(a.elapsed_time(b))
-    return dict(step_ms=statistics.median(times), peak_gib=torch.cuda.max_memory_allocated() / 2**30)
+    return {"step_ms": statistics.median(times), "peak_gib": torch.cuda.max_memory_allocated() / 2**30}
 
 
 def main() -> None:
@@ -98,7 +98,7 @@ def main() -> None:
                 rows.append(row)
                 print(json.dumps(row), flush=True)
             if not any(tried.values()):
-                rows.append(dict(mode=name, L=length, batch=1, note="out of memory at batch 1"))
+                rows.append({"mode": name, "L": length, "batch": 1, "note": "out of memory at batch 1"})
                 print(json.dumps(rows[-1]), flush=True)
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "long_chain_modes.json").write_text(json.dumps(

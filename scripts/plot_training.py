@@ -12,7 +12,7 @@ from pathlib import Path
 import matplotlib
 
 matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
+import matplotlib.pyplot as plt
 
 SERIES = [("train/loss_step", "training loss"), ("val/loss", "validation loss"),
           ("train/grad_norm", "gradient norm"), ("mhc/amax_gain", "mHC composite Amax gain")]
