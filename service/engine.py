@@ -186,6 +186,10 @@ class SamplingEngine:
         if to_pdb is None:
             from model.pdb_io import ca_to_pdb as to_pdb
         self.denoiser = denoiser.eval()
+        from model.mhc import find_mhc_modules
+
+        for module in find_mhc_modules(self.denoiser):  # serving logs no mHC diagnostics: keep no H_res
+            module.record, module.last_h_res = False, None
         self.schedule = schedule
         self.device = torch.device(device)
         self.residue_budget = int(residue_budget)
@@ -453,6 +457,8 @@ class SamplingEngine:
                     finished.append(slot)
             done_ids = {id(s) for s in finished}
             self._active = [s for s in self._active if id(s) not in done_ids]
+            if not self._active:  # idle: no group can reuse the last inputs; free them (device memory)
+                self._inputs_prev, self._inputs_next, self._step_inputs = {}, {}, ((), None)
             self._cv.notify_all()
         for slot in finished:
             try:

@@ -117,7 +117,8 @@ SOAK_ROUNDS = 5  # rounds after the warm-up; memory after rounds 2..5 is compare
 SOAK_REQUESTS_PER_ROUND = 20  # concurrent, lengths 5-64, 1-2 samples each
 SOAK_RSS_SLACK_MB = 40.0  # RSS growth allowed over the settling round (measured: -12 .. +7 MB)
 SOAK_PY_SLACK_MB = 1.0  # Python heap growth (tracemalloc; measured: +0.004 .. +0.084 MB)
-SOAK_TENSOR_SLACK = 8  # live torch tensors above the settling count (measured: -3 .. +3)
+SOAK_TENSOR_SLACK = 8  # live torch tensors above the settling count (measured: -4 .. +3; +10 once, before the
+# engine freed its input-reuse cache when idle and stopped keeping mHC H_res while serving)
 
 
 def _rss_mb() -> float:

@@ -137,6 +137,13 @@ def test_unchanged_batch_reuses_its_output_as_next_input(server, weights):
     assert r.status_code == 200
     assert stats.batches_run - before_run == T  # one batch of both samples per step
     assert stats.inputs_reused - before_reused == T - 1  # every step after the first
+    engine = server.app.state.service.engine
+    # idle again: the kept inputs are freed before the response is sent (nothing could reuse them)
+    assert engine._inputs_prev == {} and engine._inputs_next == {} and engine._step_inputs == ((), None)
+    from model.mhc import find_mhc_modules
+
+    mhc_modules = find_mhc_modules(engine.denoiser)
+    assert mhc_modules and all(m.last_h_res is None and not m.record for m in mhc_modules)  # nothing kept
     den = load_weights(weights).denoiser
     ref = reference_sample(den, [27, 27], [40, 41], 0.6)
     for sample, expected in zip(r.json()["samples"], ref):
