@@ -3,8 +3,10 @@
 NOTE (vs Genie, which restarted from weights only): a checkpoint stores the config text under
 ``CONFIG_KEY``; loading it into a model of another architecture (any key in ``ARCH_KEYS``, or a tensor
 of another shape) raises :class:`CheckpointMismatchError` naming the key with both values or the
-tensor with both shapes. Writes go through :mod:`model.atomic_io`, so a crash or ``kill -9`` mid-write
-leaves the previous checkpoint intact.
+tensor with both shapes, and one holding NaN / Inf in its weights or optimizer state raises
+:class:`CheckpointNotFiniteError` naming where (resuming from it could only stop at the first step).
+Writes go through :mod:`model.atomic_io`, so a crash or ``kill -9`` mid-write leaves the previous
+checkpoint intact.
 """
 
 from __future__ import annotations
@@ -18,8 +20,8 @@ from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 from model.atomic_io import atomic_write
 from model.config import Config, parse_config
 
-__all__ = ["ARCH_KEYS", "CONFIG_KEY", "AtomicCheckpointIO", "CheckpointMismatchError", "atomic_torch_save",
-           "check_checkpoint", "load_checkpoint_denoiser"]
+__all__ = ["ARCH_KEYS", "CONFIG_KEY", "AtomicCheckpointIO", "CheckpointMismatchError", "CheckpointNotFiniteError",
+           "atomic_torch_save", "check_checkpoint", "load_checkpoint_denoiser"]
 
 CONFIG_KEY = "mhcflash_config"  # where a checkpoint stores the config text
 
@@ -40,6 +42,21 @@ ARCH_KEYS = (
 
 class CheckpointMismatchError(ValueError):
     """A checkpoint whose architecture differs from the config it is loaded into."""
+
+
+class CheckpointNotFiniteError(CheckpointMismatchError):
+    """A checkpoint whose weights or optimizer state hold NaN / Inf."""
+
+
+def _non_finite(checkpoint: dict) -> list[str]:
+    """Where ``checkpoint`` holds NaN / Inf: weight names, then optimizer states (parameter index, key)."""
+    bad = [f"weight '{k}'" for k, v in checkpoint.get("state_dict", {}).items()
+           if torch.is_tensor(v) and v.is_floating_point() and not bool(torch.isfinite(v).all())]
+    for i, opt in enumerate(checkpoint.get("optimizer_states", [])):
+        for pid, state in opt.get("state", {}).items():
+            bad += [f"optimizer {i} state '{key}' of parameter {pid}" for key, v in state.items()
+                    if torch.is_tensor(v) and v.is_floating_point() and not bool(torch.isfinite(v).all())]
+    return bad
 
 
 def check_checkpoint(checkpoint: dict, config: Config, module_state: dict[str, torch.Tensor],
@@ -69,6 +86,12 @@ def check_checkpoint(checkpoint: dict, config: Config, module_state: dict[str, t
     if problems:
         raise CheckpointMismatchError(f"{source} does not fit the model built from its config: "
                                       + "; ".join(problems[:8]))
+    bad = _non_finite(checkpoint)
+    if bad:
+        raise CheckpointNotFiniteError(
+            f"{source} holds non-finite (NaN/Inf) values in {len(bad)} tensor(s): " + "; ".join(bad[:4])
+            + ("; ..." if len(bad) > 4 else "") + ". Resume from an earlier checkpoint (checkpoints/epoch=*.ckpt "
+            "of the run) or start a new run (another name or logDirectory).")
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):

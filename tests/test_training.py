@@ -22,6 +22,7 @@ from model.training import (
     OOM_KNOBS,
     AtomicCheckpointIO,
     CheckpointMismatchError,
+    CheckpointNotFiniteError,
     DiffusionModule,
     FaultInjection,
     TrainingStopped,
@@ -223,6 +224,27 @@ def test_mismatched_checkpoint_names_key_or_tensor(tmp_path, chains):
         check_checkpoint(ckpt, cfg, module.state_dict(), "tampered.ckpt")
     denoiser = load_checkpoint_denoiser(first.last_checkpoint)
     assert denoiser.config == cfg.replace(numEpoches=1)
+
+
+def test_non_finite_checkpoint_is_refused_naming_the_tensor(tmp_path, chains):
+    """A checkpoint with NaN / Inf in a weight or in the optimizer state is refused on resume (it could only
+    stop at the first step), naming where; a finite one passes the same check."""
+    cfg = _cfg(tmp_path, numEpoches=1)
+    first = run_training(cfg, _opts(), datamodule=_dm(cfg, chains))
+    module = DiffusionModule(cfg)
+    ckpt = torch.load(first.last_checkpoint, weights_only=True)
+    check_checkpoint(ckpt, cfg, module.state_dict(), "good.ckpt")  # finite: no error
+    state = ckpt["optimizer_states"][0]["state"]
+    pid = next(iter(state))
+    state[pid]["exp_avg_sq"].view(-1)[0] = float("inf")
+    with pytest.raises(CheckpointNotFiniteError, match=rf"optimizer 0 state 'exp_avg_sq' of parameter {pid}"):
+        check_checkpoint(ckpt, cfg, module.state_dict(), "bad.ckpt")
+    state[pid]["exp_avg_sq"].view(-1)[0] = 0.0
+    name = next(k for k, v in ckpt["state_dict"].items() if v.is_floating_point())
+    ckpt["state_dict"][name].view(-1)[0] = float("nan")
+    torch.save(ckpt, tmp_path / "nan.ckpt")
+    with pytest.raises(CheckpointNotFiniteError, match=rf"weight '{name}'.*earlier checkpoint"):
+        run_training(cfg.replace(numEpoches=2), _opts(resume=str(tmp_path / "nan.ckpt")), datamodule=_dm(cfg, chains))
 
 
 KILL_SCRIPT = """
