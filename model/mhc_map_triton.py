@@ -22,7 +22,7 @@ import functools
 
 import torch
 
-from model.triton_support import triton_can_run
+from model.triton_support import FLOAT_DTYPES, dot_width, triton_can_run
 
 __all__ = ["available", "mapping_logits"]
 
@@ -35,7 +35,6 @@ BLOCK_K = 32  # channels of vec(S) per loop step (nC must be a multiple)
 NUM_WARPS = 4
 PRECISION = "tf32x3"  # tl.dot input precision
 MAX_COLS = 128  # padded 2n + n^2 columns held per program (n <= 10)
-_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
 @functools.cache
@@ -46,11 +45,6 @@ def _kernel():
     return k.mapping_logits_kernel
 
 
-def _padded_cols(m: int) -> int:
-    """2n + n^2 columns padded to a power of two >= 16 (``tl.dot``'s smallest tile side)."""
-    return max(16, 1 << (m - 1).bit_length())
-
-
 def available(streams: torch.Tensor, phi: torch.Tensor) -> bool:
     """True when the kernel can run for ``streams`` [..., n, C] and ``phi`` [nC, M]: CUDA (or CPU under
     ``TRITON_INTERPRET=1``), streams float32 / 16-bit, phi not float64, nC a multiple of ``BLOCK_K``,
@@ -58,9 +52,9 @@ def available(streams: torch.Tensor, phi: torch.Tensor) -> bool:
     if streams.dim() < 2 or phi.dim() != 2 or torch.is_grad_enabled():
         return False
     k = streams.shape[-2] * streams.shape[-1]
-    if phi.shape[0] != k or k % BLOCK_K or _padded_cols(phi.shape[1]) > MAX_COLS:
+    if phi.shape[0] != k or k % BLOCK_K or dot_width(phi.shape[1]) > MAX_COLS:
         return False
-    if streams.dtype not in _DTYPES or phi.dtype == torch.float64 or phi.device != streams.device:
+    if streams.dtype not in FLOAT_DTYPES or phi.dtype == torch.float64 or phi.device != streams.device:
         return False
     return triton_can_run(streams)
 
@@ -82,6 +76,6 @@ def mapping_logits(streams: torch.Tensor, phi: torch.Tensor, alpha: torch.Tensor
         from model.mhc import RMS_EPS  # NOTE: here, not at the top: model.mhc imports this module
 
         _kernel()[(-(-count // block_m),)](x, w, alpha.float().contiguous(), bias.float().contiguous(), out,
-                                            count, RMS_EPS, K=k, M=m, MP=_padded_cols(m), BLOCK_M=block_m,
+                                            count, RMS_EPS, K=k, M=m, MP=dot_width(m), BLOCK_M=block_m,
                                             BLOCK_K=block_k, PRECISION=precision, num_warps=num_warps)
     return out

@@ -38,7 +38,7 @@ import functools
 import torch
 from torch.autograd.function import once_differentiable
 
-from model.triton_support import triton_can_run
+from model.triton_support import is_pow2, triton_can_run
 
 __all__ = ["MixIn", "MixOut", "available", "mix_in", "mix_out"]
 
@@ -54,16 +54,12 @@ def _kernels():
     return k.mix_in_kernel, k.mix_out_kernel, k.mix_in_backward_kernel, k.mix_out_backward_kernel
 
 
-def _pow2(v: int) -> bool:
-    return v > 0 and v & (v - 1) == 0
-
-
 def available(streams: torch.Tensor) -> bool:
     """True when the kernels can run for ``streams`` [..., n, C], with or without a gradient: CUDA (or
     CPU under ``TRITON_INTERPRET=1``), float32 / 16-bit, n and C powers of two, Triton importable, not
     inside torch.compile (which fuses the reference itself)."""
     n, c = streams.shape[-2:]
-    if not (_pow2(n) and _pow2(c)) or streams.dtype == torch.float64:
+    if not (is_pow2(n) and is_pow2(c)) or streams.dtype == torch.float64:
         return False
     return triton_can_run(streams)
 

@@ -63,7 +63,7 @@ import torch
 from torch.autograd.function import once_differentiable
 
 from model import sinkhorn_triton
-from model.triton_support import triton_can_run
+from model.triton_support import FLOAT_DTYPES, dot_width, is_pow2, triton_can_run
 
 __all__ = ["MHCPre", "available", "mhc_pre"]
 
@@ -75,7 +75,6 @@ __all__ = ["MHCPre", "available", "mhc_pre"]
 FORWARD_TILINGS = ((1024, (16, 64, 32, 4)), (16384, (32, 32, 32, 4)), (None, (64, 32, 32, 4)))
 BACKWARD_TILINGS = ((16384, (32, 64, 32, 4)), (None, (32, 128, 32, 4)))
 PRECISION = "tf32x3"  # tl.dot input precision (~float32; plain tf32 would round v and phi to 10 bits)
-_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
 @functools.cache
@@ -86,15 +85,6 @@ def _kernels():
     return k.pre_forward_kernel, k.pre_backward_kernel
 
 
-def _pow2(v: int) -> bool:
-    return v > 0 and v & (v - 1) == 0
-
-
-def _padded_cols(m: int) -> int:
-    """The 2n + n^2 columns padded to a power of two >= 16 (``tl.dot``'s smallest tile side)."""
-    return max(16, 1 << (m - 1).bit_length())
-
-
 def available(streams: torch.Tensor, phi: torch.Tensor) -> bool:
     """True when the fused op can run for ``streams`` [..., n, C] and ``phi`` [nC, 2n + n^2], with or
     without a gradient: CUDA (or CPU under ``TRITON_INTERPRET=1``), streams float32 / 16-bit, phi
@@ -103,11 +93,11 @@ def available(streams: torch.Tensor, phi: torch.Tensor) -> bool:
     if streams.dim() < 3 or phi.dim() != 2:
         return False
     n, c = streams.shape[-2:]
-    if n < 2 or not _pow2(n * n) or not _pow2(c) or c < 16:
+    if n < 2 or not is_pow2(n * n) or not is_pow2(c) or c < 16:
         return False
     if tuple(phi.shape) != (n * c, 2 * n + n * n):
         return False
-    if streams.dtype not in _DTYPES or phi.dtype != torch.float32 or phi.device != streams.device:
+    if streams.dtype not in FLOAT_DTYPES or phi.dtype != torch.float32 or phi.device != streams.device:
         return False
     return triton_can_run(streams)
 
@@ -149,7 +139,7 @@ def _forward(s: torch.Tensor, phi: torch.Tensor, params: tuple[torch.Tensor, ...
         _kernels()[0][(-(-count // block_m),)](
             s, _f32(phi), *(_f32(p) for p in params), x, h_post, h_res,
             raw if save else dummy, z if save else dummy, rinv if save else dummy, count, RMS_EPS,
-            N=n, C=c, MP=_padded_cols(m), ITERS=iters, FLOOR=SINKHORN_LOGIT_FLOOR,
+            N=n, C=c, MP=dot_width(m), ITERS=iters, FLOOR=SINKHORN_LOGIT_FLOOR,
             BLOCK_M=block_m, BLOCK_K=block_k, BLOCK_C=block_c, SAVE=save, PRECISION=PRECISION, num_warps=warps)
     return x, h_post, h_res, raw, z, rinv
 
@@ -197,7 +187,7 @@ class MHCPre(torch.autograd.Function):
             _kernels()[1][(programs,)](
                 s, _f32(phi), *(_f32(p) for p in (a_pre, a_post, a_res, b_pre, b_post, b_res)), raw, rinv,
                 dummy if gx is None else gx.contiguous(), dummy if g_post is None else _f32(g_post),
-                dummy if gl_res is None else gl_res, gs, part, count, N=n, C=c, MP=_padded_cols(m),
+                dummy if gl_res is None else gl_res, gs, part, count, N=n, C=c, MP=dot_width(m),
                 BLOCK_M=block_m, BLOCK_K=block_k, BLOCK_C=block_c,
                 HAS_GX=gx is not None, HAS_POST=g_post is not None, HAS_RES=gl_res is not None,
                 PRECISION=PRECISION, num_warps=warps)

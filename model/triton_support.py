@@ -10,7 +10,9 @@ import os
 
 import torch
 
-__all__ = ["triton_can_run"]
+__all__ = ["FLOAT_DTYPES", "dot_width", "is_pow2", "triton_can_run"]
+
+FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)  # tensor dtypes the mHC kernels load
 
 
 @functools.cache
@@ -30,3 +32,13 @@ def triton_can_run(tensor: torch.Tensor) -> bool:
     if not (tensor.is_cuda or os.environ.get("TRITON_INTERPRET") == "1"):
         return False
     return _triton_importable()
+
+
+def is_pow2(v: int) -> bool:
+    """True for 1, 2, 4, 8, ... (Triton block shapes must be powers of two)."""
+    return v > 0 and v & (v - 1) == 0
+
+
+def dot_width(m: int) -> int:
+    """``m`` columns padded to a power of two >= 16 (``tl.dot``'s smallest tile side)."""
+    return max(16, 1 << (m - 1).bit_length())
