@@ -55,6 +55,7 @@ from dataclasses import dataclass, field
 import torch
 
 from model.diffusion import Schedule
+from model.mhc import find_mhc_modules
 from service.graphs import StepGraphRunner, eager_step, graphs_enabled
 from service.pacing import StepPacer, to_device
 
@@ -186,8 +187,6 @@ class SamplingEngine:
         if to_pdb is None:
             from model.pdb_io import ca_to_pdb as to_pdb
         self.denoiser = denoiser.eval()
-        from model.mhc import find_mhc_modules
-
         for module in find_mhc_modules(self.denoiser):  # serving logs no mHC diagnostics: keep no H_res
             module.record, module.last_h_res = False, None
         self.schedule = schedule
