@@ -178,11 +178,8 @@ class MHCPre(torch.autograd.Function):
         if count:
             gl_res = None
             if g_res is not None:  # the Sinkhorn VJP, the existing kernel (its own launch)
-                # NOTE: model/sinkhorn_triton.py's private launcher, as _SinkhornFused.backward calls it
-                gl_res = torch.empty_like(z)  # [N, n^2]
-                sums = torch.empty(count, 2 * ctx.iters, n, dtype=torch.float64, device=s.device)  # scratch
-                sinkhorn_triton._launch(sinkhorn_triton._kernels()[1], count, z, _f32(g_res), gl_res, sums,
-                                        iters=ctx.iters, n=n, floor=SINKHORN_LOGIT_FLOOR)
+                gl_res = sinkhorn_triton.sinkhorn_vjp(z.view(count, n, n), g_res, ctx.iters,
+                                                      SINKHORN_LOGIT_FLOOR).view(count, n * n)  # [N, n^2]
             dummy = rinv  # never read when its HAS_* flag is off
             _kernels()[1][(programs,)](
                 s, _f32(phi), *(_f32(p) for p in (a_pre, a_post, a_res, b_pre, b_post, b_res)), raw, rinv,

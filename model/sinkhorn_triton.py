@@ -31,7 +31,7 @@ import torch
 
 from model.triton_support import triton_can_run
 
-__all__ = ["available", "sinkhorn_fused"]
+__all__ = ["available", "sinkhorn_fused", "sinkhorn_vjp"]
 
 # NOTE: 16, not 64: a training batch has only ~4,000 matrices per call (56 x 72 residues), and 64 per
 # program left most of the H100's 132 SMs idle behind a 40-half-step dependency chain (backward
@@ -83,14 +83,22 @@ class _SinkhornFused(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out: torch.Tensor):
         (z,) = ctx.saved_tensors
-        grad = torch.empty_like(z)
-        count, n = z.numel() // (z.shape[-1] ** 2), z.shape[-1]
-        if count:
-            sums = torch.empty(count, 2 * ctx.iters, n, dtype=torch.float64, device=z.device)  # scratch
-            block, warps = ctx.tiling
-            _launch(_kernels()[1], count, z, grad_out.float().contiguous(), grad, sums, iters=ctx.iters, n=n,
-                    floor=ctx.floor, block=block, num_warps=warps)
-        return grad, None, None, None
+        block, warps = ctx.tiling
+        return sinkhorn_vjp(z, grad_out, ctx.iters, ctx.floor, block=block, num_warps=warps), None, None, None
+
+
+def sinkhorn_vjp(z: torch.Tensor, grad_out: torch.Tensor, num_iters: int, floor: float, *,
+                 block: int | None = None, num_warps: int | None = None) -> torch.Tensor:
+    """The backward kernel alone: the gradient of the logits z [..., n, n] (float32, contiguous) of
+    :func:`sinkhorn_fused`, given the output's gradient [..., n, n]; float32. (Also used by the fused
+    mHC pre-branch, which keeps the logits itself.)"""
+    grad = torch.empty_like(z)
+    count, n = z.numel() // (z.shape[-1] ** 2), z.shape[-1]
+    if count:
+        sums = torch.empty(count, 2 * num_iters, n, dtype=torch.float64, device=z.device)  # scratch
+        _launch(_kernels()[1], count, z, grad_out.float().contiguous(), grad, sums, iters=num_iters, n=n,
+                floor=floor, block=block, num_warps=num_warps)
+    return grad
 
 
 def sinkhorn_fused(logits: torch.Tensor, num_iters: int, floor: float, *, block: int | None = None,
