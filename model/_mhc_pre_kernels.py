@@ -64,10 +64,12 @@ def pre_forward_kernel(s_ptr, phi_ptr, a_pre_ptr, a_post_ptr, a_res_ptr, b_pre_p
                        x_ptr, post_ptr, res_ptr, raw_ptr, z_ptr, rinv_ptr, count, eps, N: tl.constexpr,
                        C: tl.constexpr, MP: tl.constexpr, ITERS: tl.constexpr, FLOOR: tl.constexpr,
                        BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_C: tl.constexpr, SAVE: tl.constexpr,
-                       PRECISION: tl.constexpr):
+                       SINKHORN: tl.constexpr, PRECISION: tl.constexpr):
     """Per residue r (v = vec(S_r)): raw = (v phi) / rms(v); h_pre = sigmoid(a_pre raw_pre + b_pre),
     h_post = 2 sigmoid(a_post raw_post + b_post), h_res = Sinkhorn(a_res raw_res + b_res) (the math of
-    _sinkhorn_kernels.forward_kernel, float64); x = sum_i h_pre_i S_i. SAVE: also raw, z, rinv."""
+    _sinkhorn_kernels.forward_kernel, float64); x = sum_i h_pre_i S_i. SAVE: also raw, z, rinv.
+    SINKHORN False: no Sinkhorn and res is not written; z gets the H_res logits (for
+    _sinkhorn_kernels.forward_kernel, launched after this one)."""
     NN: tl.constexpr = N * N
     D: tl.constexpr = N * C
     M: tl.constexpr = 2 * N + NN
@@ -98,17 +100,19 @@ def pre_forward_kernel(s_ptr, phi_ptr, a_pre_ptr, a_post_ptr, a_res_ptr, b_pre_p
     tl.store(post_ptr + rows[:, None] * N + (a - NN - N)[None, :], 2.0 * sig,
              mask=valid[:, None] & is_post[None, :])  # h_post = 2 sigmoid
     z = _fold(logits, a < NN, BLOCK_M, MP, NN)  # [BLOCK_M, N*N] float32 H_res logits
-    # Sinkhorn, Eq. (9): as _sinkhorn_kernels.forward_kernel (float64, max shift, floor, T_c then T_r)
-    m = tl.reshape(z.to(tl.float64), (BLOCK_M, N, N))
-    m, _ = _init(m, tl.max(tl.max(m, axis=2), axis=1), FLOOR)
-    for _ in range(ITERS):
-        m = m * (1.0 / tl.sum(m, axis=1, keep_dims=True))  # T_c
-        m = m * (1.0 / tl.sum(m, axis=2, keep_dims=True))  # T_r
     nn_offs = rows[:, None] * NN + tl.arange(0, NN)[None, :]  # [BLOCK_M, N*N]
-    tl.store(res_ptr + nn_offs, tl.reshape(m, (BLOCK_M, NN)).to(tl.float32), mask=valid[:, None])
+    if SINKHORN:
+        # Sinkhorn, Eq. (9): as _sinkhorn_kernels.forward_kernel (float64, max shift, floor, T_c then T_r)
+        m = tl.reshape(z.to(tl.float64), (BLOCK_M, N, N))
+        m, _ = _init(m, tl.max(tl.max(m, axis=2), axis=1), FLOOR)
+        for _ in range(ITERS):
+            m = m * (1.0 / tl.sum(m, axis=1, keep_dims=True))  # T_c
+            m = m * (1.0 / tl.sum(m, axis=2, keep_dims=True))  # T_r
+        tl.store(res_ptr + nn_offs, tl.reshape(m, (BLOCK_M, NN)).to(tl.float32), mask=valid[:, None])
+    if SAVE or not SINKHORN:
+        tl.store(z_ptr + nn_offs, z, mask=valid[:, None])
     if SAVE:
         tl.store(raw_ptr + rows[:, None] * M + col[None, :], raw, mask=valid[:, None] & ok[None, :])
-        tl.store(z_ptr + nn_offs, z, mask=valid[:, None])
         tl.store(rinv_ptr + rows, rinv, mask=valid)
     # pass 2 over C (the streams again, from L2): x = H_pre S
     cc = tl.arange(0, BLOCK_C)

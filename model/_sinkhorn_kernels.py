@@ -48,6 +48,10 @@ def backward_kernel(z_ptr, gout_ptr, gz_ptr, sums_ptr, count, ITERS: tl.constexp
         r = tl.sum(m, axis=2)  # [BLOCK, N] row sums (T_r)
         tl.store(sums + (2 * it + 1) * N, r, mask=valid)
         m = m * tl.expand_dims(1.0 / r, 2)
+    # NOTE: a barrier before reading the scratch back: a sum is stored by the threads of one layout and
+    # loaded by those of another, and without it a thread could read a value another thread had not
+    # yet written (the uninitialised scratch: wrong or NaN gradients; seen on the H100 at 32,768 matrices)
+    tl.debug_barrier()
     # backwards through the half steps: y = m / s  =>  g_m = (g_y - sum_s g_y y) / s, and m = y s
     for back in range(ITERS):
         it = ITERS - 1 - back

@@ -348,6 +348,9 @@ class MHCResidual(nn.Module):
         # with fused_mixing and mappings.fused: mappings + H_pre S as one op, model/mhc_pre_triton.py
         # (False: MHCMappings, then the mixing kernel, as before)
         self.fused_pre = True
+        # without gradient on CUDA (sampling): H_res's Sinkhorn on a side stream, overlapping the branch
+        # (mhc_pre_triton.mhc_pre_overlapped; False: in the pre-branch kernel, as in training)
+        self.overlap_sinkhorn = True
 
     def forward(self, streams: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         return self._update(streams, args, kwargs, with_mean=False)
@@ -377,25 +380,40 @@ class MHCResidual(nn.Module):
         # its autograd Functions (one backward kernel each), in training; the reference where it cannot run
         fused = self.fused_mixing and mhc_mix_triton.available(streams)
         maps = self.mappings
+        pending = None  # H_res still being computed on a side stream
         if fused and self.fused_pre and maps.fused and mhc_pre_triton.available(streams, maps.phi):
             # mappings and H_pre S as one kernel each way (model/mhc_pre_triton.py)
+            params = maps.column_parameters()
             with torch.autocast(device_type=streams.device.type, enabled=False):
-                x, h_post, h_res = mhc_pre_triton.mhc_pre(streams, maps.phi, *maps.column_parameters(),
-                                                          maps.sinkhorn_iters)  # [B, L, C], [B, L, n], [B, L, n, n]
+                if self.overlap_sinkhorn and not (torch.is_grad_enabled() and _needs_grad(streams, maps)):
+                    x, h_post, pending = mhc_pre_triton.mhc_pre_overlapped(streams, maps.phi, *params,
+                                                                           maps.sinkhorn_iters)
+                    h_res = None
+                else:
+                    x, h_post, h_res = mhc_pre_triton.mhc_pre(streams, maps.phi, *params,
+                                                              maps.sinkhorn_iters)  # [B, L, C], [B, L, n], [B, L, n, n]
         else:
             h_pre, h_post, h_res = maps(streams)  # [B, L, n], [B, L, n], [B, L, n, n]
             with torch.autocast(device_type=streams.device.type, enabled=False):
                 h_pre = h_pre.to(dt)
                 x = mhc_mix_triton.mix_in(h_pre, streams) if fused else mix_in(h_pre, streams, matmul)  # [B, L, C]
-        if self.record:
+        if self.record and pending is None:
             self.last_h_res = h_res.detach()
         y = self.branch(x, *args, **kwargs)  # [B, L, C]
+        if pending is not None:
+            h_res = pending.wait()  # [B, L, n, n]
+            if self.record:
+                self.last_h_res = h_res
         with torch.autocast(device_type=streams.device.type, enabled=False):
             h_res, h_post, y = h_res.to(dt), h_post.to(dt), y.to(dt)
             if fused:  # [B, L, n, C] (and its mean [B, L, C] from the same kernel)
                 return mhc_mix_triton.mix_out(h_res, h_post, streams, y, with_mean=with_mean)
             out = mix_out(h_res, h_post, streams, y, matmul)  # H_res S + H_post^T y
             return (out, contract(out)) if with_mean else out
+
+
+def _needs_grad(streams: torch.Tensor, maps: MHCMappings) -> bool:
+    return streams.requires_grad or any(p.requires_grad for p in maps.parameters())
 
 
 def is_mean_readout(readout) -> bool:

@@ -65,16 +65,20 @@ from torch.autograd.function import once_differentiable
 from model import sinkhorn_triton
 from model.triton_support import FLOAT_DTYPES, dot_width, is_pow2, triton_can_run
 
-__all__ = ["MHCPre", "available", "mhc_pre"]
+__all__ = ["MHCPre", "PendingHRes", "available", "mhc_pre", "mhc_pre_overlapped"]
 
 # Tilings (BLOCK_M residues per program, BLOCK_K channels of vec(S) per GEMM step, BLOCK_C channels per step
-# of the mixing passes, num_warps) by residue count; BLOCK_K and BLOCK_C are capped at C (backward: one
-# stream per chunk). Swept on the H100 (n = 4, C = 128, float32, graphed; forward no-grad at 128 / 4,032 /
-# 32,768 residues: 23.1 / 29.9 / 89.3 us with these; forward + backward 112 us at 4,032 and 442 us at 32,768).
-# BLOCK_M 64 with BLOCK_K 64 runs out of shared memory in the backward.
-FORWARD_TILINGS = ((1024, (16, 64, 32, 4)), (16384, (32, 32, 32, 4)), (None, (64, 32, 32, 4)))
-BACKWARD_TILINGS = ((16384, (32, 64, 32, 4)), (None, (32, 128, 32, 4)))
-PRECISION = "tf32x3"  # tl.dot input precision (~float32; plain tf32 would round v and phi to 10 bits)
+# of the mixing passes, num_warps, tl.dot input precision) by residue count; BLOCK_K and BLOCK_C are capped
+# at C (backward: one stream per chunk). Swept on the H100 (n = 4, C = 128, float32, graphed; forward
+# no-grad at 128 / 4,032 / 32,768 residues: 23.1 / 29.9 / 89.3 us with tf32x3; forward + backward 112 us at
+# 4,032 and 442 us at 32,768). BLOCK_M 64 with BLOCK_K 64 runs out of shared memory in the backward.
+# Precision: "tf32x3" (three tensor-core products, ~float32) or "ieee" (float32 FMAs, no tensor cores);
+# plain tf32 would round v and phi to 10 bits (1e-3 errors). ieee is the faster below 1,024 residues
+# (a batch-1 sampling step: 17.1 vs 23.3 us at 128, session 7), tf32x3 above (and in every backward:
+# 32,768 residues forward 101 vs 88 us).
+FORWARD_TILINGS = ((1024, (16, 64, 32, 4, "ieee")), (16384, (32, 32, 32, 4, "tf32x3")),
+                   (None, (64, 32, 32, 4, "tf32x3")))
+BACKWARD_TILINGS = ((16384, (32, 64, 32, 4, "tf32x3")), (None, (32, 128, 32, 4, "tf32x3")))
 
 
 @functools.cache
@@ -102,12 +106,12 @@ def available(streams: torch.Tensor, phi: torch.Tensor) -> bool:
     return triton_can_run(streams)
 
 
-def _tiling(count: int, c: int, backward: bool) -> tuple[int, int, int, int]:
-    """(BLOCK_M, BLOCK_K, BLOCK_C, num_warps) for ``count`` residues of C channels."""
+def _tiling(count: int, c: int, backward: bool) -> tuple[int, int, int, int, str]:
+    """(BLOCK_M, BLOCK_K, BLOCK_C, num_warps, precision) for ``count`` residues of C channels."""
     for below, tiling in BACKWARD_TILINGS if backward else FORWARD_TILINGS:
         if below is None or count < below:
-            block_m, block_k, block_c, warps = tiling
-            return block_m, min(block_k, c), min(block_c, c), warps
+            block_m, block_k, block_c, warps, precision = tiling
+            return block_m, min(block_k, c), min(block_c, c), warps, precision
     raise AssertionError("the tiling tables end with None")
 
 
@@ -116,9 +120,10 @@ def _f32(t: torch.Tensor) -> torch.Tensor:
 
 
 def _forward(s: torch.Tensor, phi: torch.Tensor, params: tuple[torch.Tensor, ...], iters: int,
-             save: bool) -> tuple[torch.Tensor, ...]:
+             save: bool, sinkhorn: bool = True) -> tuple[torch.Tensor, ...]:
     """s [..., n, C] contiguous -> x [..., C] (s's dtype), h_post [..., n], h_res [..., n, n], and if
-    ``save`` raw [N, M], z [N, n^2], rinv [N] (float32; else None)."""
+    ``save`` raw [N, M], z [N, n^2], rinv [N] (float32; else None). ``sinkhorn`` False: h_res is left
+    unwritten and z [N, n^2] holds the H_res logits (``sinkhorn_triton.sinkhorn_into`` finishes it)."""
     from model.mhc import RMS_EPS, SINKHORN_LOGIT_FLOOR  # NOTE: here: model.mhc imports this module
 
     n, c = s.shape[-2:]
@@ -129,18 +134,20 @@ def _forward(s: torch.Tensor, phi: torch.Tensor, params: tuple[torch.Tensor, ...
     h_post = torch.empty(*lead, n, device=dev, dtype=torch.float32)
     h_res = torch.empty(*lead, n, n, device=dev, dtype=torch.float32)
     raw = z = rinv = None
+    if save or not sinkhorn:
+        z = torch.empty(count, n * n, device=dev, dtype=torch.float32)
     if save:
         raw = torch.empty(count, m, device=dev, dtype=torch.float32)
-        z = torch.empty(count, n * n, device=dev, dtype=torch.float32)
         rinv = torch.empty(count, device=dev, dtype=torch.float32)
     if count:
         dummy = h_post  # never read or written when SAVE is off
-        block_m, block_k, block_c, warps = _tiling(count, c, backward=False)
+        block_m, block_k, block_c, warps, precision = _tiling(count, c, backward=False)
         _kernels()[0][(-(-count // block_m),)](
             s, _f32(phi), *(_f32(p) for p in params), x, h_post, h_res,
-            raw if save else dummy, z if save else dummy, rinv if save else dummy, count, RMS_EPS,
+            raw if save else dummy, dummy if z is None else z, rinv if save else dummy, count, RMS_EPS,
             N=n, C=c, MP=dot_width(m), ITERS=iters, FLOOR=SINKHORN_LOGIT_FLOOR,
-            BLOCK_M=block_m, BLOCK_K=block_k, BLOCK_C=block_c, SAVE=save, PRECISION=PRECISION, num_warps=warps)
+            BLOCK_M=block_m, BLOCK_K=block_k, BLOCK_C=block_c, SAVE=save, SINKHORN=sinkhorn, PRECISION=precision,
+            num_warps=warps)
     return x, h_post, h_res, raw, z, rinv
 
 
@@ -171,7 +178,7 @@ class MHCPre(torch.autograd.Function):
 
         n, c = s.shape[-2:]
         count, m, d = raw.shape[0], raw.shape[1], n * c
-        block_m, block_k, block_c, warps = _tiling(count, c, backward=True)
+        block_m, block_k, block_c, warps, precision = _tiling(count, c, backward=True)
         programs = -(-count // block_m)
         gs = torch.empty_like(s)  # [..., n, C]
         part = torch.empty(programs, d * m + m + 3, device=s.device, dtype=torch.float32)  # per-program sums
@@ -187,7 +194,7 @@ class MHCPre(torch.autograd.Function):
                 dummy if gl_res is None else gl_res, gs, part, count, N=n, C=c, MP=dot_width(m),
                 BLOCK_M=block_m, BLOCK_K=block_k, BLOCK_C=block_c,
                 HAS_GX=gx is not None, HAS_POST=g_post is not None, HAS_RES=gl_res is not None,
-                PRECISION=PRECISION, num_warps=warps)
+                PRECISION=precision, num_warps=warps)
         total = part.sum(dim=0)  # [D M + M + 3]: one reduction for every parameter gradient
         g_phi = total[:d * m].view(d, m)
         g_b = total[d * m:d * m + m]
@@ -200,6 +207,19 @@ class MHCPre(torch.autograd.Function):
                 like(g_b[:n], b_pre), like(g_b[n:2 * n], b_post), like(g_b[2 * n:], b_res), None)
 
 
+def _checked_iters(streams: torch.Tensor, params: tuple[torch.Tensor, ...], sinkhorn_iters: int) -> int:
+    """``sinkhorn_iters`` as an int, after checking it and the column parameters' shapes."""
+    iters = int(sinkhorn_iters)
+    if iters < 1:
+        raise ValueError(f"mhc_pre: sinkhorn_iters must be >= 1 (mhcSinkhornIters), got {iters}")
+    n = streams.shape[-2]
+    for name, t, shape in zip(("alpha_pre", "alpha_post", "alpha_res", "b_pre", "b_post", "b_res"), params,
+                              ((), (), (), (n,), (n,), (n, n)), strict=True):
+        if tuple(t.shape) != shape:
+            raise ValueError(f"mhc_pre: {name} must have shape {list(shape)}, got {list(t.shape)}")
+    return iters
+
+
 def mhc_pre(streams: torch.Tensor, phi: torch.Tensor, alpha_pre: torch.Tensor, alpha_post: torch.Tensor,
             alpha_res: torch.Tensor, b_pre: torch.Tensor, b_post: torch.Tensor, b_res: torch.Tensor,
             sinkhorn_iters: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -207,17 +227,73 @@ def mhc_pre(streams: torch.Tensor, phi: torch.Tensor, alpha_pre: torch.Tensor, a
     -> (x = H_pre S [..., C] in the streams' dtype, H_post [..., n], H_res [..., n, n] float32).
 
     Through ``MHCPre`` (fused backward) when a gradient is needed, else the forward kernel alone."""
-    iters = int(sinkhorn_iters)
-    if iters < 1:
-        raise ValueError(f"mhc_pre: sinkhorn_iters must be >= 1 (mhcSinkhornIters), got {iters}")
-    n = streams.shape[-2]
-    for name, t, shape in (("alpha_pre", alpha_pre, ()), ("alpha_post", alpha_post, ()),
-                           ("alpha_res", alpha_res, ()), ("b_pre", b_pre, (n,)), ("b_post", b_post, (n,)),
-                           ("b_res", b_res, (n, n))):
-        if tuple(t.shape) != shape:
-            raise ValueError(f"mhc_pre: {name} must have shape {list(shape)}, got {list(t.shape)}")
-    inputs = (streams, phi, alpha_pre, alpha_post, alpha_res, b_pre, b_post, b_res)
+    params = (alpha_pre, alpha_post, alpha_res, b_pre, b_post, b_res)
+    iters = _checked_iters(streams, params, sinkhorn_iters)
+    inputs = (streams, phi, *params)
     if torch.is_grad_enabled() and any(t.requires_grad for t in inputs):
         return MHCPre.apply(*inputs, iters)
-    x, h_post, h_res, *_ = _forward(streams.contiguous(), phi, inputs[2:], iters, save=False)
+    x, h_post, h_res, *_ = _forward(streams.contiguous(), phi, params, iters, save=False)
     return x, h_post, h_res
+
+
+class PendingHRes:
+    """H_res from :func:`mhc_pre_overlapped`, its Sinkhorn still running on a side stream. Holds the
+    logits it reads too, so that neither buffer is freed before ``wait()``."""
+
+    def __init__(self, h_res: torch.Tensor, logits: torch.Tensor, stream: torch.cuda.Stream | None) -> None:
+        self._h_res = h_res
+        self._logits = logits
+        self._stream = stream
+
+    def wait(self) -> torch.Tensor:
+        """H_res [..., n, n] float32; the current stream is ordered after the side stream's Sinkhorn first."""
+        if self._stream is not None:
+            torch.cuda.current_stream(self._h_res.device).wait_stream(self._stream)
+            self._stream = None
+        self._logits = None
+        return self._h_res
+
+
+_SIDE_STREAMS: dict[int, torch.cuda.Stream] = {}  # device index -> the Sinkhorn's side stream
+
+
+def _side_stream(device: torch.device) -> torch.cuda.Stream:
+    index = torch.cuda.current_device() if device.index is None else device.index
+    if index not in _SIDE_STREAMS:
+        _SIDE_STREAMS.setdefault(index, torch.cuda.Stream(device=index))
+    return _SIDE_STREAMS[index]
+
+
+def mhc_pre_overlapped(streams: torch.Tensor, phi: torch.Tensor, alpha_pre: torch.Tensor,
+                       alpha_post: torch.Tensor, alpha_res: torch.Tensor, b_pre: torch.Tensor,
+                       b_post: torch.Tensor, b_res: torch.Tensor,
+                       sinkhorn_iters: int) -> tuple[torch.Tensor, torch.Tensor, PendingHRes]:
+    """``mhc_pre`` without gradient, H_res's Sinkhorn taken off the branch's critical path:
+    (x [..., C], H_post [..., n], PendingHRes); call ``.wait()`` for H_res [..., n, n] when it is needed
+    (after the branch: ``mix_out``). Same values as :func:`mhc_pre`.
+
+    The forward kernel writes x, H_post and the H_res logits (its Sinkhorn skipped: on the H100 11 of
+    its 23 us at a batch-1 sampling step's 128 residues, 40 dependent float64 half steps), then a side
+    stream, ordered after it, runs ``sinkhorn_triton.sinkhorn_into`` on those logits while the
+    current stream goes on with the branch; ``wait()`` joins the two. Every tensor is allocated on the
+    current stream before the fork and stays referenced by the caller until after the join, so the
+    caching allocator cannot hand its memory out while the side stream uses it. Works eagerly and
+    inside CUDA-graph capture (the fork and join become graph edges). On a CPU tensor (Triton's
+    interpreter) there is no side stream: the Sinkhorn runs in line.
+    Raises ValueError when a gradient would be needed (use ``mhc_pre``)."""
+    from model.mhc import SINKHORN_LOGIT_FLOOR  # NOTE: here: model.mhc imports this module
+
+    params = (alpha_pre, alpha_post, alpha_res, b_pre, b_post, b_res)
+    iters = _checked_iters(streams, params, sinkhorn_iters)
+    if torch.is_grad_enabled() and any(t.requires_grad for t in (streams, phi, *params)):
+        raise ValueError("mhc_pre_overlapped has no backward: call it under torch.no_grad(), or use mhc_pre")
+    x, h_post, h_res, _, z, _ = _forward(streams.contiguous(), phi, params, iters, save=False, sinkhorn=False)
+    z = z.view(h_res.shape)  # [..., n, n] logits
+    if not h_res.is_cuda:
+        sinkhorn_triton.sinkhorn_into(z, h_res, iters, SINKHORN_LOGIT_FLOOR)
+        return x, h_post, PendingHRes(h_res, z, None)
+    side = _side_stream(h_res.device)
+    side.wait_stream(torch.cuda.current_stream(h_res.device))
+    with torch.cuda.stream(side):
+        sinkhorn_triton.sinkhorn_into(z, h_res, iters, SINKHORN_LOGIT_FLOOR)
+    return x, h_post, PendingHRes(h_res, z, side)

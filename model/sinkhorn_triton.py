@@ -31,7 +31,7 @@ import torch
 
 from model.triton_support import triton_can_run
 
-__all__ = ["available", "sinkhorn_fused", "sinkhorn_vjp"]
+__all__ = ["available", "sinkhorn_fused", "sinkhorn_into", "sinkhorn_vjp"]
 
 # NOTE: 16, not 64: a training batch has only ~4,000 matrices per call (56 x 72 residues), and 64 per
 # program left most of the H100's 132 SMs idle behind a 40-half-step dependency chain (backward
@@ -99,6 +99,22 @@ def sinkhorn_vjp(z: torch.Tensor, grad_out: torch.Tensor, num_iters: int, floor:
         _launch(_kernels()[1], count, z, grad_out.float().contiguous(), grad, sums, iters=num_iters, n=n,
                 floor=floor, block=block, num_warps=num_warps)
     return grad
+
+
+def sinkhorn_into(z: torch.Tensor, out: torch.Tensor, num_iters: int, floor: float, *,
+                  block: int | None = None, num_warps: int | None = None) -> torch.Tensor:
+    """The forward kernel alone, without autograd: writes Sinkhorn(z) into ``out`` (both [..., n, n]
+    float32, contiguous, the same shape), exactly what :func:`sinkhorn_fused` returns. For callers that
+    own the buffers and need no gradient: the fused mHC pre-branch's sampling path runs it on a side
+    stream. Returns ``out``."""
+    for name, t in (("z", z), ("out", out)):
+        if t.dtype != torch.float32 or not t.is_contiguous() or t.shape != z.shape:
+            raise ValueError(f"sinkhorn_into: {name} must be contiguous float32 of z's shape {list(z.shape)}, "
+                             f"got {t.dtype} {list(t.shape)} strides {t.stride()}")
+    count, n = z.numel() // (z.shape[-1] ** 2), z.shape[-1]
+    if count:
+        _launch(_kernels()[0], count, z, out, iters=num_iters, n=n, floor=floor, block=block, num_warps=num_warps)
+    return out
 
 
 def sinkhorn_fused(logits: torch.Tensor, num_iters: int, floor: float, *, block: int | None = None,

@@ -17,6 +17,8 @@ REL_PRE = 1e-5
 # 16-bit x and gS: one rounding of a float32 sum, relative to the tensor's max (the interpreter truncates
 # float32 to bf16: up to 2^-7, hence 2^-6)
 REL_PRE_16 = 2.0**-6
+# mhc_pre_overlapped vs mhc_pre: the same float64 Sinkhorn in another kernel (float32 outputs)
+ATOL_OVERLAP = 1e-6
 NAMES = ("x", "h_post", "h_res", "g_streams", "g_phi", "g_alpha_pre", "g_alpha_post", "g_alpha_res",
          "g_b_pre", "g_b_post", "g_b_res")
 
@@ -89,6 +91,12 @@ def fused_pre_matches_reference(device: str) -> None:
         assert all(o.grad_fn is None for o in outs)
         for name, a, e in zip(NAMES, outs, exact, strict=False):
             assert _rel(a, e) <= REL_PRE, (name, _rel(a, e))
+        # sampling with the Sinkhorn finished apart (a side stream on CUDA): the same values
+        with torch.no_grad():
+            x, h_post, pending = mhc_pre_triton.mhc_pre_overlapped(streams, *cast(inputs)[1:], ITERS)
+            h_res = pending.wait()
+        for name, a, b in zip(NAMES, (x, h_post, h_res), outs, strict=False):
+            torch.testing.assert_close(a, b, atol=ATOL_OVERLAP, rtol=0, msg=lambda m, k=name: f"{k}: {m}")
     # every tiling of the tables on one case (the default picks by residue count; small counts here)
     inputs, weights = _pre_case(4, 128, (2, 19), g)
     exact = _pre_with_grads(mhc_pre_reference, inputs, weights, 4, expanded=False)
@@ -155,6 +163,50 @@ def fused_pre_residual_matches_reference(device: str) -> None:
         mhc_pre_triton.mhc_pre = original
 
 
+def overlapped_residual_matches(device: str) -> None:
+    """MHCResidual without gradient (sampling), ``overlap_sinkhorn`` True vs False, two applications
+    (the first on ``expand``'s stride-0 streams), float32 and under bf16 autocast: the same output and
+    recorded H_res, and the overlapped op really runs (counted) exactly when the flag is on; with a
+    gradient needed the flag changes nothing (the autograd op runs). Runs on CUDA, or on the CPU
+    under TRITON_INTERPRET=1 (no side stream there: the data path only)."""
+    from model import mhc_pre_triton
+
+    calls = []
+    original = mhc_pre_triton.mhc_pre_overlapped
+
+    def counted(*args):
+        calls.append(1)
+        return original(*args)
+
+    mhc_pre_triton.mhc_pre_overlapped = counted
+    try:
+        block, s, mask, _, _ = residual_case(41, device)
+        for autocast in (False, True):
+            runs = {}
+            for overlap in (True, False):
+                block.overlap_sinkhorn = overlap
+                calls.clear()
+                with torch.no_grad(), torch.autocast(device_type=s.device.type, dtype=torch.bfloat16,
+                                                     enabled=autocast):
+                    out = block(block(expand(s, 4), mask), mask)  # [2, 5, 4, 32]
+                assert len(calls) == (2 if overlap else 0)
+                runs[overlap] = (out, block.last_h_res)
+            for a, b in zip(runs[True], runs[False], strict=True):
+                torch.testing.assert_close(a, b, atol=ATOL_OVERLAP, rtol=0)
+        block.overlap_sinkhorn = True
+        calls.clear()
+        block(expand(s, 4), mask).sum().backward()  # training: s requires a gradient
+        assert not calls and s.grad is not None
+        with pytest.raises(ValueError, match="no backward"):
+            original(expand(s, 4), block.mappings.phi, *block.mappings.column_parameters(), ITERS)
+    finally:
+        mhc_pre_triton.mhc_pre_overlapped = original
+
+
+def test_overlapped_residual_in_the_triton_interpreter():
+    _in_triton_interpreter("overlapped_residual_matches", module="test_mhc_pre")
+
+
 def test_fused_pre_matches_reference_in_the_triton_interpreter():
     """The forward and backward kernels' source, executed by Triton's CPU interpreter."""
     _in_triton_interpreter("fused_pre_matches_reference", module="test_mhc_pre")
@@ -206,6 +258,50 @@ def test_gpu_fused_pre_matches_reference(monkeypatch):
     monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
     fused_pre_matches_reference("cuda")
     fused_pre_residual_matches_reference("cuda")
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_gpu_overlapped_sinkhorn_residual():
+    overlapped_residual_matches("cuda")
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_gpu_overlapped_sinkhorn_in_cuda_graph():
+    """Three MHCResidual applications without gradient captured in one CUDA graph with the Sinkhorn on
+    its side stream (fork and join inside the capture), each branch allocating and freeing more than
+    the H_res buffers (so the allocator would hand their memory out if the join came too late):
+    replays on new inputs give what eager runs give with the Sinkhorn in the pre-branch kernel."""
+    block, _, _, _, g = residual_case(43, "cuda")
+    block.record = False
+    mask = torch.ones(8, 40, device="cuda")
+    mask[3, 25:] = 0
+
+    def run(s):
+        for _ in range(3):
+            s = block(s, mask)
+        return s
+
+    static = torch.randn(8, 40, 4, 32, generator=g).cuda()
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    block.overlap_sinkhorn = True
+    with torch.no_grad():
+        with torch.cuda.stream(side):  # warm-up (Triton compiles, the side stream exists) outside the capture
+            for _ in range(2):
+                run(static)
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            captured = run(static)
+        for _ in range(3):
+            static.copy_(torch.randn(8, 40, 4, 32, generator=g))
+            graph.replay()
+            block.overlap_sinkhorn = False
+            eager = run(static)
+            block.overlap_sinkhorn = True
+            torch.testing.assert_close(captured, eager, atol=ATOL_OVERLAP, rtol=0)
 
 
 @pytest.mark.gpu
