@@ -348,8 +348,9 @@ class MHCResidual(nn.Module):
         # with fused_mixing and mappings.fused: mappings + H_pre S as one op, model/mhc_pre_triton.py
         # (False: MHCMappings, then the mixing kernel, as before)
         self.fused_pre = True
-        # without gradient on CUDA (sampling): H_res's Sinkhorn on a side stream, overlapping the branch
-        # (mhc_pre_triton.mhc_pre_overlapped; False: in the pre-branch kernel, as in training)
+        # without gradient on CUDA (sampling) below mhc_pre_triton.OVERLAP_BELOW residues: H_res's Sinkhorn
+        # on a side stream, overlapping the branch (mhc_pre_triton.mhc_pre_overlapped; False: in the
+        # pre-branch kernel, as in training)
         self.overlap_sinkhorn = True
 
     def forward(self, streams: torch.Tensor, *args, **kwargs) -> torch.Tensor:
@@ -385,7 +386,8 @@ class MHCResidual(nn.Module):
             # mappings and H_pre S as one kernel each way (model/mhc_pre_triton.py)
             params = maps.column_parameters()
             with torch.autocast(device_type=streams.device.type, enabled=False):
-                if self.overlap_sinkhorn and not (torch.is_grad_enabled() and _needs_grad(streams, maps)):
+                if (self.overlap_sinkhorn and not (torch.is_grad_enabled() and _needs_grad(streams, maps))
+                        and mhc_pre_triton.overlap_pays(streams)):
                     x, h_post, pending = mhc_pre_triton.mhc_pre_overlapped(streams, maps.phi, *params,
                                                                            maps.sinkhorn_iters)
                     h_res = None

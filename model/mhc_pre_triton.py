@@ -58,6 +58,7 @@ half steps, the mixing pass), so at a few thousand residues (one program per SM)
 from __future__ import annotations
 
 import functools
+import threading
 
 import torch
 from torch.autograd.function import once_differentiable
@@ -65,7 +66,7 @@ from torch.autograd.function import once_differentiable
 from model import sinkhorn_triton
 from model.triton_support import FLOAT_DTYPES, dot_width, is_pow2, triton_can_run
 
-__all__ = ["MHCPre", "PendingHRes", "available", "mhc_pre", "mhc_pre_overlapped"]
+__all__ = ["MHCPre", "PendingHRes", "available", "mhc_pre", "mhc_pre_overlapped", "overlap_pays"]
 
 # Tilings (BLOCK_M residues per program, BLOCK_K channels of vec(S) per GEMM step, BLOCK_C channels per step
 # of the mixing passes, num_warps, tl.dot input precision) by residue count; BLOCK_K and BLOCK_C are capped
@@ -79,6 +80,13 @@ __all__ = ["MHCPre", "PendingHRes", "available", "mhc_pre", "mhc_pre_overlapped"
 FORWARD_TILINGS = ((1024, (16, 64, 32, 4, "ieee")), (16384, (32, 32, 32, 4, "tf32x3")),
                    (None, (64, 32, 32, 4, "tf32x3")))
 BACKWARD_TILINGS = ((16384, (32, 64, 32, 4, "tf32x3")), (None, (32, 128, 32, 4, "tf32x3")))
+# MHCResidual takes mhc_pre_overlapped below this many residues (no gradient). Graphed sampling steps of
+# configs/ship_pairfree.txt on the H100, mHC's cost over the flash mode, overlapped vs not (session 7, two
+# runs; the engine's step, then the bare step's graph): 1 x 128 +4.0-4.4 vs +5.3-5.8 % (+4.5-4.6 vs
+# +5.7-5.9 %); 1 x 256 +3.5-3.8 vs +6.7-7.0 % (but the bare graph +6.5-6.7 vs +4.9-5.0 %); 64 x 128 (8,192
+# residues) +4.5-4.8 vs +4.2-4.7 %; 256 x 128 +3.6-4.2 vs +3.4-4.0 %: a gain where the step is latency-bound,
+# a small loss where the card is already busy. BENCHMARKS.md has the table.
+OVERLAP_BELOW = 1024
 
 
 @functools.cache
@@ -254,14 +262,26 @@ class PendingHRes:
         return self._h_res
 
 
-_SIDE_STREAMS: dict[int, torch.cuda.Stream] = {}  # device index -> the Sinkhorn's side stream
+# Per thread and device: a stream taking part in one thread's CUDA-graph capture must not receive
+# another thread's eager work (and two threads' Sinkhorns would wait for each other for nothing).
+_SIDE_STREAMS = threading.local()
 
 
 def _side_stream(device: torch.device) -> torch.cuda.Stream:
+    """This thread's side stream on ``device`` (created on first use, freed with the thread)."""
     index = torch.cuda.current_device() if device.index is None else device.index
-    if index not in _SIDE_STREAMS:
-        _SIDE_STREAMS.setdefault(index, torch.cuda.Stream(device=index))
-    return _SIDE_STREAMS[index]
+    streams = getattr(_SIDE_STREAMS, "by_device", None)
+    if streams is None:
+        streams = _SIDE_STREAMS.by_device = {}
+    if index not in streams:
+        streams[index] = torch.cuda.Stream(device=index)
+    return streams[index]
+
+
+def overlap_pays(streams: torch.Tensor) -> bool:
+    """Whether :func:`mhc_pre_overlapped` is worth its fork and join for ``streams`` [..., n, C]: below
+    OVERLAP_BELOW residues (where the step is latency-bound and the side stream finds idle SMs)."""
+    return streams.numel() // max(1, streams.shape[-2] * streams.shape[-1]) < OVERLAP_BELOW
 
 
 def mhc_pre_overlapped(streams: torch.Tensor, phi: torch.Tensor, alpha_pre: torch.Tensor,

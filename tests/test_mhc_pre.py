@@ -166,8 +166,8 @@ def fused_pre_residual_matches_reference(device: str) -> None:
 def overlapped_residual_matches(device: str) -> None:
     """MHCResidual without gradient (sampling), ``overlap_sinkhorn`` True vs False, two applications
     (the first on ``expand``'s stride-0 streams), float32 and under bf16 autocast: the same output and
-    recorded H_res, and the overlapped op really runs (counted) exactly when the flag is on; with a
-    gradient needed the flag changes nothing (the autograd op runs). Runs on CUDA, or on the CPU
+    recorded H_res, and the overlapped op really runs (counted) exactly when the flag is on and there are
+    fewer than OVERLAP_BELOW residues; with a gradient needed the flag changes nothing (the autograd op runs). Runs on CUDA, or on the CPU
     under TRITON_INTERPRET=1 (no side stream there: the data path only)."""
     from model import mhc_pre_triton
 
@@ -194,6 +194,15 @@ def overlapped_residual_matches(device: str) -> None:
             for a, b in zip(runs[True], runs[False], strict=True):
                 torch.testing.assert_close(a, b, atol=ATOL_OVERLAP, rtol=0)
         block.overlap_sinkhorn = True
+        below = mhc_pre_triton.OVERLAP_BELOW
+        try:  # at OVERLAP_BELOW residues and more: not overlapped (the case has 10)
+            mhc_pre_triton.OVERLAP_BELOW = 10
+            calls.clear()
+            with torch.no_grad():
+                block(expand(s, 4), mask)
+            assert not calls
+        finally:
+            mhc_pre_triton.OVERLAP_BELOW = below
         calls.clear()
         block(expand(s, 4), mask).sum().backward()  # training: s requires a gradient
         assert not calls and s.grad is not None
