@@ -17,6 +17,7 @@ One GEMM step per chunk of D forward (v phi), two backward (du phi^T and v^T du)
 import triton
 import triton.language as tl
 
+from model._mhc_map_kernels import gemm_and_sumsq
 from model._sinkhorn_kernels import _init
 
 
@@ -77,19 +78,12 @@ def pre_forward_kernel(s_ptr, phi_ptr, a_pre_ptr, a_post_ptr, a_res_ptr, b_pre_p
     valid = rows < count
     rows = rows.to(tl.int64)  # NOTE: int64, count * D may pass 2^31 for long batches
     row_offs = rows * D
-    ks = tl.arange(0, BLOCK_K)
     a = tl.arange(0, MP)  # register columns: res | pre | post | padding
     col = _phi_col(a, N)
     ok = a < M
-    # pass 1 over D: v phi (tf32x3 tensor-core products: ~float32) and sum(v^2)
-    acc = tl.zeros((BLOCK_M, MP), dtype=tl.float32)
-    sumsq = tl.zeros((BLOCK_M,), dtype=tl.float32)
-    for k0 in range(0, D, BLOCK_K):
-        v = tl.load(s_ptr + row_offs[:, None] + (k0 + ks)[None, :], mask=valid[:, None],
-                    other=0.0).to(tl.float32)  # [BLOCK_M, BLOCK_K]
-        w = tl.load(phi_ptr + (k0 + ks)[:, None] * M + col[None, :], mask=ok[None, :], other=0.0)  # [BLOCK_K, MP]
-        sumsq += tl.sum(v * v, axis=1)
-        acc = tl.dot(v, w, acc, input_precision=PRECISION)  # [BLOCK_M, MP]
+    # pass 1 over D: v phi (tf32x3 tensor-core products or float32 FMAs) and sum(v^2)
+    acc, sumsq = gemm_and_sumsq(s_ptr, row_offs, valid, phi_ptr, col, ok, D, M, BLOCK_M, BLOCK_K, MP,
+                                PRECISION)  # [BLOCK_M, MP], [BLOCK_M]
     rinv = 1.0 / tl.sqrt(sumsq / D + eps)  # [BLOCK_M]
     raw = acc * rinv[:, None]  # [BLOCK_M, MP] (zero on the padding)
     alpha, bias, is_pre, is_post = _column_params(a, a_pre_ptr, a_post_ptr, a_res_ptr, b_pre_ptr, b_post_ptr,
