@@ -60,6 +60,7 @@ __all__ = [
     "TrainOptions",
     "TrainResult",
     "TrainingStopped",
+    "batch_length_multiple",
     "build_trainer",
     "check_checkpoint",
     "debug_config",
@@ -487,6 +488,12 @@ def _resume_path(options: TrainOptions, ckpt_dir: Path) -> Path | None:
     return path
 
 
+def batch_length_multiple(config, otherwise: int = 1) -> int:
+    """The multiple batch lengths are padded to: GRAPH_LENGTH_MULTIPLE with ``graphTrainingStep`` (one
+    CUDA graph per batch shape: padding keeps the shapes few), else ``otherwise``."""
+    return GRAPH_LENGTH_MULTIPLE if config.graphTrainingStep else otherwise
+
+
 def run_training(config: Config, options: TrainOptions | None = None, datamodule=None,
                  callbacks: list | None = None) -> TrainResult:
     """Train ``config`` (resuming if asked / found), export weights, return where things went.
@@ -505,8 +512,7 @@ def run_training(config: Config, options: TrainOptions | None = None, datamodule
     if datamodule is None:
         from model.data.datamodule import ProteinDataModule
 
-        # graphs are per batch shape: padding lengths to a multiple of 16 keeps the shapes few
-        datamodule = ProteinDataModule(config, pad_to_multiple=GRAPH_LENGTH_MULTIPLE if config.graphTrainingStep else 1)
+        datamodule = ProteinDataModule(config, pad_to_multiple=batch_length_multiple(config))
     module = DiffusionModule(config, fault=options.fault)
     module.checkpoint_dir = ckpt_dir
     trainer = build_trainer(config, options, run_dir)

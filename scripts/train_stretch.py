@@ -25,7 +25,7 @@ from pack_chains import unpack
 from model.atomic_io import atomic_write
 from model.config import load_config
 from model.data.datamodule import ProteinDataModule
-from model.training import GRAPH_LENGTH_MULTIPLE, TrainOptions, run_training
+from model.training import TrainOptions, batch_length_multiple, run_training
 
 PART = 15 * 2**20
 
@@ -73,7 +73,7 @@ def main() -> None:
     print(f"resume: {'rebuilt from parts' if rebuilt else ('warm run dir' if last.is_file() else 'fresh start')}")
     dm = ProteinDataModule(cfg, chains=unpack(args.chains), max_residues_per_batch=args.max_residues,
                            max_pair_elements_per_batch=args.max_pair_elements,
-                           pad_to_multiple=GRAPH_LENGTH_MULTIPLE if cfg.graphTrainingStep else 8)
+                           pad_to_multiple=batch_length_multiple(cfg, otherwise=8))
     t0 = time.time()
     result = run_training(cfg, TrainOptions(accelerator=args.accelerator, devices="1", max_minutes=args.minutes,
                                             progress_bar=False, export_weights=False), datamodule=dm)
