@@ -4,6 +4,8 @@ interpreter in a subprocess (``_in_triton_interpreter``). Small odd sizes; toler
 
 from __future__ import annotations
 
+import contextlib
+
 import pytest
 import torch
 from test_mhc import _in_triton_interpreter, assert_residual_runs_match, residual_case
@@ -126,6 +128,23 @@ def fused_pre_matches_reference(device: str) -> None:
             assert _rel(a, b) <= (REL_PRE_16 if low_out else REL_PRE), (dtype, name, _rel(a, b))
 
 
+@contextlib.contextmanager
+def counting(module, name: str):
+    """``module.name`` replaced by a wrapper that appends to the yielded list at each call (restored after)."""
+    calls = []
+    original = getattr(module, name)
+
+    def counted(*args, **kwargs):
+        calls.append(1)
+        return original(*args, **kwargs)
+
+    setattr(module, name, counted)
+    try:
+        yield calls
+    finally:
+        setattr(module, name, original)
+
+
 def fused_pre_residual_matches_reference(device: str) -> None:
     """Two applications of one MHCResidual (n = 4, C = 32; perturbed mappings, padded mask), forward and
     backward, ``fused_pre`` True vs False (both with the fused mixing): the output, the recorded H_res, the
@@ -134,15 +153,7 @@ def fused_pre_residual_matches_reference(device: str) -> None:
     Runs on CUDA, or on the CPU under TRITON_INTERPRET=1."""
     from model import mhc_pre_triton
 
-    calls = []
-    original = mhc_pre_triton.mhc_pre
-
-    def counted(*args):
-        calls.append(1)
-        return original(*args)
-
-    mhc_pre_triton.mhc_pre = counted
-    try:
+    with counting(mhc_pre_triton, "mhc_pre") as calls:
         block, s, mask, w, _ = residual_case(31, device)
         for autocast in (False, True):
             runs = {}
@@ -159,27 +170,17 @@ def fused_pre_residual_matches_reference(device: str) -> None:
                 grads = [(k, p.grad) for k, p in block.named_parameters()]
                 runs[fused] = [("out", out.detach()), ("h_res", h_res), ("s", s.grad), *grads]
             assert_residual_runs_match(runs[True], runs[False], autocast)
-    finally:
-        mhc_pre_triton.mhc_pre = original
 
 
 def overlapped_residual_matches(device: str) -> None:
     """MHCResidual without gradient (sampling), ``overlap_sinkhorn`` True vs False, two applications
     (the first on ``expand``'s stride-0 streams), float32 and under bf16 autocast: the same output and
     recorded H_res, and the overlapped op really runs (counted) exactly when the flag is on and there are
-    fewer than OVERLAP_BELOW residues; with a gradient needed the flag changes nothing (the autograd op runs). Runs on CUDA, or on the CPU
-    under TRITON_INTERPRET=1 (no side stream there: the data path only)."""
+    fewer than OVERLAP_BELOW residues; with a gradient needed the flag changes nothing (the autograd op
+    runs). Runs on CUDA, or on the CPU under TRITON_INTERPRET=1 (no side stream there: the data path only)."""
     from model import mhc_pre_triton
 
-    calls = []
-    original = mhc_pre_triton.mhc_pre_overlapped
-
-    def counted(*args):
-        calls.append(1)
-        return original(*args)
-
-    mhc_pre_triton.mhc_pre_overlapped = counted
-    try:
+    with counting(mhc_pre_triton, "mhc_pre_overlapped") as calls:
         block, s, mask, _, _ = residual_case(41, device)
         for autocast in (False, True):
             runs = {}
@@ -207,9 +208,8 @@ def overlapped_residual_matches(device: str) -> None:
         block(expand(s, 4), mask).sum().backward()  # training: s requires a gradient
         assert not calls and s.grad is not None
         with pytest.raises(ValueError, match="no backward"):
-            original(expand(s, 4), block.mappings.phi, *block.mappings.column_parameters(), ITERS)
-    finally:
-        mhc_pre_triton.mhc_pre_overlapped = original
+            mhc_pre_triton.mhc_pre_overlapped(expand(s, 4), block.mappings.phi,
+                                              *block.mappings.column_parameters(), ITERS)
 
 
 def test_overlapped_residual_in_the_triton_interpreter():
