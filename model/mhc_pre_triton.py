@@ -261,6 +261,16 @@ class PendingHRes:
         self._logits = None
         return self._h_res
 
+    def __del__(self) -> None:
+        # never waited for (the branch raised, e.g. out of memory): order the current stream after the
+        # Sinkhorn before the two buffers go back to the allocator, so that it cannot write into memory
+        # that has been handed out again
+        if getattr(self, "_stream", None) is not None:
+            try:
+                torch.cuda.current_stream(self._h_res.device).wait_stream(self._stream)
+            except RuntimeError:  # CUDA already torn down at interpreter exit: nothing left to protect
+                pass
+
 
 # Per thread and device: a stream taking part in one thread's CUDA-graph capture must not receive
 # another thread's eager work (and two threads' Sinkhorns would wait for each other for nothing).
