@@ -392,10 +392,17 @@ def fused_matches_loop(device: str) -> None:
 
 def test_fused_sinkhorn_dispatch_rules():
     """The fused path is chosen only where it can run: never on a plain CPU tensor, for n * n not a
-    power of two, or for float64 (gradcheck keeps the loop)."""
+    power of two, or for float64 (gradcheck keeps the loop); ``sinkhorn_into`` refuses buffers that are
+    not contiguous float32 of one shape."""
     from model import sinkhorn_triton
 
     assert not sinkhorn_triton.available(torch.zeros(3, 4, 4))  # CPU without the interpreter
+    # the buffer-owning entry point checks its buffers before any launch
+    z = torch.zeros(3, 4, 4)
+    for bad_z, bad_out in ((z.double(), z), (z, torch.zeros(3, 4, 4, dtype=torch.float64)),
+                           (z.transpose(1, 2), z), (z, torch.zeros(2, 4, 4))):
+        with pytest.raises(ValueError, match="sinkhorn_into: .* must be contiguous float32"):
+            sinkhorn_triton.sinkhorn_into(bad_z, bad_out, ITERS, SINKHORN_LOGIT_FLOOR)
     if torch.cuda.is_available():
         assert not sinkhorn_triton.available(torch.zeros(3, 3, 3, device="cuda"))  # n = 3
         assert not sinkhorn_triton.available(torch.zeros(3, 4, 4, device="cuda", dtype=torch.float64))
