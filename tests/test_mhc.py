@@ -648,26 +648,41 @@ def residual_case(seed: int, device: str) -> tuple[MHCResidual, torch.Tensor, to
 
 def fused_residual_matches_reference(device: str) -> None:
     """Two applications of one MHCResidual (n = 4, C = 32; perturbed mappings, padded mask), forward and
-    backward, ``fused_mixing`` True vs False: the output, the gradient of s (the first call sees
+    backward, ``fused_mixing`` True vs False: the output, the recorded H_res, the gradient of s (the first call sees
     ``expand``'s stride-0 streams) and of every parameter; float32, then under bf16 autocast (only the
     branch in bf16). The fused run must really be the autograd path (its grad_fn). Runs on CUDA, or on
     the CPU under TRITON_INTERPRET=1."""
     block, s, mask, w, _ = residual_case(19, device)
+
+    def check(fused: bool, out: torch.Tensor) -> None:
+        assert (type(out.grad_fn).__name__ == "MixOutBackward") == fused
+
     for autocast in (False, True):
-        runs = {}
-        for fused in (True, False):
-            block.fused_mixing = fused
-            block.zero_grad(set_to_none=True)
-            s.grad = None
-            with torch.autocast(device_type=s.device.type, dtype=torch.bfloat16, enabled=autocast):
-                out = block(block(expand(s, 4), mask), mask)  # [2, 5, 4, 32]
-            assert out.dtype == torch.float32
-            assert (type(out.grad_fn).__name__ == "MixOutBackward") == fused
-            (out * w).sum().backward()
-            grads = [(k, p.grad) for k, p in block.named_parameters()]
-            runs[fused] = [("out", out.detach()), ("s", s.grad), *grads]
-        assert len(runs[True]) == 2 + len(list(block.parameters()))
+        runs = residual_ab_runs(block, s, mask, w, "fused_mixing", autocast, check)
+        assert len(runs[True]) == 3 + len(list(block.parameters()))
         assert_residual_runs_match(runs[True], runs[False], autocast)
+
+
+def residual_ab_runs(block: MHCResidual, s: torch.Tensor, mask: torch.Tensor, w: torch.Tensor, flag: str,
+                     autocast: bool, check) -> dict[bool, list]:
+    """``block.<flag>`` True, then False: two applications of ``block`` (the first on ``expand``'s
+    stride-0 streams), under bf16 autocast if ``autocast``, and the backward of sum(out * w). Per flag
+    value, [(name, tensor)]: the output, the recorded H_res, the gradient of s and of every parameter.
+    ``check(flag value, out)`` runs after each forward (that the path under test really ran, or not)."""
+    runs = {}
+    for on in (True, False):
+        setattr(block, flag, on)
+        block.zero_grad(set_to_none=True)
+        s.grad = None
+        with torch.autocast(device_type=s.device.type, dtype=torch.bfloat16, enabled=autocast):
+            out = block(block(expand(s, 4), mask), mask)  # [2, 5, 4, 32]
+        assert out.dtype == torch.float32
+        check(on, out)
+        h_res = block.last_h_res
+        (out * w).sum().backward()
+        grads = [(k, p.grad) for k, p in block.named_parameters()]
+        runs[on] = [("out", out.detach()), ("h_res", h_res), ("s", s.grad), *grads]
+    return runs
 
 
 def assert_residual_runs_match(fast: list, ref: list, autocast: bool) -> None:

@@ -8,7 +8,7 @@ import contextlib
 
 import pytest
 import torch
-from test_mhc import _in_triton_interpreter, assert_residual_runs_match, residual_case
+from test_mhc import _in_triton_interpreter, assert_residual_runs_match, residual_ab_runs, residual_case
 
 from model.mhc import expand, mhc_pre_reference
 
@@ -155,20 +155,13 @@ def fused_pre_residual_matches_reference(device: str) -> None:
 
     with counting(mhc_pre_triton, "mhc_pre") as calls:
         block, s, mask, w, _ = residual_case(31, device)
+
+        def check(fused: bool, out: torch.Tensor) -> None:
+            assert len(calls) == (2 if fused else 0)
+            calls.clear()
+
         for autocast in (False, True):
-            runs = {}
-            for fused in (True, False):
-                block.fused_pre = fused
-                block.zero_grad(set_to_none=True)
-                s.grad = None
-                calls.clear()
-                with torch.autocast(device_type=s.device.type, dtype=torch.bfloat16, enabled=autocast):
-                    out = block(block(expand(s, 4), mask), mask)  # [2, 5, 4, 32]
-                assert len(calls) == (2 if fused else 0) and out.dtype == torch.float32
-                h_res = block.last_h_res
-                (out * w).sum().backward()
-                grads = [(k, p.grad) for k, p in block.named_parameters()]
-                runs[fused] = [("out", out.detach()), ("h_res", h_res), ("s", s.grad), *grads]
+            runs = residual_ab_runs(block, s, mask, w, "fused_pre", autocast, check)
             assert_residual_runs_match(runs[True], runs[False], autocast)
 
 
