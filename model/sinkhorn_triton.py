@@ -71,11 +71,8 @@ class _SinkhornFused(torch.autograd.Function):
     @staticmethod
     def forward(ctx, logits: torch.Tensor, iters: int, floor: float, tiling: tuple[int, int]) -> torch.Tensor:
         z = logits.detach().float().contiguous()  # [..., n, n]
-        out = torch.empty_like(z)
-        count, n = z.numel() // (z.shape[-1] ** 2), z.shape[-1]
         block, warps = tiling
-        if count:
-            _launch(_kernels()[0], count, z, out, iters=iters, n=n, floor=floor, block=block, num_warps=warps)
+        out = sinkhorn_into(z, torch.empty_like(z), iters, floor, block=block, num_warps=warps)
         ctx.save_for_backward(z)
         ctx.iters, ctx.floor, ctx.tiling = iters, floor, tiling
         return out
