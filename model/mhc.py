@@ -41,6 +41,7 @@ import torch
 from torch import nn
 
 from model import mhc_map_triton, mhc_mix_triton, mhc_pre_triton, sinkhorn_triton
+from model.triton_support import needs_grad
 
 __all__ = [
     "GatedReadout",
@@ -386,7 +387,7 @@ class MHCResidual(nn.Module):
             # mappings and H_pre S as one kernel each way (model/mhc_pre_triton.py)
             params = maps.column_parameters()
             with torch.autocast(device_type=streams.device.type, enabled=False):
-                if (self.overlap_sinkhorn and not (torch.is_grad_enabled() and _needs_grad(streams, maps))
+                if (self.overlap_sinkhorn and not needs_grad(streams, *maps.parameters())
                         and mhc_pre_triton.overlap_pays(streams)):
                     x, h_post, pending = mhc_pre_triton.mhc_pre_overlapped(streams, maps.phi, *params,
                                                                            maps.sinkhorn_iters)
@@ -412,10 +413,6 @@ class MHCResidual(nn.Module):
                 return mhc_mix_triton.mix_out(h_res, h_post, streams, y, with_mean=with_mean)
             out = mix_out(h_res, h_post, streams, y, matmul)  # H_res S + H_post^T y
             return (out, contract(out)) if with_mean else out
-
-
-def _needs_grad(streams: torch.Tensor, maps: MHCMappings) -> bool:
-    return streams.requires_grad or any(p.requires_grad for p in maps.parameters())
 
 
 def is_mean_readout(readout) -> bool:

@@ -20,8 +20,9 @@ products of out = H_pre S and out = H_res S + H_post^T y, per residue r (gx, g t
               gh_post[r, i] = sum_c g[r, i, c] y[r, c]        gy[r, c] = sum_i h_post[r, i] g[r, i, c]
 
 NOTE: the first version was forward only (``available`` was False whenever gradients were enabled), so
-training ran the reference; the training step with these backward kernels is not yet timed on the H100.
-The backward is not differentiable again (``once_differentiable``: no double backward).
+training ran the reference; with these backward kernels the graphed training step is timed in
+BENCHMARKS.md (sessions 5-6). The backward is not differentiable again (``once_differentiable``: no
+double backward).
 
 The streams feed both mixings of a residual; autograd adds the two gS. Sums run in float32; results
 are stored in the inputs' dtype (float32 streams in training; bf16 / fp16 work too). CUDA-graph safe:
@@ -38,7 +39,7 @@ import functools
 import torch
 from torch.autograd.function import once_differentiable
 
-from model.triton_support import is_pow2, triton_can_run
+from model.triton_support import is_pow2, needs_grad, triton_can_run
 
 __all__ = ["MixIn", "MixOut", "available", "mix_in", "mix_out"]
 
@@ -77,10 +78,6 @@ def _check(streams: torch.Tensor, **others: tuple[torch.Tensor, tuple[int, ...]]
         if tuple(t.shape) != lead + tail:
             raise ValueError(f"mhc_mix_triton: {name} must be {list(lead + tail)} for streams "
                              f"{list(streams.shape)}, got {list(t.shape)}")
-
-
-def _needs_grad(*tensors: torch.Tensor) -> bool:
-    return torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
 
 
 def _mix_in_forward(h: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
@@ -168,7 +165,7 @@ def mix_in(h_pre: torch.Tensor, streams: torch.Tensor) -> torch.Tensor:
     Through ``MixIn`` (fused backward) when a gradient is needed, else the forward kernel alone."""
     _check(streams, h_pre=(h_pre, (streams.shape[-2],)))
     h = h_pre.to(streams.dtype)
-    if _needs_grad(h, streams):
+    if needs_grad(h, streams):
         return MixIn.apply(h, streams)
     return _mix_in_forward(h.contiguous(), streams.contiguous())
 
@@ -185,7 +182,7 @@ def mix_out(h_res: torch.Tensor, h_post: torch.Tensor, streams: torch.Tensor, y:
     _check(streams, h_res=(h_res, (n, n)), h_post=(h_post, (n,)), y=(y, (c,)))
     dt = streams.dtype
     h_res, h_post, y = h_res.to(dt), h_post.to(dt), y.to(dt)
-    if _needs_grad(h_res, h_post, streams, y):
+    if needs_grad(h_res, h_post, streams, y):
         return MixOut.apply(h_res, h_post, streams, y, with_mean)
     out, mean = _mix_out_forward(h_res.contiguous(), h_post.contiguous(), streams.contiguous(), y.contiguous(),
                                  with_mean)

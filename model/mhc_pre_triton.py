@@ -64,7 +64,7 @@ import torch
 from torch.autograd.function import once_differentiable
 
 from model import sinkhorn_triton
-from model.triton_support import FLOAT_DTYPES, dot_width, is_pow2, triton_can_run
+from model.triton_support import FLOAT_DTYPES, dot_width, is_pow2, needs_grad, triton_can_run
 
 __all__ = ["MHCPre", "PendingHRes", "available", "mhc_pre", "mhc_pre_overlapped", "overlap_pays"]
 
@@ -237,9 +237,8 @@ def mhc_pre(streams: torch.Tensor, phi: torch.Tensor, alpha_pre: torch.Tensor, a
     Through ``MHCPre`` (fused backward) when a gradient is needed, else the forward kernel alone."""
     params = (alpha_pre, alpha_post, alpha_res, b_pre, b_post, b_res)
     iters = _checked_iters(streams, params, sinkhorn_iters)
-    inputs = (streams, phi, *params)
-    if torch.is_grad_enabled() and any(t.requires_grad for t in inputs):
-        return MHCPre.apply(*inputs, iters)
+    if needs_grad(streams, phi, *params):
+        return MHCPre.apply(streams, phi, *params, iters)
     x, h_post, h_res, *_ = _forward(streams.contiguous(), phi, params, iters, save=False)
     return x, h_post, h_res
 
@@ -315,7 +314,7 @@ def mhc_pre_overlapped(streams: torch.Tensor, phi: torch.Tensor, alpha_pre: torc
 
     params = (alpha_pre, alpha_post, alpha_res, b_pre, b_post, b_res)
     iters = _checked_iters(streams, params, sinkhorn_iters)
-    if torch.is_grad_enabled() and any(t.requires_grad for t in (streams, phi, *params)):
+    if needs_grad(streams, phi, *params):
         raise ValueError("mhc_pre_overlapped has no backward: call it under torch.no_grad(), or use mhc_pre")
     x, h_post, h_res, _, z, _ = _forward(streams.contiguous(), phi, params, iters, save=False, sinkhorn=False)
     z = z.view(h_res.shape)  # [..., n, n] logits

@@ -10,7 +10,7 @@ import os
 
 import torch
 
-__all__ = ["FLOAT_DTYPES", "dot_width", "is_pow2", "triton_can_run"]
+__all__ = ["FLOAT_DTYPES", "dot_width", "is_pow2", "needs_grad", "triton_can_run"]
 
 FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)  # tensor dtypes the mHC kernels load
 
@@ -42,3 +42,9 @@ def is_pow2(v: int) -> bool:
 def dot_width(m: int) -> int:
     """``m`` columns padded to a power of two >= 16 (``tl.dot``'s smallest tile side)."""
     return max(16, 1 << (m - 1).bit_length())
+
+
+def needs_grad(*tensors: torch.Tensor) -> bool:
+    """Whether autograd will want a gradient of any of ``tensors`` (the fused ops then take their
+    autograd Function, else the bare forward kernel)."""
+    return torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
