@@ -50,12 +50,13 @@ class CheckpointNotFiniteError(CheckpointMismatchError):
 
 def _non_finite(checkpoint: dict) -> list[str]:
     """Where ``checkpoint`` holds NaN / Inf: weight names, then optimizer states (parameter index, key)."""
-    bad = [f"weight '{k}'" for k, v in checkpoint.get("state_dict", {}).items()
-           if torch.is_tensor(v) and v.is_floating_point() and not bool(torch.isfinite(v).all())]
+    def not_finite(v) -> bool:
+        return torch.is_tensor(v) and v.is_floating_point() and not bool(torch.isfinite(v).all())
+
+    bad = [f"weight '{k}'" for k, v in checkpoint.get("state_dict", {}).items() if not_finite(v)]
     for i, opt in enumerate(checkpoint.get("optimizer_states", [])):
         for pid, state in opt.get("state", {}).items():
-            bad += [f"optimizer {i} state '{key}' of parameter {pid}" for key, v in state.items()
-                    if torch.is_tensor(v) and v.is_floating_point() and not bool(torch.isfinite(v).all())]
+            bad += [f"optimizer {i} state '{key}' of parameter {pid}" for key, v in state.items() if not_finite(v)]
     return bad
 
 
