@@ -49,6 +49,15 @@ def test_cpu_calls_run_eagerly_with_the_same_result_and_say_why():
         TrainGraphs(den, max_graphs=0)
 
 
+def _simulate_captures(monkeypatch, capture, pool=lambda: None) -> None:
+    """As if on a GPU (this machine has none): every call may be graphed (unless capturing has failed),
+    ``capture`` stands in for ``torch.cuda.make_graphed_callables`` and ``pool`` for
+    ``torch.cuda.graph_pool_handle``."""
+    monkeypatch.setattr(TrainGraphs, "unsupported_reason", lambda self, x: self.failed)
+    monkeypatch.setattr(torch.cuda, "graph_pool_handle", pool)
+    monkeypatch.setattr(torch.cuda, "make_graphed_callables", capture)
+
+
 def test_a_failed_capture_warns_and_training_goes_on_eagerly(monkeypatch):
     """A capture that raises (here: the capture call itself, simulated, since this machine has no GPU)
     gives a warning naming the shape and the error; that call and every later one run eagerly with
@@ -61,9 +70,7 @@ def test_a_failed_capture_warns_and_training_goes_on_eagerly(monkeypatch):
         calls.append(1)
         raise RuntimeError("operation not permitted when stream is capturing")
 
-    monkeypatch.setattr(TrainGraphs, "unsupported_reason", lambda self, x: self.failed)  # as if on a GPU
-    monkeypatch.setattr(torch.cuda, "graph_pool_handle", lambda: None)
-    monkeypatch.setattr(torch.cuda, "make_graphed_callables", failing_capture)
+    _simulate_captures(monkeypatch, failing_capture)
     x, t, mask = _batch(2, 12, 3, seed=3)
     with pytest.warns(RuntimeWarning, match=r"capturing batch shape \[2, 12, 3\] failed .*not permitted"):
         out = graphs(x, t, mask)
@@ -89,9 +96,7 @@ def test_a_failed_capture_that_breaks_the_rng_stops_with_advice(monkeypatch):
     def failing_capture(*args, **kwargs):
         raise RuntimeError("INTERNAL ASSERT FAILED use_count > 0")
 
-    monkeypatch.setattr(TrainGraphs, "unsupported_reason", lambda self, x: self.failed)
-    monkeypatch.setattr(torch.cuda, "graph_pool_handle", lambda: None)
-    monkeypatch.setattr(torch.cuda, "make_graphed_callables", failing_capture)
+    _simulate_captures(monkeypatch, failing_capture)
     real_check = tg._rng_broken
     monkeypatch.setattr(tg, "_rng_broken", lambda device: True)
     x, t, mask = _batch(2, 12, 3, seed=3)
@@ -111,9 +116,7 @@ def test_evicting_every_graph_starts_a_fresh_pool(monkeypatch, max_graphs, pools
         used.append(pool)
         return module
 
-    monkeypatch.setattr(TrainGraphs, "unsupported_reason", lambda self, x: self.failed)
-    monkeypatch.setattr(torch.cuda, "graph_pool_handle", lambda: next(handles))
-    monkeypatch.setattr(torch.cuda, "make_graphed_callables", fake_capture)
+    _simulate_captures(monkeypatch, fake_capture, pool=lambda: next(handles))
     den = _pair_free()
     graphs = TrainGraphs(den, capture_after=1, max_graphs=max_graphs)
     for step in range(4):
