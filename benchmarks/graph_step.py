@@ -101,9 +101,9 @@ def main() -> None:
                     help="torch.compile the pair-transform layers first (model.denoiser.compile_denoiser, as the service)")
     ap.add_argument("--reference-mappings", action="store_true",
                     help="mHC mapping logits by the PyTorch reference, not the fused Triton kernel (A/B)")
-    ap.add_argument("--no-overlap", action="store_true",
-                    help="mHC: H_res's Sinkhorn inside the pre-branch kernel, not on a side stream overlapping "
-                         "the branch (MHCResidual.overlap_sinkhorn = False; A/B)")
+    ap.add_argument("--inline-sinkhorn", action="store_true",
+                    help="mHC: H_res's Sinkhorn inside the pre-branch kernel, not its own kernel (on a side stream "
+                         "below mhc_pre_triton.OVERLAP_BELOW residues) (MHCResidual.split_sinkhorn = False; A/B)")
     ap.add_argument("--profile", default=None, metavar="BxL",
                     help="also profile eager steps at this shape: top CUDA kernels by total time")
     args = ap.parse_args()
@@ -135,12 +135,12 @@ def main() -> None:
         for module in denoiser.modules():
             if isinstance(module, MHCMappings):
                 module.fused = False
-    if args.no_overlap:
+    if args.inline_sinkhorn:
         from model.mhc import MHCResidual
 
         for module in denoiser.modules():
             if isinstance(module, MHCResidual):
-                module.overlap_sinkhorn = False
+                module.split_sinkhorn = False
     schedule = Schedule.from_config(config)
     T = schedule.num_timesteps
     shapes = [tuple(int(v) for v in s.lower().split("x")) for s in args.shapes.split(",")]
@@ -203,7 +203,7 @@ def main() -> None:
 
     result = {
         "device": torch.cuda.get_device_name(device), "torch": torch.__version__, "weights": weights_name,
-        "random_init_mode": args.mode, "compile_pair": args.compile_pair, "overlap_sinkhorn": not args.no_overlap,
+        "random_init_mode": args.mode, "compile_pair": args.compile_pair, "split_sinkhorn": not args.inline_sinkhorn,
         "mode": config.mode, "precision": args.precision, "timesteps": T, "iters": args.iters,
         "graphs": {"captures": runner.stats.captures, "disabled_reason": runner.stats.disabled_reason},
         "max_memory_allocated_GiB": torch.cuda.max_memory_allocated(device) / 2**30,

@@ -6,6 +6,8 @@
     python benchmarks/profile_train_step.py configs/ship_mhc_flash.txt --device cpu --batch 8 --length 40
     # the cost of mHC with the forward + backward replayed from CUDA graphs (GPU time, not launches)
     python benchmarks/profile_train_step.py configs/ship_pairfree.txt --ab flash,mhc_flash --graph --steps 40
+    # ... with mHC's Sinkhorn as its own kernel (the default) and inside the pre-branch kernel
+    python benchmarks/profile_train_step.py configs/ship_pairfree.txt --ab flash,mhc_flash,mhc_flash/inline-sinkhorn --graph
     # ... and where it goes: GPU time per kernel name and step in each mode (eager steps, profiler)
     python benchmarks/profile_train_step.py configs/ship_pairfree.txt --ab flash,mhc_flash --kernels --out DIR
 
@@ -31,6 +33,7 @@ from model.config import MODES, load_config
 from model.diffusion import Schedule, q_sample
 from model.diffusion import loss as diffusion_loss
 
+INLINE = "/inline-sinkhorn"  # --ab variant suffix: MHCResidual.split_sinkhorn = False
 COUNTED = ("aten::copy_", "aten::mul", "aten::add", "aten::sum", "aten::native_layer_norm",
            "aten::native_layer_norm_backward", "aten::sigmoid_backward", "aten::addmm", "aten::bmm",
            "aten::mm", "aten::cat", "aten::where", "aten::fill_", "aten::zero_")
@@ -45,6 +48,11 @@ def _setup(args):
     dev = torch.device(args.device)
     torch.manual_seed(0)
     model = build_denoiser(cfg).to(dev).train()
+    if getattr(args, "inline_sinkhorn", False):  # mHC's Sinkhorn inside the pre-branch kernel (A/B)
+        from model.mhc import find_mhc_modules
+
+        for module in find_mhc_modules(model):
+            module.split_sinkhorn = False
     fwd = model
     if args.compile:
         from model.denoiser import compile_denoiser
@@ -161,12 +169,14 @@ def ab_compare(args) -> None:
     import copy
 
     names = args.ab.split(",")
-    if len(names) != 2 or any(n not in MODES for n in names):
-        raise SystemExit(f"--ab takes two of {sorted(MODES)}, e.g. flash,mhc_flash")
+    if len(names) < 2 or len(set(names)) < len(names) or any(n.removesuffix(INLINE) not in MODES for n in names):
+        raise SystemExit(f"--ab takes two or more different variants, each one of {sorted(MODES)}, optionally "
+                         f"with '{INLINE}' (mHC's Sinkhorn inside the pre-branch kernel), e.g. flash,mhc_flash,mhc_flash{INLINE}")
     steps = {}
     for name in names:
         a = copy.copy(args)
-        a.mode = name
+        a.mode = name.removesuffix(INLINE)
+        a.inline_sinkhorn = name.endswith(INLINE)
         steps[name] = _setup(a)[1]
         for _ in range(1 if args.device == "cpu" else 5):
             steps[name]()
@@ -183,6 +193,7 @@ def ab_compare(args) -> None:
     res = {"config": args.config, "device": args.device, "batch": args.batch, "length": args.length,
            "steps": args.steps, "graphed": args.graph, "compiled": args.compile, "step_ms_median": med,
            "overhead": med[names[1]] / med[names[0]] - 1.0,
+           "overhead_vs_first": {n: med[n] / med[names[0]] - 1.0 for n in names[1:]},
            "step_ms_quartiles": {n: statistics.quantiles(t, n=4) for n, t in times.items()}}
     if args.device.startswith("cuda"):
         res["gpu"] = torch.cuda.get_device_name()
@@ -193,7 +204,7 @@ def ab_compare(args) -> None:
         (args.out / "ab.json").write_text(json.dumps(res, indent=1))
     print(json.dumps({k: v for k, v in res.items() if k != "kernels_per_step"}, indent=1))
     if kernels is not None:
-        table = kernel_diff_table(kernels, names)
+        table = kernel_diff_table(kernels, names[:2])
         print(table)
         if args.out is not None:
             (args.out / "kernels.txt").write_text(table + "\n")
@@ -219,9 +230,10 @@ def main() -> None:
                     help="with --ab on a GPU: GPU time per kernel name and step in both modes (eager steps, "
                          "profiler), the largest differences as a table (kernels.txt) and all in ab.json")
     ap.add_argument("--out", type=Path, default=None)
-    ap.add_argument("--ab", default=None, metavar="MODE_A,MODE_B",
-                    help="A/B: build both modes, time their steps alternately (--steps each), report both "
-                         "medians and B / A - 1 (e.g. flash,mhc_flash: the training cost of mHC)")
+    ap.add_argument("--ab", default=None, metavar="MODE_A,MODE_B[,...]",
+                    help="A/B: build each variant, time their steps alternately (--steps each), report the "
+                         "medians and each / A - 1 (e.g. flash,mhc_flash: the training cost of mHC); a mode "
+                         f"with '{INLINE}' runs mHC's Sinkhorn inside the pre-branch kernel, not as its own")
     args = ap.parse_args()
     if args.ab:
         ab_compare(args)

@@ -349,10 +349,10 @@ class MHCResidual(nn.Module):
         # with fused_mixing and mappings.fused: mappings + H_pre S as one op, model/mhc_pre_triton.py
         # (False: MHCMappings, then the mixing kernel, as before)
         self.fused_pre = True
-        # without gradient on CUDA (sampling) below mhc_pre_triton.OVERLAP_BELOW residues: H_res's Sinkhorn
-        # on a side stream, overlapping the branch (mhc_pre_triton.mhc_pre_overlapped; False: in the
-        # pre-branch kernel, as in training)
-        self.overlap_sinkhorn = True
+        # with fused_pre: H_res's Sinkhorn as its own kernel after the pre-branch kernel
+        # (mhc_pre_triton.mhc_pre_split), on a side stream overlapping the branch without gradient below
+        # mhc_pre_triton.OVERLAP_BELOW residues (False: inside the pre-branch kernel, as before; A/B)
+        self.split_sinkhorn = True
 
     def forward(self, streams: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         return self._update(streams, args, kwargs, with_mean=False)
@@ -382,15 +382,15 @@ class MHCResidual(nn.Module):
         # its autograd Functions (one backward kernel each), in training; the reference where it cannot run
         fused = self.fused_mixing and mhc_mix_triton.available(streams)
         maps = self.mappings
-        pending = None  # H_res still being computed on a side stream
+        pending = None  # H_res from mhc_pre_split (its Sinkhorn perhaps still running on a side stream)
         if fused and self.fused_pre and maps.fused and mhc_pre_triton.available(streams, maps.phi):
             # mappings and H_pre S as one kernel each way (model/mhc_pre_triton.py)
             params = maps.column_parameters()
             with torch.autocast(device_type=streams.device.type, enabled=False):
-                if (self.overlap_sinkhorn and not needs_grad(streams, *maps.parameters())
-                        and mhc_pre_triton.overlap_pays(streams)):
-                    x, h_post, pending = mhc_pre_triton.mhc_pre_overlapped(streams, maps.phi, *params,
-                                                                           maps.sinkhorn_iters)
+                if self.split_sinkhorn:
+                    side = not needs_grad(streams, *maps.parameters()) and mhc_pre_triton.overlap_pays(streams)
+                    x, h_post, pending = mhc_pre_triton.mhc_pre_split(streams, maps.phi, *params,
+                                                                      maps.sinkhorn_iters, side_stream=side)
                     h_res = None
                 else:
                     x, h_post, h_res = mhc_pre_triton.mhc_pre(streams, maps.phi, *params,
@@ -406,7 +406,7 @@ class MHCResidual(nn.Module):
         if pending is not None:
             h_res = pending.wait()  # [B, L, n, n]
             if self.record:
-                self.last_h_res = h_res
+                self.last_h_res = h_res.detach()
         with torch.autocast(device_type=streams.device.type, enabled=False):
             h_res, h_post, y = h_res.to(dt), h_post.to(dt), y.to(dt)
             if fused:  # [B, L, n, C] (and its mean [B, L, C] from the same kernel)

@@ -66,7 +66,7 @@ from torch.autograd.function import once_differentiable
 from model import sinkhorn_triton
 from model.triton_support import FLOAT_DTYPES, dot_width, is_pow2, needs_grad, triton_can_run
 
-__all__ = ["MHCPre", "PendingHRes", "available", "mhc_pre", "mhc_pre_overlapped", "overlap_pays"]
+__all__ = ["MHCPre", "PendingHRes", "available", "mhc_pre", "mhc_pre_split", "overlap_pays"]
 
 # Tilings (BLOCK_M residues per program, BLOCK_K channels of vec(S) per GEMM step, BLOCK_C channels per step
 # of the mixing passes, num_warps, tl.dot input precision) by residue count; BLOCK_K and BLOCK_C are capped
@@ -80,7 +80,8 @@ __all__ = ["MHCPre", "PendingHRes", "available", "mhc_pre", "mhc_pre_overlapped"
 FORWARD_TILINGS = ((1024, (16, 64, 32, 4, "ieee")), (16384, (32, 32, 32, 4, "tf32x3")),
                    (None, (64, 32, 32, 4, "tf32x3")))
 BACKWARD_TILINGS = ((16384, (32, 64, 32, 4, "tf32x3")), (None, (32, 128, 32, 4, "tf32x3")))
-# MHCResidual takes mhc_pre_overlapped below this many residues (no gradient). Graphed sampling steps of
+# MHCResidual runs the Sinkhorn on a side stream (mhc_pre_split(side_stream=True)) below this many residues
+# without gradient; above, and in training, on the current stream. Graphed sampling steps of
 # configs/ship_pairfree.txt on the H100, mHC's cost over the flash mode, overlapped vs not (session 7, two
 # runs; the engine's step, then the bare step's graph): 1 x 128 +4.0-4.4 vs +5.3-5.8 % (+4.5-4.6 vs
 # +5.7-5.9 %); 1 x 256 +3.5-3.8 vs +6.7-7.0 % (but the bare graph +6.5-6.7 vs +4.9-5.0 %); 64 x 128 (8,192
@@ -161,22 +162,26 @@ def _forward(s: torch.Tensor, phi: torch.Tensor, params: tuple[torch.Tensor, ...
 
 class MHCPre(torch.autograd.Function):
     """(streams [..., n, C], phi [nC, M], alpha_pre, alpha_post, alpha_res (scalars), b_pre [n],
-    b_post [n], b_res [n, n], sinkhorn_iters) -> (x [..., C], h_post [..., n], h_res [..., n, n]).
+    b_post [n], b_res [n, n], sinkhorn_iters, sinkhorn) -> (x [..., C], h_post [..., n], h_res [..., n, n]);
+    ``sinkhorn`` False: the third output is H_res's logits [..., n, n] (float32), not H_res, and its
+    gradient is the logits' (the caller runs the Sinkhorn as its own autograd node: ``mhc_pre_split``).
 
-    Saves the contiguous streams, the parameters and the forward's raw, z, rinv. Output gradients that
-    autograd does not produce stay None (not materialised as zeros): the kernel skips them.
+    Saves the contiguous streams, the parameters and the forward's raw, rinv (and z when the Sinkhorn
+    VJP is this op's). Output gradients that autograd does not produce stay None (not materialised as
+    zeros): the kernel skips them.
     NOTE: every input gradient is always computed (in training all are needed).
     """
 
     @staticmethod
-    def forward(ctx, streams, phi, alpha_pre, alpha_post, alpha_res, b_pre, b_post, b_res, sinkhorn_iters):
+    def forward(ctx, streams, phi, alpha_pre, alpha_post, alpha_res, b_pre, b_post, b_res, sinkhorn_iters,
+                sinkhorn=True):
         ctx.set_materialize_grads(False)
         s = streams.contiguous()  # [..., n, C] (an expand view is copied here)
         params = (alpha_pre, alpha_post, alpha_res, b_pre, b_post, b_res)
-        x, h_post, h_res, raw, z, rinv = _forward(s, phi, params, sinkhorn_iters, save=True)
-        ctx.save_for_backward(s, phi, *params, raw, z, rinv)
+        x, h_post, h_res, raw, z, rinv = _forward(s, phi, params, sinkhorn_iters, save=True, sinkhorn=sinkhorn)
+        ctx.save_for_backward(s, phi, *params, raw, z if sinkhorn else None, rinv)
         ctx.iters = sinkhorn_iters
-        return x, h_post, h_res
+        return x, h_post, h_res if sinkhorn else z.view(h_res.shape)
 
     @staticmethod
     @once_differentiable
@@ -192,7 +197,9 @@ class MHCPre(torch.autograd.Function):
         part = torch.empty(programs, d * m + m + 3, device=s.device, dtype=torch.float32)  # per-program sums
         if count:
             gl_res = None
-            if g_res is not None:  # the Sinkhorn VJP, the existing kernel (its own launch)
+            if g_res is not None and z is None:  # g_res is already the logits' gradient (sinkhorn False)
+                gl_res = _f32(g_res).view(count, n * n)
+            elif g_res is not None:  # the Sinkhorn VJP, the existing kernel (its own launch)
                 gl_res = sinkhorn_triton.sinkhorn_vjp(z.view(count, n, n), g_res, ctx.iters,
                                                       SINKHORN_LOGIT_FLOOR).view(count, n * n)  # [N, n^2]
             dummy = rinv  # never read when its HAS_* flag is off
@@ -212,7 +219,7 @@ class MHCPre(torch.autograd.Function):
             return g.view(p.shape).to(p.dtype)
 
         return (gs, like(g_phi, phi), like(g_alpha[0], a_pre), like(g_alpha[1], a_post), like(g_alpha[2], a_res),
-                like(g_b[:n], b_pre), like(g_b[n:2 * n], b_post), like(g_b[2 * n:], b_res), None)
+                like(g_b[:n], b_pre), like(g_b[n:2 * n], b_post), like(g_b[2 * n:], b_res), None, None)
 
 
 def _checked_iters(streams: torch.Tensor, params: tuple[torch.Tensor, ...], sinkhorn_iters: int) -> int:
@@ -244,7 +251,7 @@ def mhc_pre(streams: torch.Tensor, phi: torch.Tensor, alpha_pre: torch.Tensor, a
 
 
 class PendingHRes:
-    """H_res from :func:`mhc_pre_overlapped`, its Sinkhorn still running on a side stream. Holds the
+    """H_res from :func:`mhc_pre_split`, its Sinkhorn perhaps still running on a side stream. Holds the
     logits it reads too, so that neither buffer is freed before ``wait()``."""
 
     def __init__(self, h_res: torch.Tensor, logits: torch.Tensor, stream: torch.cuda.Stream | None) -> None:
@@ -288,41 +295,49 @@ def _side_stream(device: torch.device) -> torch.cuda.Stream:
 
 
 def overlap_pays(streams: torch.Tensor) -> bool:
-    """Whether :func:`mhc_pre_overlapped` is worth its fork and join for ``streams`` [..., n, C]: below
-    OVERLAP_BELOW residues (where the step is latency-bound and the side stream finds idle SMs)."""
+    """Whether a side stream is worth its fork and join for ``streams`` [..., n, C] without gradient
+    (:func:`mhc_pre_split`'s ``side_stream``): below OVERLAP_BELOW residues, where the step is
+    latency-bound and the side stream finds idle SMs."""
     return streams.numel() // max(1, streams.shape[-2] * streams.shape[-1]) < OVERLAP_BELOW
 
 
-def mhc_pre_overlapped(streams: torch.Tensor, phi: torch.Tensor, alpha_pre: torch.Tensor,
-                       alpha_post: torch.Tensor, alpha_res: torch.Tensor, b_pre: torch.Tensor,
-                       b_post: torch.Tensor, b_res: torch.Tensor,
-                       sinkhorn_iters: int) -> tuple[torch.Tensor, torch.Tensor, PendingHRes]:
-    """``mhc_pre`` without gradient, H_res's Sinkhorn taken off the branch's critical path:
-    (x [..., C], H_post [..., n], PendingHRes); call ``.wait()`` for H_res [..., n, n] when it is needed
-    (after the branch: ``mix_out``). Same values as :func:`mhc_pre`.
+def mhc_pre_split(streams: torch.Tensor, phi: torch.Tensor, alpha_pre: torch.Tensor, alpha_post: torch.Tensor,
+                  alpha_res: torch.Tensor, b_pre: torch.Tensor, b_post: torch.Tensor, b_res: torch.Tensor,
+                  sinkhorn_iters: int, *, side_stream: bool = False) -> tuple[torch.Tensor, torch.Tensor, PendingHRes]:
+    """:func:`mhc_pre` with H_res's Sinkhorn as a kernel of its own: (x [..., C], H_post [..., n],
+    PendingHRes); call ``.wait()`` for H_res [..., n, n] when it is needed (after the branch: ``mix_out``).
+    Same values as :func:`mhc_pre` (the same float64 Sinkhorn, another kernel), and the same gradients.
 
-    The forward kernel writes x, H_post and the H_res logits (its Sinkhorn skipped: on the H100 11 of
-    its 23 us at a batch-1 sampling step's 128 residues, 40 dependent float64 half steps), then a side
-    stream, ordered after it, runs ``sinkhorn_triton.sinkhorn_into`` on those logits while the
-    current stream goes on with the branch; ``wait()`` joins the two. Every tensor is allocated on the
-    current stream before the fork and stays referenced by the caller until after the join, so the
-    caching allocator cannot hand its memory out while the side stream uses it. Works eagerly and
-    inside CUDA-graph capture (the fork and join become graph edges). On a CPU tensor (Triton's
-    interpreter) there is no side stream: the Sinkhorn runs in line.
-    Raises ValueError when a gradient would be needed (use ``mhc_pre``)."""
+    The pre-branch kernel writes x, H_post and the H_res logits (its Sinkhorn skipped), then
+    ``sinkhorn_triton``'s kernel turns the logits into H_res. Why: inside the pre-branch kernel the
+    Sinkhorn is 40 dependent float64 half steps per program of 16-64 residues; as its own kernel it runs
+    16 matrices per program, more programs in parallel (on the H100 at 8,064 residues, eager: the
+    pre-branch forward 40 -> 25 us, the Sinkhorn kernel 7.8 us).
+    With a gradient (training) the pre-branch is ``MHCPre(sinkhorn=False)`` (its third output the logits)
+    and the Sinkhorn its own autograd node (``sinkhorn_triton.sinkhorn_fused``, whose VJP kernel the
+    fused backward used to launch itself).
+
+    ``side_stream`` (CUDA, without gradient only: sampling): the Sinkhorn runs on a side stream, ordered
+    after the pre-branch kernel, while the current stream goes on with the branch; ``wait()`` joins the
+    two. Both buffers are allocated on the current stream before the fork and stay referenced until
+    after the join, so the caching allocator cannot hand their memory out while the side stream uses
+    them. Works eagerly and inside CUDA-graph capture (the fork and join become graph edges). (In
+    training the side stream did not pay: autograd would run the VJP there too; measured slower, see
+    BENCHMARKS.md, session 8.) On a CPU tensor (Triton's interpreter) there is no side stream."""
     from model.mhc import SINKHORN_LOGIT_FLOOR  # NOTE: here: model.mhc imports this module
 
     params = (alpha_pre, alpha_post, alpha_res, b_pre, b_post, b_res)
     iters = _checked_iters(streams, params, sinkhorn_iters)
     if needs_grad(streams, phi, *params):
-        raise ValueError("mhc_pre_overlapped has no backward: call it under torch.no_grad(), or use mhc_pre")
+        if side_stream:
+            raise ValueError("mhc_pre_split: side_stream only without gradient (call it under torch.no_grad())")
+        x, h_post, z = MHCPre.apply(streams, phi, *params, iters, False)  # z: H_res's logits [..., n, n]
+        return x, h_post, PendingHRes(sinkhorn_triton.sinkhorn_fused(z, iters, SINKHORN_LOGIT_FLOOR), z, None)
     x, h_post, h_res, _, z, _ = _forward(streams.contiguous(), phi, params, iters, save=False, sinkhorn=False)
     z = z.view(h_res.shape)  # [..., n, n] logits
-    if not h_res.is_cuda:
-        sinkhorn_triton.sinkhorn_into(z, h_res, iters, SINKHORN_LOGIT_FLOOR)
-        return x, h_post, PendingHRes(h_res, z, None)
-    side = _side_stream(h_res.device)
-    side.wait_stream(torch.cuda.current_stream(h_res.device))
-    with torch.cuda.stream(side):
+    side = _side_stream(h_res.device) if side_stream and h_res.is_cuda else None
+    if side is not None:
+        side.wait_stream(torch.cuda.current_stream(h_res.device))
+    with torch.cuda.stream(side):  # None: the current stream
         sinkhorn_triton.sinkhorn_into(z, h_res, iters, SINKHORN_LOGIT_FLOOR)
     return x, h_post, PendingHRes(h_res, z, side)

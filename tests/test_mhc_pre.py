@@ -19,7 +19,7 @@ REL_PRE = 1e-5
 # 16-bit x and gS: one rounding of a float32 sum, relative to the tensor's max (the interpreter truncates
 # float32 to bf16: up to 2^-7, hence 2^-6)
 REL_PRE_16 = 2.0**-6
-# mhc_pre_overlapped vs mhc_pre: the same float64 Sinkhorn in another kernel (float32 outputs)
+# mhc_pre_split vs mhc_pre: the same float64 Sinkhorn in another kernel (float32 outputs)
 ATOL_OVERLAP = 1e-6
 NAMES = ("x", "h_post", "h_res", "g_streams", "g_phi", "g_alpha_pre", "g_alpha_post", "g_alpha_res",
          "g_b_pre", "g_b_post", "g_b_res")
@@ -53,6 +53,14 @@ def _pre_with_grads(fn, inputs, weights, n: int, *, expanded: bool, used=(True, 
 
 def _rel(a: torch.Tensor, exact: torch.Tensor) -> float:
     return float((a.double().cpu() - exact.double().cpu()).abs().max() / max(1.0, float(exact.abs().max())))
+
+
+def _split_with_wait(streams, *args):
+    """``mhc_pre_split`` as ``mhc_pre``'s signature: (x, h_post, H_res after the join)."""
+    from model import mhc_pre_triton
+
+    x, h_post, pending = mhc_pre_triton.mhc_pre_split(streams, *args)
+    return x, h_post, pending.wait()
 
 
 def fused_pre_matches_reference(device: str) -> None:
@@ -93,12 +101,18 @@ def fused_pre_matches_reference(device: str) -> None:
         assert all(o.grad_fn is None for o in outs)
         for name, a, e in zip(NAMES, outs, exact, strict=False):
             assert _rel(a, e) <= REL_PRE, (name, _rel(a, e))
-        # sampling with the Sinkhorn finished apart (a side stream on CUDA): the same values
-        with torch.no_grad():
-            x, h_post, pending = mhc_pre_triton.mhc_pre_overlapped(streams, *cast(inputs)[1:], ITERS)
-            h_res = pending.wait()
-        for name, a, b in zip(NAMES, (x, h_post, h_res), outs, strict=False):
-            torch.testing.assert_close(a, b, atol=ATOL_OVERLAP, rtol=0, msg=lambda m, k=name: f"{k}: {m}")
+        # sampling with the Sinkhorn as its own kernel (on a side stream or not): the same values
+        for side_stream in (True, False):
+            with torch.no_grad():
+                x, h_post, pending = mhc_pre_triton.mhc_pre_split(streams, *cast(inputs)[1:], ITERS,
+                                                                  side_stream=side_stream)
+                h_res = pending.wait()
+            for name, a, b in zip(NAMES, (x, h_post, h_res), outs, strict=False):
+                torch.testing.assert_close(a, b, atol=ATOL_OVERLAP, rtol=0, msg=lambda m, k=name: f"{k}: {m}")
+        # ... and in training: MHCPre without its Sinkhorn, the Sinkhorn its own autograd node
+        split = _pre_with_grads(_split_with_wait, cast(inputs), cast(weights), n, expanded=expanded)
+        for name, a, e in zip(NAMES, split, exact, strict=True):
+            assert _rel(a, e) <= REL_PRE, ("split", n, c, lead, name, _rel(a, e))
     # every tiling of the tables on one case (the default picks by residue count; small counts here)
     inputs, weights = _pre_case(4, 128, (2, 19), g)
     exact = _pre_with_grads(mhc_pre_reference, inputs, weights, 4, expanded=False)
@@ -130,12 +144,13 @@ def fused_pre_matches_reference(device: str) -> None:
 
 @contextlib.contextmanager
 def counting(module, name: str):
-    """``module.name`` replaced by a wrapper that appends to the yielded list at each call (restored after)."""
+    """``module.name`` replaced by a wrapper that appends its keyword arguments to the yielded list at each
+    call (restored after)."""
     calls = []
     original = getattr(module, name)
 
     def counted(*args, **kwargs):
-        calls.append(1)
+        calls.append(kwargs)
         return original(*args, **kwargs)
 
     setattr(module, name, counted)
@@ -155,6 +170,7 @@ def fused_pre_residual_matches_reference(device: str) -> None:
 
     with counting(mhc_pre_triton, "mhc_pre") as calls:
         block, s, mask, w, _ = residual_case(31, device)
+        block.split_sinkhorn = False  # the op itself (split_residual_matches compares the flag)
 
         def check(fused: bool, out: torch.Tensor) -> None:
             assert len(calls) == (2 if fused else 0)
@@ -165,48 +181,53 @@ def fused_pre_residual_matches_reference(device: str) -> None:
             assert_residual_runs_match(runs[True], runs[False], autocast)
 
 
-def overlapped_residual_matches(device: str) -> None:
-    """MHCResidual without gradient (sampling), ``overlap_sinkhorn`` True vs False, two applications
-    (the first on ``expand``'s stride-0 streams), float32 and under bf16 autocast: the same output and
-    recorded H_res, and the overlapped op really runs (counted) exactly when the flag is on and there are
-    fewer than OVERLAP_BELOW residues; with a gradient needed the flag changes nothing (the autograd op
-    runs). Runs on CUDA, or on the CPU under TRITON_INTERPRET=1 (no side stream there: the data path only)."""
+def split_residual_matches(device: str) -> None:
+    """MHCResidual, ``split_sinkhorn`` True vs False, two applications (the first on ``expand``'s stride-0
+    streams), float32 and under bf16 autocast: without gradient (sampling) the same output and recorded
+    H_res; with one (training) also the gradients of s and of every parameter. The split op really runs
+    (counted) exactly when the flag is on, on a side stream exactly without gradient below OVERLAP_BELOW
+    residues. Runs on CUDA, or on the CPU under TRITON_INTERPRET=1 (no side stream there: the data path)."""
     from model import mhc_pre_triton
 
-    with counting(mhc_pre_triton, "mhc_pre_overlapped") as calls:
-        block, s, mask, _, _ = residual_case(41, device)
+    with counting(mhc_pre_triton, "mhc_pre_split") as calls:
+        block, s, mask, w, _ = residual_case(41, device)
         for autocast in (False, True):
             runs = {}
-            for overlap in (True, False):
-                block.overlap_sinkhorn = overlap
+            for split in (True, False):
+                block.split_sinkhorn = split
                 calls.clear()
                 with torch.no_grad(), torch.autocast(device_type=s.device.type, dtype=torch.bfloat16,
                                                      enabled=autocast):
                     out = block(block(expand(s, 4), mask), mask)  # [2, 5, 4, 32]
-                assert len(calls) == (2 if overlap else 0)
-                runs[overlap] = (out, block.last_h_res)
+                assert calls == ([{"side_stream": True}] * 2 if split else [])
+                runs[split] = (out, block.last_h_res)
             for a, b in zip(runs[True], runs[False], strict=True):
                 torch.testing.assert_close(a, b, atol=ATOL_OVERLAP, rtol=0)
-        block.overlap_sinkhorn = True
+
+            def check(split: bool, out: torch.Tensor) -> None:
+                assert calls == ([{"side_stream": False}] * 2 if split else [])
+                calls.clear()
+
+            calls.clear()
+            runs = residual_ab_runs(block, s, mask, w, "split_sinkhorn", autocast, check)
+            assert_residual_runs_match(runs[True], runs[False], autocast)
+        block.split_sinkhorn = True
         below = mhc_pre_triton.OVERLAP_BELOW
-        try:  # at OVERLAP_BELOW residues and more: not overlapped (the case has 10)
+        try:  # at OVERLAP_BELOW residues and more: split, not on a side stream (the case has 10)
             mhc_pre_triton.OVERLAP_BELOW = 10
             calls.clear()
             with torch.no_grad():
                 block(expand(s, 4), mask)
-            assert not calls
+            assert calls == [{"side_stream": False}]
         finally:
             mhc_pre_triton.OVERLAP_BELOW = below
-        calls.clear()
-        block(expand(s, 4), mask).sum().backward()  # training: s requires a gradient
-        assert not calls and s.grad is not None
-        with pytest.raises(ValueError, match="no backward"):
-            mhc_pre_triton.mhc_pre_overlapped(expand(s, 4), block.mappings.phi,
-                                              *block.mappings.column_parameters(), ITERS)
+        with pytest.raises(ValueError, match="side_stream only without gradient"):
+            mhc_pre_triton.mhc_pre_split(expand(s, 4), block.mappings.phi, *block.mappings.column_parameters(),
+                                         ITERS, side_stream=True)
 
 
-def test_overlapped_residual_in_the_triton_interpreter():
-    _in_triton_interpreter("overlapped_residual_matches", module="test_mhc_pre")
+def test_split_residual_in_the_triton_interpreter():
+    _in_triton_interpreter("split_residual_matches", module="test_mhc_pre")
 
 
 def test_fused_pre_matches_reference_in_the_triton_interpreter():
@@ -264,8 +285,8 @@ def test_gpu_fused_pre_matches_reference(monkeypatch):
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-def test_gpu_overlapped_sinkhorn_residual():
-    overlapped_residual_matches("cuda")
+def test_gpu_split_sinkhorn_residual():
+    split_residual_matches("cuda")
 
 
 @pytest.mark.gpu
@@ -288,7 +309,7 @@ def test_gpu_overlapped_sinkhorn_in_cuda_graph():
     static = torch.randn(8, 40, 4, 32, generator=g).cuda()
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())
-    block.overlap_sinkhorn = True
+    block.split_sinkhorn = True
     with torch.no_grad():
         with torch.cuda.stream(side):  # warm-up (Triton compiles, the side stream exists) outside the capture
             for _ in range(2):
@@ -300,9 +321,9 @@ def test_gpu_overlapped_sinkhorn_in_cuda_graph():
         for _ in range(3):
             static.copy_(torch.randn(8, 40, 4, 32, generator=g))
             graph.replay()
-            block.overlap_sinkhorn = False
+            block.split_sinkhorn = False
             eager = run(static)
-            block.overlap_sinkhorn = True
+            block.split_sinkhorn = True
             torch.testing.assert_close(captured, eager, atol=ATOL_OVERLAP, rtol=0)
 
 
