@@ -385,6 +385,8 @@ class MHCResidual(nn.Module):
         pending = None  # H_res from mhc_pre_split (its Sinkhorn perhaps still running on a side stream)
         if fused and self.fused_pre and maps.fused and mhc_pre_triton.available(streams, maps.phi):
             # mappings and H_pre S as one kernel each way (model/mhc_pre_triton.py)
+            if streams.stride(-2) == 0:  # expand's view (the first layer): copied once here, not by both ops
+                streams = streams.contiguous()
             params = maps.column_parameters()
             with torch.autocast(device_type=streams.device.type, enabled=False):
                 if self.split_sinkhorn:

@@ -155,7 +155,10 @@ def test_graph_training_key_pads_lengths_and_keeps_diagnostics_steps_eager(tmp_p
     assert GRAPH_LENGTH_MULTIPLE == 16
 
 
-BF16_GRAD_REL = 2e-2  # |g_graphed - g_eager| / |g_eager| over all parameters under bf16 autocast
+# |g_graphed - g_eager| / |g_eager| over all parameters under bf16 autocast, the same parameters: measured
+# 0.24-0.40 % per graphed step on the H100 (two eager runs: 0.02-0.07 %; the captured step runs other GEMM
+# kernels), session 8, both with the Sinkhorn split from the pre-branch kernel and inside it
+BF16_GRAD_REL = 1e-2
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
 
@@ -205,6 +208,11 @@ def test_gpu_graphed_training_matches_eager_over_alternating_shapes(dtype, max_g
                 for p in model.parameters():
                     p.sub_(0.05 * p.grad)
                     p.grad = None
+            if dtype is not None:  # bf16: the copies' gradients differ by ~0.3 % a step (see BF16_GRAD_REL), so
+                # their parameters drift apart (1.2-1.7 % after 8 steps): copy eager's into the graphed model's
+                # tensors in place (which the replays must see)
+                for pe, pg in zip(eager.parameters(), graphed.parameters(), strict=True):
+                    pg.copy_(pe)
     if max_graphs == 1:
         assert (graphs.stats.captures, graphs.stats.evictions, graphs.stats.replays, len(graphs)) == (6, 5, 6, 1)
     else:
