@@ -80,6 +80,13 @@ __all__ = ["MHCPre", "PendingHRes", "available", "mhc_pre", "mhc_pre_split", "ov
 FORWARD_TILINGS = ((1024, (16, 64, 32, 4, "ieee")), (16384, (32, 32, 32, 4, "tf32x3")),
                    (None, (64, 32, 32, 4, "tf32x3")))
 BACKWARD_TILINGS = ((16384, (32, 64, 32, 4, "tf32x3")), (None, (32, 128, 32, 4, "tf32x3")))
+# The forward with the Sinkhorn split out (mhc_pre_split, the default): without its float64 steps the GEMM
+# pass dominates and "ieee" wins everywhere swept (H100, graphed, session 8, `split_sweep.json`; training
+# forward, SAVE: 4,032 residues 16.8 -> 13.6 us, 8,064 24.5 -> 18.2 us; no gradient: 8,192 24.9 -> 17.2 us,
+# 32,768 72.8 -> 59.0 us; inside the kernel the Sinkhorn had cost 30.4 / 39.0 / 39.5 / 87.6 us). Below
+# 1,024 residues (sampling, the Sinkhorn on a side stream) the table above's tiling, not re-swept.
+SPLIT_FORWARD_TILINGS = ((1024, (16, 64, 32, 4, "ieee")), (16384, (32, 32, 32, 4, "ieee")),
+                         (None, (64, 64, 32, 4, "ieee")))
 # MHCResidual runs the Sinkhorn on a side stream (mhc_pre_split(side_stream=True)) below this many residues
 # without gradient; above, and in training, on the current stream. Graphed sampling steps of
 # configs/ship_pairfree.txt on the H100, mHC's cost over the flash mode, overlapped vs not (session 7, two
@@ -115,9 +122,11 @@ def available(streams: torch.Tensor, phi: torch.Tensor) -> bool:
     return triton_can_run(streams)
 
 
-def _tiling(count: int, c: int, backward: bool) -> tuple[int, int, int, int, str]:
-    """(BLOCK_M, BLOCK_K, BLOCK_C, num_warps, precision) for ``count`` residues of C channels."""
-    for below, tiling in BACKWARD_TILINGS if backward else FORWARD_TILINGS:
+def _tiling(count: int, c: int, backward: bool, sinkhorn: bool = True) -> tuple[int, int, int, int, str]:
+    """(BLOCK_M, BLOCK_K, BLOCK_C, num_warps, precision) for ``count`` residues of C channels (the forward
+    with its Sinkhorn, or without: ``sinkhorn`` False)."""
+    table = BACKWARD_TILINGS if backward else FORWARD_TILINGS if sinkhorn else SPLIT_FORWARD_TILINGS
+    for below, tiling in table:
         if below is None or count < below:
             block_m, block_k, block_c, warps, precision = tiling
             return block_m, min(block_k, c), min(block_c, c), warps, precision
@@ -150,7 +159,7 @@ def _forward(s: torch.Tensor, phi: torch.Tensor, params: tuple[torch.Tensor, ...
         rinv = torch.empty(count, device=dev, dtype=torch.float32)
     if count:
         dummy = h_post  # never read or written when SAVE is off
-        block_m, block_k, block_c, warps, precision = _tiling(count, c, backward=False)
+        block_m, block_k, block_c, warps, precision = _tiling(count, c, backward=False, sinkhorn=sinkhorn)
         _kernels()[0][(-(-count // block_m),)](
             s, _f32(phi), *(_f32(p) for p in params), x, h_post, h_res,
             raw if save else dummy, dummy if z is None else z, rinv if save else dummy, count, RMS_EPS,

@@ -116,17 +116,20 @@ def fused_pre_matches_reference(device: str) -> None:
     # every tiling of the tables on one case (the default picks by residue count; small counts here)
     inputs, weights = _pre_case(4, 128, (2, 19), g)
     exact = _pre_with_grads(mhc_pre_reference, inputs, weights, 4, expanded=False)
-    tables = (mhc_pre_triton.FORWARD_TILINGS, mhc_pre_triton.BACKWARD_TILINGS)
-    forward, backward = ([tiling for _, tiling in table] for table in tables)
+    names = ("FORWARD_TILINGS", "SPLIT_FORWARD_TILINGS", "BACKWARD_TILINGS")
+    tables = {name: getattr(mhc_pre_triton, name) for name in names}
+    rows = {name: [tiling for _, tiling in table] for name, table in tables.items()}
     try:
-        for k in range(max(len(forward), len(backward))):
-            mhc_pre_triton.FORWARD_TILINGS = ((None, forward[k % len(forward)]),)
-            mhc_pre_triton.BACKWARD_TILINGS = ((None, backward[k % len(backward)]),)
-            fused = _pre_with_grads(mhc_pre_triton.mhc_pre, cast(inputs), cast(weights), 4, expanded=False)
-            for name, a, e in zip(NAMES, fused, exact, strict=True):
-                assert _rel(a, e) <= REL_PRE, (k, name, _rel(a, e))
+        for k in range(max(len(r) for r in rows.values())):
+            for name in names:
+                setattr(mhc_pre_triton, name, ((None, rows[name][k % len(rows[name])]),))
+            for fn in (mhc_pre_triton.mhc_pre, _split_with_wait):
+                fused = _pre_with_grads(fn, cast(inputs), cast(weights), 4, expanded=False)
+                for out, a, e in zip(NAMES, fused, exact, strict=True):
+                    assert _rel(a, e) <= REL_PRE, (k, fn, out, _rel(a, e))
     finally:
-        mhc_pre_triton.FORWARD_TILINGS, mhc_pre_triton.BACKWARD_TILINGS = tables
+        for name, table in tables.items():
+            setattr(mhc_pre_triton, name, table)
     # 16-bit streams: x and gS in the streams' dtype, everything else float32
     n, c, lead = 4, 32, (37,)
     inputs, weights = _pre_case(n, c, lead, g)
