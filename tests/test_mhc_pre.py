@@ -21,6 +21,9 @@ REL_PRE = 1e-5
 REL_PRE_16 = 2.0**-6
 # mhc_pre_split vs mhc_pre: the same float64 Sinkhorn in another kernel (float32 outputs)
 ATOL_OVERLAP = 1e-6
+# ... where the two forwards' tilings differ in GEMM precision (SPLIT_FORWARD_TILINGS' float32 FMAs vs
+# tf32x3, 1,024 residues and more): x differed by up to 4.7e-6 relative (H100, 4,032 residues, session 8)
+RTOL_SPLIT = 1e-5
 NAMES = ("x", "h_post", "h_res", "g_streams", "g_phi", "g_alpha_pre", "g_alpha_post", "g_alpha_res",
          "g_b_pre", "g_b_post", "g_b_res")
 
@@ -107,8 +110,9 @@ def fused_pre_matches_reference(device: str) -> None:
                 x, h_post, pending = mhc_pre_triton.mhc_pre_split(streams, *cast(inputs)[1:], ITERS,
                                                                   side_stream=side_stream)
                 h_res = pending.wait()
-            for name, a, b in zip(NAMES, (x, h_post, h_res), outs, strict=False):
-                torch.testing.assert_close(a, b, atol=ATOL_OVERLAP, rtol=0, msg=lambda m, k=name: f"{k}: {m}")
+            for name, a, b, e in zip(NAMES, (x, h_post, h_res), outs, exact, strict=False):
+                torch.testing.assert_close(a, b, atol=ATOL_OVERLAP, rtol=RTOL_SPLIT, msg=lambda m, k=name: f"{k}: {m}")
+                assert _rel(a, e) <= REL_PRE, ("split", side_stream, name, _rel(a, e))
         # ... and in training: MHCPre without its Sinkhorn, the Sinkhorn its own autograd node
         split = _pre_with_grads(_split_with_wait, cast(inputs), cast(weights), n, expanded=expanded)
         for name, a, e in zip(NAMES, split, exact, strict=True):
