@@ -41,6 +41,9 @@ at 4,032. Graphed training step of configs/ship_pairfree.txt at 56 x 72 (``profi
 flash,mhc_flash --graph``, 3 runs each): mHC overhead +8.4 % -> +5.3 %; graphed sampling step of
 mhc_flash_pairfree_v1 at 1 x 128: 1.80 -> 1.76 ms.
 
+``mhc_pre_split`` (what ``MHCResidual`` runs by default) skips the kernel's Sinkhorn and runs
+``sinkhorn_triton``'s kernel on the logits instead (faster at every size measured; in training the
+Sinkhorn is then its own autograd node), on a side stream when sampling small batches.
 ``mhc_pre`` launches the forward kernel alone when no gradient is needed (sampling under
 ``torch.no_grad``: nothing saved, no autograd node), and goes through the autograd Function ``MHCPre``
 when one is (training), which also saves raw [N, M], z = l_res [N, n^2] and rinv [N] (float32).
@@ -83,7 +86,7 @@ BACKWARD_TILINGS = ((16384, (32, 64, 32, 4, "tf32x3")), (None, (32, 128, 32, 4, 
 # The forward with the Sinkhorn split out (mhc_pre_split, the default): without its float64 steps the GEMM
 # pass dominates and "ieee" wins everywhere swept (H100, graphed, session 8, `split_sweep.json`; training
 # forward, SAVE: 4,032 residues 16.8 -> 13.6 us, 8,064 24.5 -> 18.2 us; no gradient: 8,192 24.9 -> 17.2 us,
-# 32,768 72.8 -> 59.0 us; inside the kernel the Sinkhorn had cost 30.4 / 39.0 / 39.5 / 87.6 us). Below
+# 32,768 72.8 -> 59.0 us; the forward with the Sinkhorn inside: 30.4 / 39.0 / 39.5 / 87.6 us). Below
 # 1,024 residues (sampling, the Sinkhorn on a side stream) the table above's tiling, not re-swept.
 SPLIT_FORWARD_TILINGS = ((1024, (16, 64, 32, 4, "ieee")), (16384, (32, 32, 32, 4, "ieee")),
                          (None, (64, 64, 32, 4, "ieee")))
@@ -93,7 +96,9 @@ SPLIT_FORWARD_TILINGS = ((1024, (16, 64, 32, 4, "ieee")), (16384, (32, 32, 32, 4
 # runs; the engine's step, then the bare step's graph): 1 x 128 +4.0-4.4 vs +5.3-5.8 % (+4.5-4.6 vs
 # +5.7-5.9 %); 1 x 256 +3.5-3.8 vs +6.7-7.0 % (but the bare graph +6.5-6.7 vs +4.9-5.0 %); 64 x 128 (8,192
 # residues) +4.5-4.8 vs +4.2-4.7 %; 256 x 128 +3.6-4.2 vs +3.4-4.0 %: a gain where the step is latency-bound,
-# a small loss where the card is already busy. BENCHMARKS.md has the table.
+# a small loss where the card is already busy. Session 8, with the split on the current stream above the
+# threshold: engine +3.45 % at 64 x 128 and +3.65 % at 256 x 128 (Sinkhorn in the kernel: +4.38 / +3.67 %).
+# BENCHMARKS.md has the tables.
 OVERLAP_BELOW = 1024
 
 
