@@ -156,8 +156,8 @@ def test_graph_training_key_pads_lengths_and_keeps_diagnostics_steps_eager(tmp_p
 
 
 # |g_graphed - g_eager| / |g_eager| over all parameters under bf16 autocast, the same parameters: measured
-# 0.24-0.40 % per graphed step on the H100 (two eager runs: 0.02-0.07 %; the captured step runs other GEMM
-# kernels), session 8, both with the Sinkhorn split from the pre-branch kernel and inside it
+# 0.24-0.40 % per graphed step on the H100 (two eager runs: 0.02-0.07 %; why the captured step differs more
+# was not found), session 8, both with the Sinkhorn split from the pre-branch kernel and inside it
 BF16_GRAD_REL = 1e-2
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
