@@ -16,7 +16,10 @@ import json
 import shutil
 import sys
 import time
+from dataclasses import asdict
 from pathlib import Path
+
+import lightning.pytorch as pl
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
@@ -47,6 +50,19 @@ def split_parts(src: Path, out: Path) -> list[Path]:
     return paths
 
 
+class GraphStatsAtEnd(pl.Callback):
+    """Keeps what ``graphTrainingStep``'s TrainGraphs did (captures, replays, eager calls, evictions, shapes
+    held, why capturing stopped if it did) at the end of training; None without it."""
+
+    def __init__(self) -> None:
+        self.stats: dict | None = None
+
+    def on_train_end(self, trainer, module) -> None:
+        graphs = getattr(module, "train_graphs", None)
+        if graphs is not None:
+            self.stats = {**asdict(graphs.stats), "shapes_held": len(graphs), "failed": graphs.failed}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("config")
@@ -74,9 +90,11 @@ def main() -> None:
     dm = ProteinDataModule(cfg, chains=unpack(args.chains), max_residues_per_batch=args.max_residues,
                            max_pair_elements_per_batch=args.max_pair_elements,
                            pad_to_multiple=batch_length_multiple(cfg, otherwise=8))
+    graphs = GraphStatsAtEnd()
     t0 = time.time()
     result = run_training(cfg, TrainOptions(accelerator=args.accelerator, devices="1", max_minutes=args.minutes,
-                                            progress_bar=False, export_weights=False), datamodule=dm)
+                                            progress_bar=False, export_weights=False), datamodule=dm,
+                          callbacks=[graphs])
     wall = time.time() - t0
     args.out.mkdir(parents=True, exist_ok=True)
     parts = split_parts(result.last_checkpoint, args.out)
@@ -84,7 +102,8 @@ def main() -> None:
     if csvs:
         shutil.copy(csvs[-1], args.out / "metrics.csv")
     info = {"global_step": result.global_step, "wall_s": wall, "parts": [p.name for p in parts],
-                "resumed_from": str(result.resumed_from) if result.resumed_from else None}
+            "resumed_from": str(result.resumed_from) if result.resumed_from else None,
+            "train_graphs": graphs.stats}
     (args.out / "stretch.json").write_text(json.dumps(info, indent=1))
     print(json.dumps(info))
 
