@@ -320,7 +320,8 @@ def mhc_pre_split(streams: torch.Tensor, phi: torch.Tensor, alpha_pre: torch.Ten
                   sinkhorn_iters: int, *, side_stream: bool = False) -> tuple[torch.Tensor, torch.Tensor, PendingHRes]:
     """:func:`mhc_pre` with H_res's Sinkhorn as a kernel of its own: (x [..., C], H_post [..., n],
     PendingHRes); call ``.wait()`` for H_res [..., n, n] when it is needed (after the branch: ``mix_out``).
-    Same values as :func:`mhc_pre` (the same float64 Sinkhorn, another kernel), and the same gradients.
+    The values and gradients of :func:`mhc_pre` up to float32 rounding (the same float64 Sinkhorn in
+    another kernel; the GEMM by SPLIT_FORWARD_TILINGS, in float32 FMAs where mhc_pre's uses tf32x3).
 
     The pre-branch kernel writes x, H_post and the H_res logits (its Sinkhorn skipped), then
     ``sinkhorn_triton``'s kernel turns the logits into H_res. Why: inside the pre-branch kernel the
