@@ -136,11 +136,10 @@ def main() -> None:
             if isinstance(module, MHCMappings):
                 module.fused = False
     if args.inline_sinkhorn:
-        from model.mhc import MHCResidual
+        from model.mhc import find_mhc_modules
 
-        for module in denoiser.modules():
-            if isinstance(module, MHCResidual):
-                module.split_sinkhorn = False
+        for module in find_mhc_modules(denoiser):
+            module.split_sinkhorn = False
     schedule = Schedule.from_config(config)
     T = schedule.num_timesteps
     shapes = [tuple(int(v) for v in s.lower().split("x")) for s in args.shapes.split(",")]
