@@ -65,21 +65,9 @@ def _user_errors(fn):
 
 
 def _load(config_path: Path | None, overrides: list[str]):
-    """Config file (or defaults) with ``--set key=value`` overrides, validated like file lines."""
-    from model.config import Config, ConfigError, load_config, parse_config
+    from model.config import load_config_with_overrides
 
-    config = load_config(config_path) if config_path else Config()
-    if not overrides:
-        return config
-    lines, keys = [], []
-    for item in overrides:
-        key, sep, value = item.partition("=")
-        if not sep or not key.strip() or not value.strip():
-            raise ConfigError(f"--set {item!r}: expected key=value, e.g. --set learningRate=5e-5")
-        lines.append(f"{key.strip()} {value.strip()}")
-        keys.append(key.strip())
-    base = [ln for ln in config.to_text().splitlines() if ln.split(" ", 1)[0] not in keys]
-    return parse_config("\n".join(base + lines) + "\n", source="command line (--set)")
+    return load_config_with_overrides(config_path, overrides)
 
 
 ConfigOpt = Annotated[Path | None, typer.Option("--config", "-c", help="Genie-style config file "
@@ -135,6 +123,9 @@ def train(
         help="Stop after this many minutes of training (0: no limit), writing last.ckpt and the weights; "
              "rerun to continue. For stretches of limited GPU time.")] = 0.0,
     progress: Annotated[bool, typer.Option(help="Show a progress bar.")] = True,
+    profiler: Annotated[str | None, typer.Option(
+        help="'simple' or 'advanced': Lightning's per-hook host times, written to <run>/fit-profile.txt "
+             "(where a step's time goes: data, step, optimizer, validation, checkpoints).")] = None,
     inject_fault: Annotated[str | None, typer.Option(hidden=True, help="Testing: 'nan@STEP' or 'oom@STEP'.")] = None,
 ) -> None:
     """Train the denoiser. Logs, checkpoints and the exported weights go to <logDirectory>/<name>/.
@@ -142,16 +133,18 @@ def train(
     Stops cleanly on a NaN/Inf loss (exit 3) or CUDA out-of-memory (exit 4), saving a checkpoint and
     naming the config keys to change; rerun the same command to resume.
     """
-    from model.training import FaultInjection, TrainingStopped, TrainOptions, run_training
+    from model.training import PROFILERS, FaultInjection, TrainingStopped, TrainOptions, run_training
 
     cfg = _load(config, overrides or [])
+    if profiler is not None and profiler not in PROFILERS:
+        _fail(f"--profiler {profiler!r}: choose one of {', '.join(PROFILERS)}")
     try:
         fault = FaultInjection.parse(inject_fault) if inject_fault else None
     except ValueError as exc:
         _fail(str(exc))
     options = TrainOptions(devices=devices, num_nodes=num_nodes, accelerator=accelerator, resume=resume,
                            debug=debug, max_steps=max_steps, max_minutes=max_minutes or None,
-                           progress_bar=progress, fault=fault)
+                           progress_bar=progress, fault=fault, profiler=profiler)
     try:
         result = run_training(cfg, options)
     except TrainingStopped as stop:

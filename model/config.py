@@ -99,6 +99,11 @@ class Config:
     batchSize: int = _key(32, "Chains per batch (per device).", lo=1, hi=65536)
     logEverySteps: int = _key(1000, "Log scalars every N optimizer steps.", lo=1, hi=10**9)
     checkpointEveryEpoches: int = _key(500, "Write a checkpoint every N epochs (plus last.ckpt).", lo=1, hi=10**9)
+    lastCheckpointEveryMinutes: float = _key(0.0, "Rewrite last.ckpt at an epoch's end only when this many minutes "
+                                             "have passed since the last write (0 = every epoch); always at the "
+                                             "end of training and on a NaN / out-of-memory stop.", lo=0.0, hi=1e6)
+    validationEverySteps: int = _key(0, "Validate every N training batches, across epochs (0 = at the end of "
+                                     "every epoch).", lo=0, hi=10**9)
     learningRate: float = _key(1e-4, "AdamW learning rate after warm-up.", lo=0.0, hi=1.0, lo_open=True)
     warmupEpoches: int = _key(10, "Linear learning-rate warm-up, in epochs (the user's spelling).",
                               lo=0, hi=10**9)
@@ -301,3 +306,19 @@ def load_config(path: str | Path) -> Config:
     except UnicodeDecodeError as e:
         raise ConfigError(f"{p}: not a UTF-8 text file ({e.reason} at byte {e.start})") from None
     return parse_config(text, source=str(p))
+
+
+def load_config_with_overrides(path: str | Path | None, overrides: list[str]) -> Config:
+    """Config file (or the defaults) with ``key=value`` overrides (``--set``), validated like file lines."""
+    config = load_config(path) if path else Config()
+    if not overrides:
+        return config
+    lines, keys = [], []
+    for item in overrides:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip() or not value.strip():
+            raise ConfigError(f"--set {item!r}: expected key=value, e.g. --set learningRate=5e-5")
+        lines.append(f"{key.strip()} {value.strip()}")
+        keys.append(key.strip())
+    base = [ln for ln in config.to_text().splitlines() if ln.split(" ", 1)[0] not in keys]
+    return parse_config("\n".join(base + lines) + "\n", source="command line (--set)")

@@ -33,6 +33,7 @@ from pathlib import Path
 
 import lightning.pytorch as pl
 import torch
+from lightning.pytorch.callbacks import TQDMProgressBar
 from lightning.pytorch.utilities import rank_zero_warn
 
 from model.checkpoints import (
@@ -139,6 +140,8 @@ class DiffusionModule(pl.LightningModule):
         self._step_index = None
         self._first_nonfinite = None
         self._grad_norm = None
+        self._last_loss = None  # device scalar; read (host sync) only at log intervals
+        self.progress_metrics: dict[str, float] = {}  # what IntervalProgressBar shows, refreshed at log intervals
         self._residues = None
         self._samples = 0
         self._t_last = None
@@ -181,7 +184,11 @@ class DiffusionModule(pl.LightningModule):
         residues = mask.detach().sum()
         self._residues = residues if self._residues is None else self._residues + residues
         self._samples += B
-        self.log("train/loss", value, on_step=True, on_epoch=True, prog_bar=True, batch_size=B)
+        # NOTE: not prog_bar=True: Lightning turns progress-bar values into Python numbers after every batch
+        # (a host sync per step, measured at ~2 ms of a ~19 ms step on the H100); IntervalProgressBar shows the
+        # loss read at log intervals instead
+        self.log("train/loss", value, on_step=True, on_epoch=True, batch_size=B)
+        self._last_loss = value.detach()
         return value
 
     def validation_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
@@ -266,6 +273,8 @@ class DiffusionModule(pl.LightningModule):
             metrics["train/samples_per_s"] = self._samples / dt
             metrics["train/residues_per_s"] = float(self._residues) / dt
         self._t_last, self._samples, self._residues = now, 0, None
+        if self._last_loss is not None:
+            self.progress_metrics = {"loss": float(self._last_loss)}
         if self.config.useMHCMode:
             from model.mhc import mhc_diagnostics
 
@@ -304,11 +313,28 @@ class DiffusionModule(pl.LightningModule):
         check_checkpoint(checkpoint, self.config, self.state_dict(), source)
 
 
-class EpochCheckpoint(pl.Callback):
-    """``last.ckpt`` after every epoch, and ``epoch=E-step=S.ckpt`` every ``every`` epochs."""
+class IntervalProgressBar(TQDMProgressBar):
+    """Lightning's progress bar plus the module's ``progress_metrics`` (the loss as read at the last log
+    interval): the training loss is not a ``prog_bar`` metric, which would cost a host sync per step."""
 
-    def __init__(self, dirpath: Path, every: int):
-        self.dirpath, self.every = Path(dirpath), int(every)
+    def get_metrics(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> dict:
+        return {**super().get_metrics(trainer, pl_module), **getattr(pl_module, "progress_metrics", {})}
+
+
+class EpochCheckpoint(pl.Callback):
+    """``epoch=E-step=S.ckpt`` every ``every`` epochs; ``last.ckpt`` at an epoch's end once ``last_minutes``
+    have passed since it was last written (0: every epoch), and always at the end of training.
+
+    NOTE: on small data sets an epoch is about a second of GPU time, and writing (fsyncing) last.ckpt
+    after each one is a measurable share of it (BENCHMARKS.md): hence ``lastCheckpointEveryMinutes``.
+    """
+
+    def __init__(self, dirpath: Path, every: int, last_minutes: float = 0.0):
+        self.dirpath, self.every, self.last_seconds = Path(dirpath), int(every), 60.0 * float(last_minutes)
+        self._last_written: float | None = None
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: DiffusionModule) -> None:
+        self._last_written = time.monotonic()  # a resumed run starts from a checkpoint just read
 
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: DiffusionModule) -> None:
         if pl_module.stop_reason is not None or trainer.sanity_checking:
@@ -316,7 +342,13 @@ class EpochCheckpoint(pl.Callback):
         epoch = trainer.current_epoch
         if (epoch + 1) % self.every == 0:
             trainer.save_checkpoint(self.dirpath / f"epoch={epoch:05d}-step={trainer.global_step:08d}.ckpt")
-        trainer.save_checkpoint(self.dirpath / "last.ckpt")
+        now = time.monotonic()
+        due = self._last_written is None or now - self._last_written >= self.last_seconds
+        if self.last_seconds > 0:  # DDP: saving is collective; every rank follows rank 0's clock
+            due = trainer.strategy.broadcast(due, src=0)
+        if due:
+            trainer.save_checkpoint(self.dirpath / "last.ckpt")
+            self._last_written = now
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: DiffusionModule) -> None:
         # A stop inside an epoch (max_time / max_steps) still leaves a resumable last.ckpt.
@@ -396,6 +428,7 @@ class TrainOptions:
     progress_bar: bool = True
     fault: FaultInjection | None = None
     export_weights: bool = True
+    profiler: str | None = None  # Lightning's "simple" / "advanced": per-hook host times -> <run>/fit-profile.txt
 
 
 @dataclass
@@ -449,7 +482,6 @@ def _devices_arg(devices: str):
 
 def build_trainer(config: Config, options: TrainOptions, run_dir: Path) -> pl.Trainer:
     """A Lightning Trainer for ``config``: devices / DDP, precision, loggers, checkpoints, progress bar."""
-    from lightning.pytorch.callbacks import TQDMProgressBar
     from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 
     accelerator = resolve_accelerator(options.accelerator)
@@ -458,12 +490,17 @@ def build_trainer(config: Config, options: TrainOptions, run_dir: Path) -> pl.Tr
     ckpt_dir = run_dir / "checkpoints"
     loggers = [] if options.debug else [TensorBoardLogger(str(run_dir), name="tensorboard"),
                                         CSVLogger(str(run_dir), name="csv")]
-    callbacks = [EpochCheckpoint(ckpt_dir, config.checkpointEveryEpoches), OOMHandler(ckpt_dir)]
+    callbacks = [EpochCheckpoint(ckpt_dir, config.checkpointEveryEpoches, config.lastCheckpointEveryMinutes),
+                 OOMHandler(ckpt_dir)]
     if options.max_minutes:
         callbacks.append(StretchTimeLimit(options.max_minutes))
     if options.progress_bar:
-        callbacks.append(TQDMProgressBar(refresh_rate=max(1, min(config.logEverySteps, 10))))
+        callbacks.append(IntervalProgressBar(refresh_rate=max(1, min(config.logEverySteps, 10))))
     extra = {"limit_train_batches": 4, "limit_val_batches": 2} if options.debug else {}
+    if config.validationEverySteps:  # every N training batches, counted across epochs
+        extra.update(check_val_every_n_epoch=None, val_check_interval=config.validationEverySteps)
+    if options.profiler:
+        extra["profiler"] = build_profiler(options.profiler, run_dir)
     return pl.Trainer(
         accelerator=accelerator, devices=_devices_arg(options.devices), num_nodes=options.num_nodes,
         strategy="ddp" if distributed else "auto",
@@ -474,6 +511,24 @@ def build_trainer(config: Config, options: TrainOptions, run_dir: Path) -> pl.Tr
         plugins=[AtomicCheckpointIO()], enable_checkpointing=False,
         enable_progress_bar=options.progress_bar, enable_model_summary=not options.debug,
         num_sanity_val_steps=0, default_root_dir=str(run_dir), **extra)
+
+
+PROFILERS = ("simple", "advanced")
+
+
+def build_profiler(name: str, run_dir: Path):
+    """Lightning's host-side profiler ``name``, writing its report to ``<run_dir>/fit-profile.txt``.
+
+    ``simple``: total and mean wall time per hook (data fetch, training step, optimizer step, validation,
+    checkpoint callbacks); ``advanced``: cProfile of each hook. Host times: a hook that waits for the GPU
+    (a ``.item()``, a checkpoint's device-to-host copy) absorbs the queued GPU work.
+    """
+    from lightning.pytorch.profilers import AdvancedProfiler, SimpleProfiler
+
+    if name not in PROFILERS:
+        raise ValueError(f"profiler {name!r}: choose one of {', '.join(PROFILERS)}")
+    cls = SimpleProfiler if name == "simple" else AdvancedProfiler
+    return cls(dirpath=str(run_dir), filename="profile")
 
 
 def _resume_path(options: TrainOptions, ckpt_dir: Path) -> Path | None:

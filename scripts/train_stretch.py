@@ -26,9 +26,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from pack_chains import unpack
 
 from model.atomic_io import atomic_write
-from model.config import load_config
+from model.config import load_config_with_overrides
 from model.data.datamodule import ProteinDataModule
-from model.training import TrainOptions, batch_length_multiple, run_training
+from model.training import PROFILERS, TrainOptions, batch_length_multiple, run_training
 
 PART = 15 * 2**20
 
@@ -77,8 +77,12 @@ def main() -> None:
     ap.add_argument("--graph", action="store_true",
                     help="graphTrainingStep True (forward + backward replayed from CUDA graphs, lengths padded to 16), whatever the config says")
     ap.add_argument("--name", default=None, help="run name (default: the config's); a new name starts fresh")
+    ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                    help="override a config key, as `mhcflash train --set` (repeatable)")
+    ap.add_argument("--profiler", choices=PROFILERS, default=None,
+                    help="Lightning's per-hook host times, copied to <out>/fit-profile.txt")
     args = ap.parse_args()
-    cfg = load_config(args.config)
+    cfg = load_config_with_overrides(Path(args.config), args.overrides)
     if args.graph:
         cfg = cfg.replace(graphTrainingStep=True)
     if args.name:
@@ -93,7 +97,8 @@ def main() -> None:
     graphs = GraphStatsAtEnd()
     t0 = time.time()
     result = run_training(cfg, TrainOptions(accelerator=args.accelerator, devices="1", max_minutes=args.minutes,
-                                            progress_bar=False, export_weights=False), datamodule=dm,
+                                            progress_bar=False, export_weights=False, profiler=args.profiler),
+                          datamodule=dm,
                           callbacks=[graphs])
     wall = time.time() - t0
     args.out.mkdir(parents=True, exist_ok=True)
@@ -101,6 +106,8 @@ def main() -> None:
     csvs = sorted((run_dir / "csv").glob("version_*/metrics.csv"), key=lambda p: p.stat().st_mtime)
     if csvs:
         shutil.copy(csvs[-1], args.out / "metrics.csv")
+    if (run_dir / "fit-profile.txt").is_file():
+        shutil.copy(run_dir / "fit-profile.txt", args.out / "fit-profile.txt")
     info = {"global_step": result.global_step, "wall_s": wall, "parts": [p.name for p in parts],
             "resumed_from": str(result.resumed_from) if result.resumed_from else None,
             "train_graphs": graphs.stats}

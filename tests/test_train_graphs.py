@@ -256,3 +256,48 @@ def test_gpu_lightning_training_with_graphs_replays_and_logs_diagnostics(tmp_pat
     gains = [float(r["mhc/amax_gain"]) for r in rows if r.get("mhc/amax_gain")]
     assert losses and all(torch.isfinite(torch.tensor(losses)))
     assert gains and all(0.99 <= g < 2.0 for g in gains), gains
+
+
+@pytest.mark.gpu
+@needs_cuda
+def test_gpu_steps_between_log_intervals_never_wait_for_the_gpu(tmp_path):
+    """The steady training loop has no host sync: one per step made the host wait for the GPU's queue to
+    drain every step (Lightning's progress-bar conversion of a prog_bar loss, ~2 ms of a ~19 ms step on
+    the H100, benchmarks/profile_train_loop.py). ``torch.cuda.set_sync_debug_mode("error")`` raises on any
+    synchronizing call; it is on from the batch after the capture to the one before the NaN check."""
+    import lightning.pytorch as pl
+    from conftest import cgdms_data_dir, tiny_config
+
+    from model.data.datamodule import ProteinDataModule
+    from model.data.parse import parse_cgdms_file
+    from model.training import NAN_CHECK_EVERY_CUDA, TrainOptions, run_training
+
+    root = cgdms_data_dir()
+    if root is None:
+        pytest.skip("cgdms is not installed")
+    # one batch shape: lengths 33-48 padded to 48, batches of 2 (an odd last batch runs eagerly, unseen)
+    chains = [c for c in (parse_cgdms_file(f) for f in sorted(root.glob("*.txt"))[:1500]) if 33 <= len(c) <= 48][:52]
+    assert len(chains) == 52  # 26 batches: max_steps ends the run before the epoch's end (its logging syncs)
+    first, last = 3, NAN_CHECK_EVERY_CUDA - 2
+    cfg = tiny_config(useMHCMode=True, useFlashMode=True, usePairFree=True, graphTrainingStep=True,
+                      logDirectory=str(tmp_path), name="s", batchSize=2, numEpoches=1, validationFraction=0.0,
+                      minimumNumResidues=20, maximumNumResidues=60, logEverySteps=1000, warmupEpoches=0)
+    checked = []
+
+    class NoSync(pl.Callback):
+        def on_train_batch_start(self, trainer, module, batch, batch_idx):
+            step = trainer.global_step
+            torch.cuda.set_sync_debug_mode("error" if first <= step <= last else "default")
+            if first <= step <= last:
+                checked.append(step)
+
+        def on_train_end(self, trainer, module):
+            torch.cuda.set_sync_debug_mode("default")
+
+    dm = ProteinDataModule(cfg, chains=chains, verbose=False, pad_to_multiple=16)
+    try:
+        run_training(cfg, TrainOptions(progress_bar=True, accelerator="gpu", devices="1", max_steps=last + 2,
+                                       export_weights=False), datamodule=dm, callbacks=[NoSync()])
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert checked == list(range(first, last + 1))

@@ -138,6 +138,70 @@ def test_resume_continues_step_optimizer_and_scheduler(tmp_path, chains):
     assert any(p.name.startswith("epoch=00002") for p in (tmp_path / "run" / "checkpoints").iterdir())
 
 
+class _Cadence(pl.Callback):
+    """Global steps at which validation ran and at which checkpoints were written."""
+
+    def __init__(self):
+        self.validated, self.saved, self.batches_per_epoch = [], [], None
+
+    def on_train_start(self, trainer, module):
+        self.batches_per_epoch = trainer.num_training_batches
+
+    def on_validation_end(self, trainer, module):
+        self.validated.append(trainer.global_step)
+
+    def on_save_checkpoint(self, trainer, module, checkpoint):
+        self.saved.append(trainer.global_step)
+
+
+@pytest.mark.parametrize("every", [0, 3])
+def test_validation_every_steps_counts_batches_across_epochs(tmp_path, chains, every):
+    cfg = _cfg(tmp_path, batchSize=2, numEpoches=4, validationFraction=0.3, validationEverySteps=every,
+               checkpointEveryEpoches=1000)
+    seen = _Cadence()
+    result = run_training(cfg, _opts(export_weights=False), datamodule=_dm(cfg, chains), callbacks=[seen])
+    per_epoch = seen.batches_per_epoch
+    assert per_epoch not in (0, 3) and result.global_step == 4 * per_epoch
+    interval = every or per_epoch  # 0: Lightning's default, the end of every epoch
+    assert seen.validated == list(range(interval, result.global_step + 1, interval))
+
+
+@pytest.mark.parametrize("minutes", [0.0, 1000.0])
+def test_last_checkpoint_every_minutes_skips_epoch_end_writes_not_the_final_one(tmp_path, chains, minutes):
+    cfg = _cfg(tmp_path, numEpoches=3, checkpointEveryEpoches=1000, lastCheckpointEveryMinutes=minutes)
+    seen = _Cadence()
+    result = run_training(cfg, _opts(export_weights=False), datamodule=_dm(cfg, chains), callbacks=[seen])
+    per_epoch = seen.batches_per_epoch
+    at_epoch_ends = [per_epoch * (e + 1) for e in range(3)] if minutes == 0 else []
+    assert seen.saved == at_epoch_ends + [result.global_step]  # the end of training always writes
+    assert torch.load(result.last_checkpoint, weights_only=True)["global_step"] == result.global_step
+
+
+def test_progress_bar_shows_the_interval_loss_not_a_per_step_metric(tmp_path, chains):
+    from model.training import IntervalProgressBar
+
+    cfg = _cfg(tmp_path, numEpoches=2, logEverySteps=3)
+    seen = {}
+
+    class Grab(pl.Callback):
+        def on_train_batch_start(self, trainer, module, batch, batch_idx):  # what steps 1..k left shown
+            seen.setdefault("shown", []).append(dict(module.progress_metrics))
+
+        def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx):
+            seen.setdefault("losses", []).append(float(outputs["loss"]))
+
+        def on_train_end(self, trainer, module):
+            seen["bar_metrics"] = dict(trainer.progress_bar_metrics)
+            seen["bar"] = IntervalProgressBar().get_metrics(trainer, module)
+
+    run_training(cfg, _opts(export_weights=False), datamodule=_dm(cfg, chains), callbacks=[Grab()])
+    assert not any(k.startswith("train/loss") for k in seen["bar_metrics"])  # no per-step .item()
+    losses, shown = seen["losses"], seen["shown"]
+    assert len(losses) == 4 and shown[:3] == [{}, {}, {}]  # before steps 1-3: no log interval yet
+    assert shown[3] == {"loss": pytest.approx(losses[2])}  # read at step 3 (logEverySteps)
+    assert seen["bar"]["loss"] == pytest.approx(losses[2])  # kept through step 4
+
+
 def test_checkpoint_write_is_atomic(tmp_path, monkeypatch):
     io = AtomicCheckpointIO()
     path = tmp_path / "last.ckpt"
