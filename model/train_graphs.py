@@ -28,9 +28,13 @@ the CUDA random number generator unusable (seen when a capture failed as it bega
 error telling the user to set ``graphTrainingStep False``. Running out of memory is not caught
 (training's OOM handling saves a checkpoint).
 
-NOTE: ``MHCResidual.record`` (the H_res kept for ``mhc_diagnostics``) is off while capturing: a
-replay does not run Python, so a recorded tensor would be stale. Callers that log diagnostics run
-that step eagerly (``eager=True``).
+mHC diagnostics: a replay runs no Python, so no ``MHCResidual`` sets ``last_h_res``. The H_res a
+module recorded while its forward was captured is a tensor of the graph, which every replay of that
+shape rewrites; those tensors are kept (and the pool never hands their memory to another capture), and
+after each replay every recording module's ``last_h_res`` is pointed at its shape's tensor: it then
+holds this step's H_res, as after an eager call, with no eager step for the diagnostics.
+NOTE: so ``last_h_res`` after a replay is a view of graph memory: the next replay of the same shape
+overwrites it (``mhc_diagnostics`` reads it at once; clone it to keep it).
 NOTE: autocast's weight-cast cache cannot be captured; captures and replays run under a nested
 ``torch.autocast(cache_enabled=False)`` with the caller's autocast dtype, which is part of the key.
 """
@@ -101,6 +105,8 @@ class TrainGraphs:
         self.max_graphs, self.capture_after, self.warmup_iters = max_graphs, capture_after, warmup_iters
         self.stats = GraphStats()
         self._graphs: OrderedDict[tuple, nn.Module] = OrderedDict()
+        # per shape: (module, H_res tensor of the graph) for every MHCResidual that recorded while captured
+        self._recorded: dict[tuple, list[tuple[nn.Module, torch.Tensor]]] = {}
         self._seen: Counter = Counter()
         self._pool = None
         self.failed: str | None = None  # why capturing was given up (then every call runs eagerly)
@@ -152,7 +158,10 @@ class TrainGraphs:
                 return self.denoiser(x_t, t, mask)
         self._graphs.move_to_end(key)
         self.stats.replays += 1
-        return graphed(x_t, t, mask)
+        out = graphed(x_t, t, mask)
+        for module, h_res in self._recorded[key]:  # this replay rewrote them: this step's H_res
+            module.last_h_res = h_res
+        return out
 
     @staticmethod
     def _autocast_state() -> tuple[bool, torch.dtype]:
@@ -165,7 +174,8 @@ class TrainGraphs:
         from model.mhc import find_mhc_modules
 
         while len(self._graphs) >= self.max_graphs:
-            self._graphs.popitem(last=False)
+            dropped, _ = self._graphs.popitem(last=False)
+            self._recorded.pop(dropped, None)
             self.stats.evictions += 1
         if not self._graphs:
             # NOTE: no graph holds the shared pool any more, and the allocator releases a pool whose graphs
@@ -174,20 +184,17 @@ class TrainGraphs:
             self._pool = None
         if self._pool is None:
             self._pool = torch.cuda.graph_pool_handle()
-        mhc_modules = find_mhc_modules(self.denoiser)
-        recording = [m.record for m in mhc_modules]
+        recording = [m for m in find_mhc_modules(self.denoiser) if m.record]
         enabled, dtype = self._autocast_state()
         static = tuple(a.detach().clone() for a in (x_t, t, mask))  # the graph's own input buffers
-        try:
-            for m in mhc_modules:
-                m.record = False
-            with torch.autocast("cuda", dtype=dtype, enabled=enabled, cache_enabled=False):
-                graphed = torch.cuda.make_graphed_callables(
-                    _ShapeCall(self.denoiser), static, num_warmup_iters=self.warmup_iters,
-                    allow_unused_input=True, pool=self._pool)
-        finally:
-            for m, flag in zip(mhc_modules, recording):
-                m.record = flag
+        for m in recording:
+            m.last_h_res = None
+        with torch.autocast("cuda", dtype=dtype, enabled=enabled, cache_enabled=False):
+            graphed = torch.cuda.make_graphed_callables(
+                _ShapeCall(self.denoiser), static, num_warmup_iters=self.warmup_iters,
+                allow_unused_input=True, pool=self._pool)
+        # the forward captured last: each module's last_h_res is now its H_res inside the graph
+        self._recorded[key] = [(m, m.last_h_res) for m in recording if m.last_h_res is not None]
         self._graphs[key] = graphed
         self.stats.captures += 1
         return graphed

@@ -150,16 +150,8 @@ class DiffusionModule(pl.LightningModule):
     def forward(self, x_t: torch.Tensor, t: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """[B, L, 3], [B], [B, L] -> eps_hat [B, L, 3]."""
         if self.train_graphs is not None and self.training and torch.is_grad_enabled():
-            return self.train_graphs(x_t, t, mask, eager=self._diagnostics_step())
+            return self.train_graphs(x_t, t, mask)
         return self.denoiser(x_t, t, mask)
-
-    def _diagnostics_step(self) -> bool:
-        """True when this training step's mHC H_res are logged after it (``on_train_batch_end``): that step
-        runs eagerly under ``graphTrainingStep``, since a graph replay records nothing."""
-        trainer = getattr(self, "_trainer", None)
-        if not self.config.useMHCMode or trainer is None:
-            return False
-        return (self.global_step + 1) % self.config.logEverySteps == 0
 
     def _loss(self, batch: dict, generator: torch.Generator | None = None) -> torch.Tensor:
         x0, mask = batch["x0"].float(), batch["mask"].float()  # [B, L, 3], [B, L]

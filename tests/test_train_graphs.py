@@ -126,9 +126,8 @@ def test_evicting_every_graph_starts_a_fresh_pool(monkeypatch, max_graphs, pools
     assert len(set(used)) == pools, used
 
 
-def test_graph_training_key_pads_lengths_and_keeps_diagnostics_steps_eager(tmp_path):
-    """On the CPU the key changes no numbers: every step runs eagerly; the steps whose mHC diagnostics
-    are logged would run eagerly on the GPU too (``_diagnostics_step``)."""
+def test_graph_training_pads_lengths_and_runs_eagerly_on_the_cpu():
+    """On the CPU the key changes no numbers: every step runs eagerly."""
     from conftest import tiny_config
 
     from model.training import GRAPH_LENGTH_MULTIPLE, DiffusionModule
@@ -137,22 +136,45 @@ def test_graph_training_key_pads_lengths_and_keeps_diagnostics_steps_eager(tmp_p
     module = DiffusionModule(cfg)
     assert isinstance(module.train_graphs, TrainGraphs) and module.train_graphs.denoiser is module.denoiser
     assert DiffusionModule(tiny_config()).train_graphs is None
-
-    class FakeTrainer:
-        global_step = 0
-
-    module._trainer = FakeTrainer()
-    diag = []
-    for step in range(6):
-        FakeTrainer.global_step = step
-        diag.append(module._diagnostics_step())
-    assert diag == [False, False, True, False, False, True]  # logged after steps 3 and 6
-    module._trainer = None
     x, t, mask = _batch(2, 12, 3, seed=2)
     module.train()
     module(x, t, mask)
     assert module.train_graphs.stats.eager == 1
     assert GRAPH_LENGTH_MULTIPLE == 16
+
+
+def test_a_replay_points_each_mhc_module_at_its_shapes_recorded_h_res(monkeypatch):
+    """A replay runs no Python, so ``last_h_res`` (what ``mhc_diagnostics`` reads) must be pointed at the
+    H_res tensor the module recorded while that shape was captured. Simulated (no GPU here): the
+    'capture' runs the model once (as capturing does) and the 'graph' it returns touches no module."""
+    from model.mhc import find_mhc_modules
+
+    def fake_capture(module, static, **kwargs):
+        out = module(*static)  # the captured forward: each MHCResidual records here
+        return lambda *args: out
+
+    _simulate_captures(monkeypatch, fake_capture)
+    den = _pair_free()
+    mhc = find_mhc_modules(den)
+    graphs = TrainGraphs(den, capture_after=1)
+    batches = {length: _batch(2, length, 3, seed=length) for length in (12, 16)}
+    captured = {}
+    for length in (12, 16):
+        graphs(*batches[length])
+        captured[length] = [m.last_h_res for m in mhc]
+        assert all(h is not None and h.shape[:2] == (2, length) for h in captured[length])
+    for length in (12, 16, 16, 12):  # replays: each shape's own tensors, whatever ran before
+        for m in mhc:
+            m.last_h_res = None
+        graphs(*batches[length])
+        assert all(m.last_h_res is h for m, h in zip(mhc, captured[length]))
+    assert graphs.stats.captures == 2 and graphs.stats.replays == 6  # a capturing call replays too
+    mhc[0].record = False  # a module that does not record is left alone
+    graphs3 = TrainGraphs(den, capture_after=1)
+    graphs3(*batches[12])
+    mhc[0].last_h_res = "untouched"
+    graphs3(*batches[12])
+    assert mhc[0].last_h_res == "untouched" and mhc[1].last_h_res is not None
 
 
 # |g_graphed - g_eager| / |g_eager| over all parameters under bf16 autocast, the same parameters: measured
@@ -301,3 +323,31 @@ def test_gpu_steps_between_log_intervals_never_wait_for_the_gpu(tmp_path):
     finally:
         torch.cuda.set_sync_debug_mode("default")
     assert checked == list(range(first, last + 1))
+
+
+@pytest.mark.gpu
+@needs_cuda
+def test_gpu_a_replayed_step_leaves_this_steps_h_res_for_the_diagnostics():
+    """After a replay (no Python ran), every MHCResidual's ``last_h_res`` equals what an eager forward of
+    the same batch on the same parameters records: shape A captured, B captured, then A replayed on a
+    new batch (a stale tensor from A's capture would fail)."""
+    from model.mhc import find_mhc_modules, mhc_diagnostics
+
+    den = _pair_free().cuda()
+    mhc = find_mhc_modules(den)
+    graphs = TrainGraphs(den, capture_after=1)
+    for seed, length in ((1, 32), (2, 48), (3, 32)):
+        x, t, mask = _batch(3, length, 5, seed=seed, device="cuda")
+        graphs(x, t, mask).square().sum().backward()
+    assert graphs.stats.captures == 2 and graphs.stats.replays == 3
+    replayed = [m.last_h_res.clone() for m in mhc]
+    diag_replayed = mhc_diagnostics(den, mask)
+    with torch.no_grad():
+        den(x, t, mask)  # eager, same batch and parameters
+    assert len(replayed) == len(mhc) == 2
+    for m, h in zip(mhc, replayed):
+        torch.testing.assert_close(h, m.last_h_res, rtol=1e-5, atol=1e-6)
+    diag_eager = mhc_diagnostics(den, mask)
+    assert diag_replayed.keys() == diag_eager.keys() and diag_eager
+    for k in diag_eager:
+        assert diag_replayed[k] == pytest.approx(diag_eager[k], rel=1e-5, abs=1e-7), k
