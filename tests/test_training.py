@@ -384,3 +384,29 @@ def test_stretch_time_limit_stops_all_ddp_ranks_at_the_same_batch():
     limit.on_train_start(single, None)
     limit.on_train_batch_end(single)
     assert single.should_stop  # one process: checked every batch, no collective
+
+
+def test_last_checkpoint_minutes_follow_rank_zeros_clock_under_ddp(tmp_path):
+    """Saving is collective under DDP (a barrier inside), so whether last.ckpt is due at an epoch's end is
+    rank 0's decision, broadcast; a rank whose own clock says otherwise follows it."""
+    from types import SimpleNamespace
+
+    from model.training import EpochCheckpoint
+
+    saved, broadcasts = [], []
+
+    def broadcast(obj, src=0):  # Lightning's Strategy.broadcast; rank 0 says: not due
+        broadcasts.append((obj, src))
+        return False
+
+    trainer = SimpleNamespace(current_epoch=0, global_step=10, sanity_checking=False,
+                              strategy=SimpleNamespace(broadcast=broadcast), save_checkpoint=saved.append)
+    module = SimpleNamespace(stop_reason=None)
+    ckpt = EpochCheckpoint(tmp_path, every=1000, last_minutes=1e-9)  # this rank: due at once
+    ckpt.on_train_start(trainer, module)
+    ckpt.on_train_epoch_end(trainer, module)
+    assert broadcasts == [(True, 0)] and saved == []
+    every_epoch = EpochCheckpoint(tmp_path, every=1000)  # 0 minutes: every epoch, no collective needed
+    every_epoch.on_train_start(trainer, module)
+    every_epoch.on_train_epoch_end(trainer, module)
+    assert saved == [tmp_path / "last.ckpt"] and len(broadcasts) == 1
