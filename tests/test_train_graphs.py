@@ -287,8 +287,8 @@ def test_gpu_steps_between_log_intervals_never_wait_for_the_gpu(tmp_path):
     drain every step (Lightning's progress-bar conversion of a prog_bar loss, ~2 ms of a ~19 ms step on
     the H100, benchmarks/profile_train_loop.py). ``torch.cuda.set_sync_debug_mode("error")`` raises on any
     synchronizing call it detects (PyTorch calls the mode a prototype that "does not yet detect all
-    synchronizing operations"; the ``.item()`` this test is for, it does); it is on from the batch after the
-    capture to the one before the NaN check."""
+    synchronizing operations"; ``.item()``, the sync this test is for, copies through ``memcpy_and_sync``,
+    which checks the mode); it is on from the batch after the capture to the one before the NaN check."""
     import lightning.pytorch as pl
     from conftest import cgdms_data_dir, tiny_config
 
