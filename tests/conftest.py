@@ -6,6 +6,7 @@
 - ``real_ca_chains``: a few real CA traces (centred, float32) from the PyPI package ``cgdms``; the
   package directory is located without importing it. Skips cleanly when cgdms is not installed.
 - ``random_ca_trace``: a chain-like random walk with 3.8 A steps, for tests that need no real data.
+- ``@pytest.mark.gpu``: the test needs a CUDA device; without one it is skipped (here, in one place).
 """
 
 from __future__ import annotations
@@ -17,6 +18,17 @@ import torch
 
 from model.data.parse import parse_cgdms_file
 from model.data.sources import cgdms_chain_dir
+
+
+def pytest_collection_modifyitems(config, items) -> None:
+    """Tests marked ``gpu`` are skipped where no CUDA device is visible (CI: deselected with -m "not gpu")."""
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA device")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
 
 # Sizes and tolerances shared by the geometry / IPA / denoiser tests.
 TINY = {

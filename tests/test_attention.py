@@ -98,11 +98,9 @@ def test_use_flash_attn3_flag_is_respected(monkeypatch):
 
 
 # ---------------------------------------------------------------------------------------------- GPU
-gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
 
 @pytest.mark.gpu
-@gpu
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 def test_every_gpu_backend_matches_math(dtype):
     q, k, v, mask = (t.cuda() for t in make(batch=2, length=77, heads=3, dqk=40, dv=72, seed=2))

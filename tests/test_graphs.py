@@ -40,7 +40,6 @@ LENGTHS = (13, 22, 17, 9, 21)  # odd, distinct; padded to L = 24
 PAD_L = 24
 GPU_ATOL = 1e-4  # Angstrom after 20 steps, fp32
 GPU_ATOL_BF16 = 1e-3  # Angstrom after 20 steps, bf16 autocast, batch = bucket (the same kernels)
-gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
 
 @pytest.fixture(scope="module")
@@ -249,7 +248,6 @@ def test_engine_with_runner_gives_the_eager_samples(model):
 
 
 # ----------------------------------------------------------------------------------------- GPU
-@gpu
 @pytest.mark.gpu
 @pytest.mark.parametrize("autocast,batch,atol", [(None, 3, GPU_ATOL), (torch.bfloat16, 4, GPU_ATOL_BF16)])
 def test_gpu_graphed_sampling_matches_eager(model, autocast, batch, atol):
@@ -279,7 +277,6 @@ def test_gpu_graphed_sampling_matches_eager(model, autocast, batch, atol):
         denoiser.to(CPU)
 
 
-@gpu
 @pytest.mark.gpu
 def test_gpu_capture_of_a_host_sync_fails_cleanly():
     from service.graphs import cuda_capture
@@ -305,7 +302,6 @@ def test_gpu_capture_of_a_host_sync_fails_cleanly():
         capture.reset()
 
 
-@gpu
 @pytest.mark.gpu
 def test_gpu_service_request_with_graphs(tmp_path):
     import httpx

@@ -432,13 +432,11 @@ def test_fused_sinkhorn_matches_loop_in_the_triton_interpreter():
 
 
 @pytest.mark.gpu
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_gpu_fused_sinkhorn_matches_loop():
     fused_matches_loop("cuda")
 
 
 @pytest.mark.gpu
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_gpu_sinkhorn_backward_reads_back_its_own_scratch():
     """The backward kernel writes each half step's sums to a scratch buffer and reads them back in the
     same program: 65,536 matrices (4,096 programs), the scratch's memory filled with NaN beforehand (the
@@ -531,7 +529,6 @@ def test_fused_mixing_matches_reference_in_the_triton_interpreter():
 
 
 @pytest.mark.gpu
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_gpu_fused_mixing_matches_reference():
     fused_mixing_matches_reference("cuda")
 
@@ -741,7 +738,6 @@ def fused_mixing_in_cuda_graph() -> None:
 
 
 @pytest.mark.gpu
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_gpu_fused_mixing_gradients_match_reference(monkeypatch):
     # the GEMM form of the reference must be a true float32 bmm (no TF32) for the tolerances
     monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
@@ -840,7 +836,6 @@ def test_fused_mapping_matches_reference_in_the_triton_interpreter():
 
 
 @pytest.mark.gpu
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_gpu_fused_mapping_matches_reference(monkeypatch):
     # the reference must be a true float32 GEMM for REL_MAP to test tf32x3 (PyTorch's default)
     monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)

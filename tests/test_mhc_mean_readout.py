@@ -138,7 +138,6 @@ def test_structure_layer_takes_the_mean_from_the_residual(monkeypatch):
 
 
 @pytest.mark.gpu
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_gpu_fused_mean_matches_reference():
     fused_mean_matches_reference("cuda")
 

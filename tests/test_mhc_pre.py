@@ -282,7 +282,6 @@ def test_fused_pre_dispatch_rules(monkeypatch):
 
 
 @pytest.mark.gpu
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_gpu_fused_pre_matches_reference(monkeypatch):
     # the reference GEMM must be a true float32 GEMM (no TF32) for the tolerances
     monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
@@ -291,13 +290,11 @@ def test_gpu_fused_pre_matches_reference(monkeypatch):
 
 
 @pytest.mark.gpu
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_gpu_split_sinkhorn_residual():
     split_residual_matches("cuda")
 
 
 @pytest.mark.gpu
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_gpu_overlapped_sinkhorn_in_cuda_graph():
     """Three MHCResidual applications without gradient captured in one CUDA graph with the Sinkhorn on
     its side stream (fork and join inside the capture), each branch allocating and freeing more than
@@ -335,7 +332,6 @@ def test_gpu_overlapped_sinkhorn_in_cuda_graph():
 
 
 @pytest.mark.gpu
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_gpu_fused_pre_in_cuda_graph(monkeypatch):
     """MHCPre forward + backward captured in one CUDA graph (training size, float32), replayed on new
     inputs copied into the static ones: the same outputs and gradients as eager calls (bit-identical:

@@ -34,7 +34,6 @@ def test_to_device_keeps_values_and_dtype():
 
 
 @pytest.mark.gpu
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_cuda_pacer_runs_ahead_by_at_most_ahead_steps_and_times_them_on_the_device():
     dev = torch.device("cuda")
     seen = []

@@ -165,7 +165,6 @@ def test_compiled_layers_match_eager_forward_and_grad():
 
 
 @pytest.mark.gpu
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_gpu_compiled_layers_are_as_accurate_as_eager_in_bf16():
     """Under bf16 autocast, compiled and eager round at different points, so both are compared with
     the float32 eager stack: the compiled error may be at most BF16_ERR_RATIO x eager's (+ 1e-3)."""

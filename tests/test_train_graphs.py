@@ -181,11 +181,9 @@ def test_a_replay_points_each_mhc_module_at_its_shapes_recorded_h_res(monkeypatc
 # 0.24-0.40 % per graphed step on the H100 (two eager runs: 0.02-0.07 %; why the captured step differs more
 # was not found), session 8, both with the Sinkhorn split from the pre-branch kernel and inside it
 BF16_GRAD_REL = 1e-2
-needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
 
 @pytest.mark.gpu
-@needs_cuda
 @pytest.mark.parametrize("dtype,max_graphs,eager_split",
                          [(None, 64, True), (torch.bfloat16, 64, True), (None, 1, True), (None, 64, False)])
 def test_gpu_graphed_training_matches_eager_over_alternating_shapes(dtype, max_graphs, eager_split):
@@ -243,7 +241,6 @@ def test_gpu_graphed_training_matches_eager_over_alternating_shapes(dtype, max_g
 
 
 @pytest.mark.gpu
-@needs_cuda
 def test_gpu_lightning_training_with_graphs_replays_and_logs_diagnostics(tmp_path):
     """run_training with ``graphTrainingStep True`` on real cgdms chains: steps are replayed from
     graphs, the loss stays finite, and the mHC diagnostics are logged (from the eager steps)."""
@@ -281,7 +278,6 @@ def test_gpu_lightning_training_with_graphs_replays_and_logs_diagnostics(tmp_pat
 
 
 @pytest.mark.gpu
-@needs_cuda
 def test_gpu_steps_between_log_intervals_never_wait_for_the_gpu(tmp_path):
     """The steady training loop has no host sync: one per step made the host wait for the GPU's queue to
     drain every step (Lightning's progress-bar conversion of a prog_bar loss, ~2 ms of a ~19 ms step on
@@ -328,7 +324,6 @@ def test_gpu_steps_between_log_intervals_never_wait_for_the_gpu(tmp_path):
 
 
 @pytest.mark.gpu
-@needs_cuda
 def test_gpu_a_replayed_step_leaves_this_steps_h_res_for_the_diagnostics():
     """After a replay (no Python ran), every MHCResidual's ``last_h_res`` equals what an eager forward of
     the same batch on the same parameters records: shape A captured, B captured, then A replayed on a
