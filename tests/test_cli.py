@@ -54,6 +54,8 @@ def test_config_errors_exit_2_without_traceback(tmp_path):
     assert result.exit_code == 2 and "batchSize" in result.output and "out of range" in result.output
     result = runner.invoke(app, ["sample", str(tmp_path / "nowhere"), "--length", "10"])
     assert result.exit_code == 2 and "does not exist" in result.output
+    result = runner.invoke(app, ["train", str(ROOT / "configs" / "standard.txt"), "--profiler", "fast"])
+    assert result.exit_code == 2 and "--profiler 'fast'" in result.output and "simple" in result.output
 
 
 def test_example_configs():
@@ -96,9 +98,12 @@ def test_data_build_train_debug_sample_end_to_end(tmp_path, monkeypatch):
     index = tmp_path / "runs" / "e2e" / "training_index.csv"
     assert "kept" in result.output and index.is_file() and len(index.read_text().splitlines()) == 41
 
-    result = runner.invoke(app, ["train", str(cfg), "--debug", "--no-progress", "--accelerator", "cpu"])
+    result = runner.invoke(app, ["train", str(cfg), "--debug", "--no-progress", "--accelerator", "cpu",
+                                 "--profiler", "simple"])
     assert result.exit_code == 0, result.output
     weights = tmp_path / "runs" / "e2e-debug" / "weights"
+    profile = (tmp_path / "runs" / "e2e-debug" / "fit-profile.txt").read_text()
+    assert "run_training_batch" in profile and "optimizer_step" in profile  # Lightning's per-hook times
     assert (weights / "model.safetensors").is_file()
     assert load_config(weights / "config.txt").mode == "mhc_flash"
 
