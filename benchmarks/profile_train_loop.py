@@ -13,8 +13,9 @@ After ``--skip`` batches (shapes captured, Triton compiled), two windows of ``--
    and at an epoch's end validation and checkpoints). Medians per step, plus the mean of the last
    phase (epoch ends are rare but long).
 2. the GPU, under ``torch.profiler`` (CUDA activity only): the union of kernel / memcpy intervals over
-   the window's span = how busy the GPU is; GPU time per step. Busy well below 100 % with host phases
-   summing to the step's wall time means the loop is host-bound: shorten the host phases.
+   the window's span, and GPU time per step. The profiler slows the host, so the busy fraction of the
+   loop as it runs is estimated as GPU time per step over window 1's mean step. Well below 100 % with
+   host phases summing to the step's wall time: the loop is host-bound; shorten the host phases.
 
 Writes ``train_loop.json`` and prints a table. Without CUDA only the host window runs (a smoke run).
 """
@@ -187,7 +188,10 @@ def main() -> None:
         "gpu_window": None if not cuda else {
             **windows.gpu, "wall_s": windows.trace_window_s,
             "gpu_ms_per_step": windows.gpu["busy_us"] / 1e3 / steps_gpu,
-            "wall_ms_per_step": 1e3 * windows.trace_window_s / steps_gpu},
+            "wall_ms_per_step": 1e3 * windows.trace_window_s / steps_gpu,
+            # the profiler slows the host, so the busy fraction of the loop as it runs unprofiled is estimated:
+            # GPU time per step (profiled window) over the host window's mean step (other batches, same sampler)
+            "busy_estimate_unprofiled": windows.gpu["busy_us"] / 1e3 / steps_gpu / host["step"]["mean_ms"]},
         "batches": {"chains_mean": statistics.fmean(B), "padded_residues_mean": statistics.fmean(b * l for b, l in zip(B, L)),
                     "real_residues_mean": statistics.fmean(real), "shapes": len(set(zip(B, L)))},
     }
@@ -200,6 +204,8 @@ def main() -> None:
     if g:
         print(f"GPU window: busy {100 * g['busy_fraction']:.1f} % of its span, {g['gpu_ms_per_step']:.2f} ms GPU / step, "
               f"{g['wall_ms_per_step']:.2f} ms wall / step (profiled), {g['kernels']} GPU activities")
+        print(f"unprofiled loop: GPU busy ~{100 * g['busy_estimate_unprofiled']:.0f} % (GPU ms per step / host window's "
+              f"mean step)")
     b = result["batches"]
     print(f"batches: {b['chains_mean']:.1f} chains, {b['padded_residues_mean']:.0f} padded / {b['real_residues_mean']:.0f} "
           f"real residues, {b['shapes']} shapes")
