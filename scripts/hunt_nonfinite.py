@@ -96,7 +96,44 @@ def reference_mhc(den: torch.nn.Module, on: bool):
             setattr(m, k, v)
 
 
-def _step(den, dump, dtype, call=None):
+def _anomaly(den, dump) -> str:
+    """The backward op that first produced a non-finite value (bf16), with its forward traceback."""
+    import warnings
+
+    with warnings.catch_warnings(record=True) as caught, torch.autograd.detect_anomaly(check_nan=True):
+        warnings.simplefilter("always")
+        try:
+            _step(den, dump, "bf16")
+            return "no anomaly"
+        except RuntimeError as e:
+            return str(e) + "\n" + "\n".join(str(w.message) for w in caught if "Traceback" in str(w.message))
+
+
+@contextlib.contextmanager
+def _forced_backend(den: torch.nn.Module, name: str | None):
+    from model import flash_ipa
+    from model.attention import BackendChoice
+
+    saved = flash_ipa.resolve_backend
+    layers = [m for m in den.modules() if hasattr(m, "_choices")]
+    if name is not None:
+        flash_ipa.resolve_backend = lambda *a, **k: BackendChoice(name, None, "forced")
+    for m in layers:
+        m._choices = {}
+    try:
+        yield
+    finally:
+        flash_ipa.resolve_backend = saved
+        for m in layers:
+            m._choices = {}
+
+
+def _step(den, dump, dtype, call=None, backend=None):
+    with _forced_backend(den, backend):
+        return _step_inner(den, dump, dtype, call)
+
+
+def _step_inner(den, dump, dtype, call=None):
     """One forward + backward (``call`` replaces ``den``'s forward, e.g. a TrainGraphs): what is
     non-finite, where."""
     dev = next(den.parameters()).device
@@ -161,6 +198,16 @@ def replay(path: Path, out: Path) -> dict:
         results["bf16_graphed"] = [_step(den, dump, "bf16", call=graphs) for _ in range(4)]
         print("bf16_graphed", [(r["loss"], r["grad_norm"]) for r in results["bf16_graphed"]], flush=True)
     info["variants"] = results
+    info["attention_backends_bf16"] = {}
+    for name in ("sdpa_cudnn", "sdpa_flash", "sdpa_efficient", "math"):
+        try:
+            info["attention_backends_bf16"][name] = _step(den, dump, "bf16", backend=name)
+        except RuntimeError as e:  # a kernel that does not take these widths / this device
+            info["attention_backends_bf16"][name] = {"loss": None, "grad_norm": None, "error": str(e)[:200]}
+    print("attention backends (bf16):", {k: (v["loss"], v["grad_norm"]) for k, v in info["attention_backends_bf16"].items()},
+          flush=True)
+    info["anomaly_bf16"] = _anomaly(den, dump)
+    print("anomaly (bf16):", info["anomaly_bf16"][:3000], flush=True)
     (out / "replay.json").write_text(json.dumps(info, indent=1))
     return info
 
