@@ -18,6 +18,15 @@ negative for padding. This lets bias-free kernels (FA2 / FA3 dense, SDPA flash) 
 without varlen unpadding, and it is the same large finite negative the math reference adds, never
 ``-inf``: a fully-masked row gives a uniform softmax, not NaN. Padded query rows output zeros.
 
+Padded query rows. NOTE: ``pack_rows`` zeroes them (self-attention: the key-padding mask is also the
+query mask), so each has logit 0 for every real key, and its gradient is exactly zero. Their outputs are
+discarded anyway, but rows left as they came (Flash-IPA's points of padding residues, far from every
+real key) have every logit near -1e3 .. -4e3, and on such rows PyTorch's cuDNN attention backward
+(torch 2.11, bf16, on an H200) returned NaN for dq although its forward and all inputs were finite;
+the NaN then reached every weight through the query projection: the non-finite training steps of the
+pair-free model at ~10,000 steps. The flash and memory-efficient kernels gave finite gradients on the
+same inputs. (``scripts/hunt_nonfinite.py`` found it; ``tests/test_attention.py`` keeps the case.)
+
 Shapes: q, k [B, L, H, D_qk], v [B, L, H, D_v]; D_qk may differ from D_v: the inputs are zero-padded
 to what the chosen kernel needs (a multiple of 8, equal widths for FA / SDPA-flash; cuDNN: each a
 multiple of 16, unequal where the device's cuDNN takes that) and the output is cut back to D_v.
@@ -339,6 +348,9 @@ def pack_rows(q_cols: list[torch.Tensor], k_cols: list[torch.Tensor], v_cols: li
         col = (~key_padding_mask.bool()).to(dtype) * -mask_value(dtype)  # [B, L]
         k_tail = F.pad(col[:, :, None, None], (0, pad_qk - dim_qk - 1))  # [B, L, 1, W - D]
     q = torch.cat([*q_cols, q_tail.expand(b, l, h, -1)], dim=-1)
+    if key_padding_mask is not None and q.shape[1] == key_padding_mask.shape[1]:
+        # NOTE: padded query rows are zeroed (logit 0 to every real key), see the module docstring
+        q = q * key_padding_mask.to(dtype)[:, :, None, None]
     k = torch.cat([*k_cols, k_tail.expand(b, l, h, -1)], dim=-1)
     if pad_v > dim_v:
         v_cols = [*v_cols, _constant_row(pad_v - dim_v, 0, dtype, v_cols[0].device).expand(b, l, h, -1)]
@@ -352,8 +364,8 @@ def packed_attention(q_cols: list[torch.Tensor], k_cols: list[torch.Tensor], v_c
 
     The entry point for callers that build widened rows (Flash-IPA): the mask fold and the kernel's
     padding cost no extra copies. Every backend, ``math`` included, runs on the same packed rows.
-    Returns [B, L, H, D_v] in the blocks' dtype. NOTE: padded QUERY rows are not zeroed (they hold
-    finite values of no meaning); the caller masks its output.
+    Returns [B, L, H, D_v] in the blocks' dtype. NOTE: padded QUERY rows hold finite values of no
+    meaning (the mean of v over the real keys); the caller masks its output.
     """
     name = backend.name if isinstance(backend, BackendChoice) else str(backend)
     if name not in BACKEND_ORDER:

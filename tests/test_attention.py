@@ -51,7 +51,9 @@ def test_packed_rows_fold_the_mask_and_pad_to_the_kernel_width(name):
                                [v[..., :3], v[..., 3:]], mask, name)
     assert (qs.shape[-1], vs.shape[-1]) == att._padded_dims(name, dq + 1, dv)
     assert qs.is_contiguous() and ks.is_contiguous() and vs.is_contiguous()
-    assert bool((qs[..., dq] == 1).all()) and bool((qs[..., dq + 1:] == 0).all())
+    real = mask.bool()
+    assert bool((qs[..., dq][real] == 1).all()) and bool((qs[..., dq + 1:] == 0).all())
+    assert bool((qs[~real] == 0).all())  # padded query rows are zeroed
     assert bool((ks[..., dq][mask.bool()] == 0).all()) and bool((ks[..., dq][~mask.bool()] < -1e5).all())
     out = att.math_attention(qs, ks, vs, None, scale=1.0)[..., :dv] * mask[:, :, None, None]
     torch.testing.assert_close(out, naive(q, k, v, mask, 0.25), atol=ATOL_FP32, rtol=0)
@@ -97,7 +99,65 @@ def test_use_flash_attn3_flag_is_respected(monkeypatch):
     assert choice.name == "fa2" and "useFlashAttn3 is False" in choice.reason
 
 
+def far_padded_queries(batch=2, length=64, heads=2, dqk=58, dv=104, shift=100.0, device="cpu"):
+    """Rows as Flash-IPA packs them, where the padded query rows are 'far' from every real key: all their
+    logits <= -shift (the points of padding residues, at the origin, against keys tens of A away).
+    Real rows have O(1) logits. Padded query rows get zero upstream gradient (their output is masked)."""
+    g = torch.Generator().manual_seed(3)
+    q, k = (torch.randn(batch, length, heads, dqk, generator=g) * 0.3 for _ in range(2))
+    v = torch.randn(batch, length, heads, dv, generator=g)
+    mask = torch.ones(batch, length)
+    mask[0, 50:] = 0
+    mask[1, 37:] = 0
+    q[..., -1], k[..., -1] = 0.0, 0.0
+    q[~mask.bool()] = 0.0
+    q[..., -1][~mask.bool()] = 1.0  # padded queries: 1 in a column where every key holds -shift
+    k[..., -1] = -shift
+    gout = torch.randn(batch, length, heads, dv, generator=g) * mask[:, :, None, None]
+    return [t.to(device) for t in (q, k, v, mask, gout)]
+
+
+def _packed_grads(q, k, v, mask, gout, backend, dtype):
+    leaves = [t.to(dtype).requires_grad_() for t in (q, k, v)]
+    out = att.packed_attention([leaves[0]], [leaves[1]], [leaves[2]], mask, backend=backend)
+    return out, torch.autograd.grad(out.float(), leaves, gout.float())
+
+
+def test_padded_query_rows_get_exactly_zero_gradient_and_stay_finite():
+    """Padded query rows are zeroed before the kernel: whatever they held, their gradient is exactly 0
+    and every real row's output and gradient are those of the masked reference."""
+    q, k, v, mask, gout = far_padded_queries(shift=1e4)
+    out, (dq, dk, dv) = _packed_grads(q, k, v, mask, gout, "math", torch.float32)
+    assert all(bool(torch.isfinite(t).all()) for t in (out, dq, dk, dv))
+    assert bool((dq[~mask.bool()] == 0).all())
+    real_q = q * mask[:, :, None, None]
+    _, (dq_ref, dk_ref, dv_ref) = _packed_grads(real_q, k, v, mask, gout, "math", torch.float32)
+    for a, b in ((dq, dq_ref), (dk, dk_ref), (dv, dv_ref)):
+        torch.testing.assert_close(a, b, atol=ATOL_FP32, rtol=0)
+
+
 # ---------------------------------------------------------------------------------------------- GPU
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("shift", [100.0, 1000.0])
+def test_far_padded_queries_give_finite_gradients_on_every_gpu_backend(shift):
+    """The non-finite training steps: cuDNN attention's backward returned NaN in dq for query rows whose
+    logits were all <= ~-88 (padded rows of Flash-IPA), with finite inputs and a zero upstream gradient
+    there. Through packed_attention every backend must give finite gradients equal to the reference's."""
+    q, k, v, mask, gout = far_padded_queries(shift=shift, device="cuda")
+    _, ref = _packed_grads(q, k, v, mask, gout, "math", torch.float32)
+    ran = []
+    for name, st in att.available_backends("cuda").items():
+        if name == "math" or not st.usable or not att._kernel_accepts(name, 59, 104, torch.bfloat16,
+                                                                     torch.device("cuda"))[0]:
+            continue
+        _, grads = _packed_grads(q, k, v, mask, gout, name, torch.bfloat16)
+        for a, b in zip(grads, ref):
+            assert bool(torch.isfinite(a).all()), name
+            torch.testing.assert_close(a.float(), b, atol=ATOL_HALF * 5, rtol=0)
+        ran.append(name)
+    assert ran, "no fused backend ran"
 
 
 @pytest.mark.gpu
