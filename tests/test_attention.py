@@ -153,9 +153,12 @@ def test_far_padded_queries_give_finite_gradients_on_every_gpu_backend(shift):
                                                                      torch.device("cuda"))[0]:
             continue
         _, grads = _packed_grads(q, k, v, mask, gout, name, torch.bfloat16)
-        for a, b in zip(grads, ref):
-            assert bool(torch.isfinite(a).all()), name
-            torch.testing.assert_close(a.float(), b, atol=ATOL_HALF * 5, rtol=0)
+        for label, a, b in zip(("dq", "dk", "dv"), grads, ref):
+            bad = int((~torch.isfinite(a)).sum())
+            assert bad == 0, f"{name}: {bad} non-finite entries in {label}"
+            if label == "dq":  # NOTE: the far column's dq is shift * sum_j dS_ij (0 up to rounding) for a real
+                a, b = a[..., :-1], b[..., :-1]  # row; in Flash-IPA that column is a constant 1 (no gradient)
+            torch.testing.assert_close(a.float(), b, atol=ATOL_HALF * 5, rtol=0, msg=lambda m: f"{name} {label}: {m}")
         ran.append(name)
     assert ran, "no fused backend ran"
 
