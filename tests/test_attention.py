@@ -158,7 +158,7 @@ def test_far_padded_queries_give_finite_gradients_on_every_gpu_backend(shift):
             assert bad == 0, f"{name}: {bad} non-finite entries in {label}"
             if label == "dq":  # NOTE: the far column's dq is shift * sum_j dS_ij (0 up to rounding) for a real
                 a, b = a[..., :-1], b[..., :-1]  # row; in Flash-IPA that column is a constant 1 (no gradient)
-            torch.testing.assert_close(a.float(), b, atol=ATOL_HALF * 5, rtol=0, msg=lambda m: f"{name} {label}: {m}")
+            torch.testing.assert_close(a.float(), b, atol=ATOL_HALF * 5, rtol=0, msg=lambda m, w=f"{name} {label}": f"{w}: {m}")
         ran.append(name)
     assert ran, "no fused backend ran"
 
