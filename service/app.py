@@ -28,6 +28,7 @@ from fastapi import Depends, FastAPI, Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse, Response
 from fastapi.routing import APIRoute
+from fastapi_offline import FastAPIOffline
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from service.engine import (
@@ -40,6 +41,7 @@ from service.engine import (
     new_seeds,
 )
 from service.metrics import ServiceMetrics
+from service.request_metrics import ResponseCounter, known_codes
 from service.schemas import (
     ErrorResponse,
     Limits,
@@ -63,7 +65,7 @@ class ServiceState:
 
     def __init__(self, settings: ServiceSettings) -> None:
         self.settings = settings
-        self.metrics: ServiceMetrics | None = None
+        self.metrics = ServiceMetrics()  # from creation on: responses during start-up are counted too
         self.engine: SamplingEngine | None = None
         self.loaded = None  # model.weights_io.LoadedWeights
         self.limits: Limits | None = None
@@ -158,8 +160,8 @@ async def lifespan(app: FastAPI):
     state.precision = "bf16" if autocast is not None else "float32"
     app.openapi_schema = None  # regenerate with this server's ranges (GET /openapi.json)
     publish_limits(app.openapi(), limits)
-    metrics = ServiceMetrics(device)
-    state.metrics = metrics
+    metrics = state.metrics
+    metrics.set_device(device)
     budget = settings.residue_budget or await asyncio.to_thread(
         auto_residue_budget, loaded.denoiser, device, limits.max_length)
     budget = max(budget, limits.max_length)
@@ -265,12 +267,14 @@ async def _send_json(send, status: int, body: dict) -> None:
 def create_app(settings: ServiceSettings | None = None) -> FastAPI:
     settings = settings or ServiceSettings()
     logging.getLogger("mhcflash").setLevel(settings.log_level.upper())
-    app = FastAPI(
+    # FastAPIOffline: /docs and /redoc load Swagger UI / ReDoc from files the package ships, no CDN.
+    app = FastAPIOffline(
         title="mhcflash sampling service",
         version="0.1.0",
         summary="Sample protein backbones (CA traces) from a Genie-style mHC + Flash-IPA diffusion model.",
         lifespan=lifespan,
         responses={500: {"model": ErrorResponse}},
+        swagger_ui_parameters={"validatorUrl": None},  # no badge fetched from validator.swagger.io
     )
     app.state.service = ServiceState(settings)
     _install_handlers(app)
@@ -280,6 +284,11 @@ def create_app(settings: ServiceSettings | None = None) -> FastAPI:
     paths = {route.path for route in app.routes if hasattr(route, "path")}
     app.add_middleware(GuardMiddleware, max_body_bytes=settings.max_body_bytes, body_routes=body_routes,
                        paths=paths)
+    # Outermost of ours: counts the guard's and the router's answers too.
+    metrics = app.state.service.metrics
+    app.add_middleware(ResponseCounter, routes=app.router.routes, counter=metrics.requests)
+    metrics.expect_responses(known_codes(app.router.routes, app.openapi()))
+    app.openapi_schema = None  # the lifespan regenerates it with this server's ranges
     return app
 
 
@@ -309,9 +318,6 @@ def _install_handlers(app: FastAPI) -> None:
             if e.get("ctx"):
                 item["ctx"] = {k: str(v) for k, v in e["ctx"].items()}
             errors.append(item)
-        state = _state(request)
-        if state.metrics is not None:
-            state.metrics.requests.labels(code="422").inc()
         return JSONResponse({"detail": errors}, status_code=422)
 
     @app.exception_handler(StarletteHTTPException)
@@ -370,7 +376,6 @@ def _install_routes(app: FastAPI) -> None:
         errors = validate_limits(req, limits)
         if errors:
             metrics.rejected.labels(reason="limits").inc()
-            metrics.requests.labels(code="422").inc()
             return JSONResponse({"detail": errors}, status_code=422)
         seeds = new_seeds(req.count, req.seed)
         try:
@@ -385,19 +390,16 @@ def _install_routes(app: FastAPI) -> None:
         except TimeoutError:
             state.engine.cancel(job)
             metrics.errors.labels(kind="timeout").inc()
-            metrics.requests.labels(code="504").inc()
             return JSONResponse({"detail": f"not finished within {state.settings.request_timeout_s:g} s; "
                                  "its samples were dropped"}, status_code=504)
         except asyncio.CancelledError:
             state.engine.cancel(job)
             raise
         except Cancelled:
-            metrics.requests.labels(code="499").inc()
             return Response(status_code=499)  # client closed the connection; nobody reads this
         except EngineUnavailable as exc:
             return _reject(state, 503, exc.reason, str(exc), exc.retry_after, count_reject=False)
         except SampleFailed as exc:
-            metrics.requests.labels(code="503").inc()
             return JSONResponse({"detail": str(exc)}, status_code=503, headers={"Retry-After": "5"})
         finally:
             watcher.cancel()
@@ -405,7 +407,6 @@ def _install_routes(app: FastAPI) -> None:
                    for r in job.results]
         total = time.monotonic() - t0
         metrics.request_duration.observe(total)
-        metrics.requests.labels(code="200").inc()
         if format == "pdb" or PDB_MEDIA_TYPE in request.headers.get("accept", ""):
             return PlainTextResponse(_pdb_models(samples), media_type=PDB_MEDIA_TYPE,
                                      headers={"X-Request-Id": job.id, "X-Weights-Sha256": state.loaded.sha256})
@@ -430,7 +431,8 @@ def _install_routes(app: FastAPI) -> None:
         return JSONResponse({"ready": False, "reason": reason}, status_code=503)
 
     @app.get("/info", summary="Model, weights hash, versions, device, attention backend, limits",
-             dependencies=[Depends(require_api_key)])
+             dependencies=[Depends(require_api_key)],
+             responses={401: reject_doc[401], 503: {"model": ErrorResponse, "description": "not ready yet"}})
     async def info(request: Request):
         state = _state(request)
         if state.loaded is None:
@@ -461,18 +463,13 @@ def _install_routes(app: FastAPI) -> None:
     async def metrics(request: Request):
         from prometheus_client import CONTENT_TYPE_LATEST
 
-        state = _state(request)
-        if state.metrics is None:
-            return JSONResponse({"detail": "the service is not ready"}, status_code=503)
-        return Response(state.metrics.render(), media_type=CONTENT_TYPE_LATEST)
+        return Response(_state(request).metrics.render(), media_type=CONTENT_TYPE_LATEST)
 
 
 def _reject(state: ServiceState, status: int, reason: str, detail: str, retry_after: int,
             *, count_reject: bool = True) -> JSONResponse:
-    if state.metrics is not None:
-        if count_reject:
-            state.metrics.rejected.labels(reason=reason).inc()
-        state.metrics.requests.labels(code=str(status)).inc()
+    if count_reject:
+        state.metrics.rejected.labels(reason=reason).inc()
     return JSONResponse({"detail": detail}, status_code=status, headers={"Retry-After": str(int(retry_after))})
 
 

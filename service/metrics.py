@@ -61,7 +61,10 @@ class ServiceMetrics:
             buckets=STEP_BUCKETS,
         )
         self.requests = Counter(
-            "mhcflash_requests", "POST /sample requests answered, by HTTP status code.", ["code"], registry=r
+            "mhcflash_requests",
+            "HTTP responses by route template and status code, all routes (service/request_metrics.py).",
+            ["route", "code"],
+            registry=r,
         )
         self.samples_generated = Counter(
             "mhcflash_samples_generated", "Backbones sampled to completion.", registry=r
@@ -119,7 +122,18 @@ class ServiceMetrics:
         for reason in ("queue_full", "shutting_down", "engine_down", "limits", "unauthorized"):
             self.rejected.labels(reason=reason)
         ProcessCollector(registry=r)  # process_resident_memory_bytes etc. (Linux)
-        r.register(_GpuMemoryCollector(device))
+        self._gpu_memory = _GpuMemoryCollector(device)
+        r.register(self._gpu_memory)
+
+    def set_device(self, device: torch.device) -> None:
+        """The device the GPU memory gauges read (known once the lifespan has picked it)."""
+        self._gpu_memory.device = device
+
+    def expect_responses(self, codes: dict[str, set[int]]) -> None:
+        """Create `mhcflash_requests_total{route, code}` at 0 for each route and code it can answer."""
+        for route, route_codes in codes.items():
+            for code in route_codes:
+                self.requests.labels(route=route, code=str(code))
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

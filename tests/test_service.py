@@ -235,6 +235,9 @@ METRICS = [
 ]
 
 
+SAMPLE_200 = 'mhcflash_requests_total{code="200",route="/sample"}'
+
+
 def scrape(url: str) -> dict[str, float]:
     """`name{labels}` -> value from /metrics (exposition format, no comments)."""
     text = httpx.get(url + "/metrics", timeout=10).text
@@ -259,7 +262,7 @@ def test_metrics_exposed_and_moving(server):
     assert after["mhcflash_residues_generated_total"] - before["mhcflash_residues_generated_total"] == 71
     assert after["mhcflash_request_duration_seconds_count"] - before["mhcflash_request_duration_seconds_count"] == 2
     assert after["mhcflash_step_duration_seconds_count"] - before["mhcflash_step_duration_seconds_count"] >= 20
-    assert after['mhcflash_requests_total{code="200"}'] - before['mhcflash_requests_total{code="200"}'] == 2
+    assert after[SAMPLE_200] - before[SAMPLE_200] == 2
     assert after['mhcflash_requests_rejected_total{reason="limits"}'] - before[
         'mhcflash_requests_rejected_total{reason="limits"}'] == 1
     assert after["mhcflash_batch_occupancy_ratio_count"] > before["mhcflash_batch_occupancy_ratio_count"]
