@@ -2,9 +2,17 @@
 
 Backends, in order of preference on CUDA:
 
+- ``fa4``: FlashAttention 4 (PyPI ``flash-attn-4``: ``flash_attn.cute``, CuTe-DSL kernels compiled at
+  first use), when ``config.useFlashAttn3`` is True, it is installed and the GPU is Hopper (sm 9.x:
+  q / k and v widths each <= 256, unequal allowed) or Blackwell (sm 10.x / 11.x: each <= 128);
+  fp16 / bf16, widths multiples of 8. ``useFlashAttn3`` reads "use the FlashAttention generation
+  built for this GPU": FA4 where it is installed, else FA3.
 - ``fa3``: FlashAttention 3 (``flash_attn_interface``), when ``config.useFlashAttn3`` is True, it is
   installed and the GPU is Hopper (sm 9.x); fp16 / bf16, head width <= 256.
 - ``fa2``: FlashAttention 2 (``flash_attn``), when installed (sm >= 8.0); fp16 / bf16, width <= 256.
+  NOTE: FA4 installs as ``flash_attn/cute/`` without ``flash_attn/__init__.py``, so ``import flash_attn``
+  then succeeds as an empty namespace package: a backend counts as installed only when its module
+  has ``flash_attn_func``.
 - ``sdpa_cudnn``, ``sdpa_flash``, ``sdpa_efficient``: PyTorch ``scaled_dot_product_attention`` pinned
   to one kernel; the first whose own support check (``torch.backends.cuda.can_use_*``) accepts the
   head widths and dtype. The memory-efficient kernel takes wide heads and fp32.
@@ -58,8 +66,13 @@ __all__ = [
     "resolve_backend",
 ]
 
-BACKEND_ORDER = ("fa3", "fa2", "sdpa_cudnn", "sdpa_flash", "sdpa_efficient", "math")
-FA_MAX_HEAD_DIM = 256  # FlashAttention 2 and 3 (forward and backward)
+BACKEND_ORDER = ("fa4", "fa3", "fa2", "sdpa_cudnn", "sdpa_flash", "sdpa_efficient", "math")
+FA_MAX_HEAD_DIM = 256  # FlashAttention 2, 3 and 4 on Hopper (forward and backward)
+FA4_BLACKWELL_MAX_HEAD_DIM = 128  # FlashAttention 4 on sm 10.x / 11.x (besides a few fixed shapes)
+# Import name and the distributions that may carry it, per FlashAttention backend.
+FA_MODULES = {"fa4": ("flash_attn.cute", ("flash-attn-4",)),
+              "fa3": ("flash_attn_interface", ("flash_attn_3", "flash-attn-3", "flashattn-hopper")),
+              "fa2": ("flash_attn", ("flash-attn",))}
 HALF_DTYPES = (torch.float16, torch.bfloat16)
 CUDNN_WIDTH_MULTIPLE = 16  # cuDNN attention: q / k and v widths each padded to a multiple of this
 # Elements of one fp32 logit block in math_attention (B * H * chunk * L_k): 64 Mi = 256 MiB.
@@ -93,12 +106,20 @@ def mask_value(dtype: torch.dtype) -> float:
 
 # ------------------------------------------------------------------------------------- discovery
 @functools.cache
-def _flash_attn_module(name: str):
-    """``flash_attn_interface`` (FA3) or ``flash_attn`` (FA2), or None when not importable."""
+def _flash_attn_import(name: str) -> tuple[object | None, str]:
+    """(module, "") for an installed FlashAttention module that has ``flash_attn_func``, else (None, why)."""
     try:
-        return importlib.import_module(name)
-    except Exception:  # noqa: BLE001 - ImportError, or a broken build (undefined symbol) -> treat as absent
-        return None
+        module = importlib.import_module(name)
+    except Exception as exc:  # noqa: BLE001 - ImportError, or a broken build (undefined symbol, no cutlass)
+        return None, f"{type(exc).__name__}: {exc}"
+    if not callable(getattr(module, "flash_attn_func", None)):  # e.g. FA4's bare flash_attn namespace
+        return None, f"{name} has no flash_attn_func"
+    return module, ""
+
+
+def _flash_attn_module(name: str):
+    """``flash_attn.cute`` (FA4), ``flash_attn_interface`` (FA3) or ``flash_attn`` (FA2), or None."""
+    return _flash_attn_import(name)[0]
 
 
 @functools.cache
@@ -106,16 +127,15 @@ def _flash_attn_version(name: str) -> str | None:
     module = _flash_attn_module(name)
     if module is None:
         return None
-    version = getattr(module, "__version__", None)
-    dists = ("flash_attn_3", "flash-attn-3", "flashattn-hopper") if name == "flash_attn_interface" else ("flash-attn",)
-    for dist in dists if version is None else ():
+    key = next(k for k, (mod, _) in FA_MODULES.items() if mod == name)
+    version = None
+    for dist in FA_MODULES[key][1]:  # the distribution first: FA4's own __version__ reads "0.0.0"
         try:
             version = importlib.metadata.version(dist)
             break
         except importlib.metadata.PackageNotFoundError:
             continue
-    if version is None:
-        version = "3" if name == "flash_attn_interface" else "2"
+    version = version or getattr(module, "__version__", None) or key[-1]
     return str(version)
 
 
@@ -137,14 +157,16 @@ def available_backends(device: torch.device | str | None = None) -> dict[str, Ba
     cap = _capability(device)
     gpu = f"sm {cap[0]}.{cap[1]}" if cap else "no CUDA device"
     out: dict[str, BackendStatus] = {}
-    for key, module in (("fa3", "flash_attn_interface"), ("fa2", "flash_attn")):
-        found = _flash_attn_module(module) is not None
-        need = (9, 0) if key == "fa3" else (8, 0)
-        usable = found and cap is not None and cap >= need and (key == "fa2" or cap[0] == 9)
-        detail = (f"{module} {_flash_attn_version(module)}, {gpu}" if found
-                  else f"{module} not installed (pip install flash-attn --no-build-isolation"
-                       f"{'; FA3 is built from the hopper/ folder of the flash-attention repo' if key == 'fa3' else ''})")
-        out[key] = BackendStatus(found, usable, detail)
+    install = {"fa4": "pip install flash-attn-4 (Hopper / Blackwell)",
+               "fa3": "FA3 is built from the hopper/ folder of the flash-attention repository",
+               "fa2": "pip install flash-attn --no-build-isolation"}
+    archs = {"fa4": lambda c: c[0] in (9, 10, 11), "fa3": lambda c: c[0] == 9, "fa2": lambda c: c >= (8, 0)}
+    for key, (module, _) in FA_MODULES.items():
+        found, why = _flash_attn_import(module)
+        usable = found is not None and cap is not None and archs[key](cap)
+        detail = (f"{module} {_flash_attn_version(module)}, {gpu}" if found is not None
+                  else f"{module} not installed ({install[key]}; import: {why})")
+        out[key] = BackendStatus(found is not None, usable, detail)
     flags = {"sdpa_cudnn": "cudnn_sdp_enabled", "sdpa_flash": "flash_sdp_enabled",
              "sdpa_efficient": "mem_efficient_sdp_enabled"}
     for key, flag in flags.items():
@@ -200,6 +222,8 @@ def _padded_dims(name: str, dim_qk: int, dim_v: int, device: torch.device | None
     up = lambda d, multiple=8: -(-d // multiple) * multiple
     if name == "sdpa_efficient":
         return up(dim_qk), up(dim_v)
+    if name == "fa4":  # unequal widths, each a multiple of 8 (16-byte rows in bf16 / fp16)
+        return up(dim_qk), up(dim_v)
     if name == "sdpa_cudnn" and _cudnn_takes_unequal_widths(device):
         return up(dim_qk, CUDNN_WIDTH_MULTIPLE), up(dim_v, CUDNN_WIDTH_MULTIPLE)
     width = up(max(dim_qk, dim_v))
@@ -208,11 +232,13 @@ def _padded_dims(name: str, dim_qk: int, dim_v: int, device: torch.device | None
 
 def _kernel_accepts(name: str, dim_qk: int, dim_v: int, dtype: torch.dtype, device: torch.device) -> tuple[bool, str]:
     dq, dv = _padded_dims(name, dim_qk, dim_v, device)
-    if name in ("fa3", "fa2"):
+    if name in FA_MODULES:
         if dtype not in HALF_DTYPES:
             return False, f"{name} needs fp16/bf16, got {dtype}"
-        if max(dq, dv) > FA_MAX_HEAD_DIM:
-            return False, f"{name} head width {max(dq, dv)} > {FA_MAX_HEAD_DIM}"
+        cap = _capability(device)
+        limit = FA4_BLACKWELL_MAX_HEAD_DIM if name == "fa4" and cap is not None and cap[0] >= 10 else FA_MAX_HEAD_DIM
+        if max(dq, dv) > limit:
+            return False, f"{name} head width {max(dq, dv)} > {limit}"
         return True, ""
     if name == "math":
         return True, ""
@@ -244,8 +270,8 @@ def resolve_backend(config=None, head_dims: tuple[int, int] = (64, 64), device: 
             if st is not None and name != "math":
                 rejected.append(f"{name}: {'not usable here' if st.found else 'not installed'}")
             continue
-        if name == "fa3" and not use_fa3:
-            rejected.append("fa3: useFlashAttn3 is False")
+        if name in ("fa4", "fa3") and not use_fa3:
+            rejected.append(f"{name}: useFlashAttn3 is False")
             continue
         if name == "math" and not allow_math_on_gpu:
             continue
@@ -253,8 +279,7 @@ def resolve_backend(config=None, head_dims: tuple[int, int] = (64, 64), device: 
         if not ok:
             rejected.append(why)
             continue
-        version = {"fa3": _flash_attn_version("flash_attn_interface"),
-                   "fa2": _flash_attn_version("flash_attn")}.get(name)
+        version = _flash_attn_version(FA_MODULES[name][0]) if name in FA_MODULES else None
         reason = f"{name} accepts head widths q/k {dim_qk}, v {dim_v} in {dtype}"
         if rejected:
             reason += " (skipped: " + "; ".join(rejected) + ")"
@@ -379,10 +404,9 @@ def packed_attention(q_cols: list[torch.Tensor], k_cols: list[torch.Tensor], v_c
 
 def _run_fused(name: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     """One fused kernel on [B, L, H, D] inputs, softmax scale 1 (q is pre-scaled), no mask."""
-    if name in ("fa3", "fa2"):
-        module = _flash_attn_module("flash_attn_interface" if name == "fa3" else "flash_attn")
-        out = module.flash_attn_func(q, k, v, softmax_scale=1.0)
-        return out[0] if isinstance(out, tuple) else out  # FA3 builds may also return the LSE
+    if name in FA_MODULES:
+        out = _flash_attn_module(FA_MODULES[name][0]).flash_attn_func(q, k, v, softmax_scale=1.0)
+        return out[0] if isinstance(out, tuple) else out  # FA4 and some FA3 builds also return the LSE
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
     kernel = {"sdpa_cudnn": SDPBackend.CUDNN_ATTENTION, "sdpa_flash": SDPBackend.FLASH_ATTENTION,

@@ -265,12 +265,13 @@ def selfcheck(
         typer.echo(f"combined denoiser (mHCFlashDenoiser): runs on {dev} ({dtype})")
     except Exception as exc:  # noqa: BLE001 - reported, not raised: this is the point of a self-check
         why = f"{type(exc).__name__}: {exc}"
-    if why is None and backend is not None and backend.name in ("fa3", "fa2"):
+    if why is None and backend is not None and backend.name in ("fa4", "fa3", "fa2"):
         typer.echo("OK: mHC + Flash-IPA runs with FlashAttention here.")
         return
     if why is None:
-        reason = ("no CUDA device (FlashAttention needs an NVIDIA GPU: FA2 sm 8.0+, FA3 Hopper sm 9.0)"
-                  if dev.type != "cuda" else "FlashAttention 2/3 is not installed or not usable on this GPU")
+        reason = ("no CUDA device (FlashAttention needs an NVIDIA GPU: FA2 sm 8.0+, FA3 Hopper sm 9.0, "
+                  "FA4 Hopper / Blackwell)"
+                  if dev.type != "cuda" else "FlashAttention 2/3/4 is not installed or not usable on this GPU")
         typer.echo(f"{NOT_AVAILABLE} with FlashAttention: {reason}. To install it: {INSTALL_HINT} "
                    f"(Hopper FA3: build the hopper/ folder of the flash-attention repository). Falling back "
                    f"to the '{backend.name}' attention backend: same results, slower.")

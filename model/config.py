@@ -127,7 +127,8 @@ class Config:
     zFactorRank: int = _key(2, "Rank of the factorized pair features (1: longest chains; 2: balanced).",
                             lo=1, hi=64)
     kNeighbors: int = _key(10, "Nearest neighbours (by CA distance) feeding the factorizer.", lo=1, hi=256)
-    useFlashAttn3: bool = _key(True, "Prefer FlashAttention 3 on Hopper; else FA2, else PyTorch SDPA.")
+    useFlashAttn3: bool = _key(True, "Prefer the FlashAttention built for this GPU (FA4 on Hopper / Blackwell, "
+                                     "else FA3 on Hopper); else FA2, else PyTorch SDPA.")
 
     # --- mHC (the user's document) ---
     mhcExpansionRate: int = _key(4, "n, residual streams (2: cheapest, 4: standard, 6-8: more capacity).",

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import importlib
+import sys
+
 import pytest
 import torch
 from conftest import tiny_config
@@ -77,6 +80,68 @@ def _only(monkeypatch, *names):
         return {n: att.BackendStatus(True, n in names, "simulated") for n in att.BACKEND_ORDER}
     monkeypatch.setattr(att, "available_backends", fake)
     monkeypatch.setattr(att, "_flash_attn_version", lambda name: "2.7.4" if name == "flash_attn" else "3.0.0")
+
+
+FAKE_FA4 = '''
+import torch
+__version__ = "0.0.0"  # what FA4's own __init__ reports when its distribution name is not found
+calls = []
+
+def flash_attn_func(q, k, v, softmax_scale=None, causal=False):
+    calls.append((tuple(q.shape), tuple(v.shape), softmax_scale))
+    logits = torch.einsum("bihd,bjhd->bhij", q.float(), k.float()) * softmax_scale
+    out = torch.einsum("bhij,bjhd->bihd", torch.softmax(logits, -1), v.float())
+    return out.to(q.dtype), torch.logsumexp(logits, -1)
+'''
+
+
+@pytest.fixture
+def fake_fa4(tmp_path, monkeypatch):
+    """A FlashAttention-4-shaped install on sys.path: ``flash_attn/cute/__init__.py`` with
+    ``flash_attn_func`` returning (out, lse), and NO ``flash_attn/__init__.py`` (a namespace package)."""
+    (tmp_path / "flash_attn" / "cute").mkdir(parents=True)
+    (tmp_path / "flash_attn" / "cute" / "__init__.py").write_text(FAKE_FA4)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    for name in [m for m in sys.modules if m == "flash_attn" or m.startswith("flash_attn.")]:
+        monkeypatch.delitem(sys.modules, name)
+    att._flash_attn_import.cache_clear()
+    att._flash_attn_version.cache_clear()
+    yield importlib.import_module("flash_attn.cute")
+    att._flash_attn_import.cache_clear()
+    att._flash_attn_version.cache_clear()
+
+
+def test_fa4_is_found_by_its_function_and_its_namespace_is_not_fa2(fake_fa4):
+    import flash_attn
+
+    assert not hasattr(flash_attn, "flash_attn_func")  # `import flash_attn` succeeds: a namespace package
+    status = att.available_backends("cpu")
+    assert status["fa4"].found and not status["fa4"].usable  # installed, but no GPU here
+    assert not status["fa2"].found and "no flash_attn_func" in status["fa2"].detail
+    assert att._flash_attn_version("flash_attn.cute") == "0.0.0"  # no distribution: the module's own
+
+
+def test_fa4_runs_packed_rows_at_unequal_widths_and_matches_math(fake_fa4):
+    """fa4 gets q / k and v padded separately to multiples of 8, softmax scale 1, (out, lse) unwrapped."""
+    assert att._padded_dims("fa4", 59, 104) == (64, 104)
+    q, k, v, mask = make(seed=4, dqk=21, dv=10)
+    out = att.packed_attention([q * 0.25], [k], [v], mask, backend="fa4") * mask[:, :, None, None]
+    ref = att.packed_attention([q * 0.25], [k], [v], mask, backend="math") * mask[:, :, None, None]
+    torch.testing.assert_close(out, ref, atol=ATOL_FP32, rtol=0)
+    assert fake_fa4.calls[-1] == ((3, 21, 2, 24), (3, 21, 2, 16), 1.0)
+
+
+def test_fa4_is_preferred_under_use_flash_attn3_and_its_limits_hold(monkeypatch):
+    _only(monkeypatch, "fa4", "fa3", "fa2")
+    monkeypatch.setattr(att, "_capability", lambda device: (9, 0))
+    assert att.resolve_backend(tiny_config(useFlashAttn3=True), (60, 104), "cuda", torch.bfloat16).name == "fa4"
+    off = att.resolve_backend(tiny_config(useFlashAttn3=False), (60, 104), "cuda", torch.bfloat16)
+    assert off.name == "fa2" and "fa4: useFlashAttn3 is False" in off.reason
+    assert att._kernel_accepts("fa4", 64, 256, torch.bfloat16, torch.device("cuda"))[0]
+    monkeypatch.setattr(att, "_capability", lambda device: (10, 0))  # Blackwell: each width <= 128
+    ok, why = att._kernel_accepts("fa4", 64, 136, torch.bfloat16, torch.device("cuda"))
+    assert not ok and "136 > 128" in why
+    assert not att._kernel_accepts("fa4", 64, 104, torch.float32, torch.device("cuda"))[0]
 
 
 def test_fa_only_wide_head_errors_clearly(monkeypatch):

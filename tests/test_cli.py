@@ -76,7 +76,7 @@ def test_selfcheck_reports_backends_and_fallback():
     result = runner.invoke(app, ["selfcheck", "--config", str(ROOT / "configs" / "mhc_flash.txt")])
     out = result.output
     assert result.exit_code == 0, out
-    for name in ("fa3", "fa2", "sdpa_cudnn", "sdpa_flash", "sdpa_efficient", "math"):
+    for name in ("fa4", "fa3", "fa2", "sdpa_cudnn", "sdpa_flash", "sdpa_efficient", "math"):
         assert re.search(rf"^\s+{name}\s+found=", out, re.MULTILINE)
     assert "useFlashAttn3 True resolves to:" in out
     assert "combined denoiser (mHCFlashDenoiser): runs on" in out
