@@ -23,7 +23,8 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from timing import event_ms  # benchmarks/timing.py (run as a script: its folder is on sys.path)
+from stack import stack  # benchmarks/stack.py and timing.py (run as a script: its folder is on sys.path)
+from timing import event_ms
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 BACKENDS = {"sdpa_cudnn": SDPBackend.CUDNN_ATTENTION, "sdpa_flash": SDPBackend.FLASH_ATTENTION,
@@ -118,7 +119,7 @@ def main() -> None:
                     rows.append(r)
                     torch.cuda.empty_cache()
     args.out.mkdir(parents=True, exist_ok=True)
-    res = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "matmul_tflops": mm,
+    res = {"stack": stack(), "gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "matmul_tflops": mm,
            "useful_widths": [uq, uv], "rows": rows, "command": " ".join(sys.argv)}
     (args.out / "attention_widths.json").write_text(json.dumps(res, indent=1))
     print(f"wrote {args.out / 'attention_widths.json'}")

@@ -31,6 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from load_service import pct
+from stack import stack
 
 from service.settings import ServiceSettings
 from service.testing import serve_in_thread
@@ -93,7 +94,7 @@ def main() -> None:
                                length_group_ratio=args.length_group_ratio,
                                max_total_residues=65536, request_timeout_s=900.0, log_level="warning",
                                exit_on_engine_death=False)
-    report = {"gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu", "torch": torch.__version__,
+    report = {"stack": stack(), "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu", "torch": torch.__version__,
               "precision": args.precision, "length_group_ratio": args.length_group_ratio,
               "residue_budget": args.residue_budget, "phases": {}}
     with serve_in_thread(settings) as srv:

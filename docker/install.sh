@@ -1,45 +1,79 @@
 #!/usr/bin/env bash
-# Install steps of the mhcflash GPU image. The Dockerfile runs `install.sh`; CI runs
-# `install.sh --check`, which validates the pins and the project install without CUDA packages.
+# Install steps of the mhcflash GPU image, runnable outside Docker too (any Linux x86-64 host with an
+# NVIDIA driver for CUDA 13): PyTorch on the tested CUDA line, FlashAttention 4, then the project.
 #
-# Pins (change together): CUDA 12.4 runtime base, Python 3.11, torch 2.5.1+cu124, flash-attn 2.7.4.post1.
-# flash-attn comes as a prebuilt wheel from its GitHub release whose name encodes the CUDA major
-# version, the torch minor version, the C++ ABI flag and the Python tag; that wheel must match the
-# torch installed here, or flash_attn fails to import (undefined symbol). The service then falls back
-# to PyTorch SDPA and says so on /info and in mhcflash_attention_backend_info.
+#   bash docker/install.sh              install into the active Python environment (the image: /opt/venv)
+#   VENV=/opt/mhcflash bash docker/install.sh    create that virtual environment first and install into it
+#   WHEELHOUSE=/path bash docker/install.sh      offline: every package from that folder of wheels
+#   bash docker/install.sh --check      validate the pins and the project install; changes nothing (CI)
+#
+# Pins: docker/stack.env (torch, its CUDA tag, Python, flash-attn-4, nvidia-cutlass-dsl, base image).
+# A torch that already is the pinned build (e.g. a host image that ships it) is kept, not reinstalled.
+# FlashAttention 4 is a pure-Python wheel (CuTe-DSL kernels compiled at first use, ~4 s per head-width
+# configuration); the service's warm-up compiles what it serves before /ready. Without it the service
+# runs PyTorch SDPA (cuDNN) and says so on /info and in mhcflash_attention_backend_info.
 set -euo pipefail
 
-CUDA_TAG="${CUDA_TAG:-cu124}"
-TORCH_VERSION="${TORCH_VERSION:-2.5.1}"
-PYTHON_TAG="${PYTHON_TAG:-cp311}"
-FLASH_ATTN_VERSION="${FLASH_ATTN_VERSION:-2.7.4.post1}"
-CXX11_ABI="${CXX11_ABI:-FALSE}"
-TORCH_MINOR="${TORCH_VERSION%.*}"
-FLASH_ATTN_WHEEL="flash_attn-${FLASH_ATTN_VERSION}+cu12torch${TORCH_MINOR}cxx11abi${CXX11_ABI}-${PYTHON_TAG}-${PYTHON_TAG}-linux_x86_64.whl"
-FLASH_ATTN_URL="https://github.com/Dao-AILab/flash-attention/releases/download/v${FLASH_ATTN_VERSION}/${FLASH_ATTN_WHEEL}"
-PROJECT_DIR="${PROJECT_DIR:-$(cd "$(dirname "$0")/.." && pwd)}"
+HERE="$(cd "$(dirname "$0")" && pwd)"
+PROJECT_DIR="${PROJECT_DIR:-$(cd "$HERE/.." && pwd)}"
+# shellcheck source=stack.env
+source "$HERE/stack.env"
+PY="${PYTHON:-python3}"
+TORCH_INDEX="${TORCH_INDEX:-https://download.pytorch.org/whl/${TORCH_CUDA}}"
+
+pip_args() {  # offline hosts: only the wheelhouse
+  if [[ -n "${WHEELHOUSE:-}" ]]; then echo "--no-index --find-links ${WHEELHOUSE}"; fi
+}
 
 check() {
   local ok=1
-  [[ "$CUDA_TAG" =~ ^cu1[12][0-9]$ ]] || { echo "CUDA_TAG '$CUDA_TAG' is not like cu124"; ok=0; }
-  [[ "$TORCH_VERSION" =~ ^2\.[0-9]+\.[0-9]+$ ]] || { echo "TORCH_VERSION '$TORCH_VERSION' is not like 2.5.1"; ok=0; }
-  [[ "$PYTHON_TAG" =~ ^cp3[0-9]+$ ]] || { echo "PYTHON_TAG '$PYTHON_TAG' is not like cp311"; ok=0; }
-  [[ "$FLASH_ATTN_WHEEL" == *"torch${TORCH_MINOR}"*"-${PYTHON_TAG}-"* ]] || { echo "flash-attn wheel does not match torch/python"; ok=0; }
-  [[ -f "$PROJECT_DIR/pyproject.toml" ]] || { echo "no pyproject.toml in $PROJECT_DIR"; ok=0; }
-  local py_tag
-  py_tag="cp$(python3 -c 'import sys; print(f"{sys.version_info[0]}{sys.version_info[1]}")')"
-  echo "check: torch ${TORCH_VERSION}+${CUDA_TAG}, flash-attn wheel ${FLASH_ATTN_WHEEL} (host python ${py_tag})"
-  # The project itself must install (dependency resolution only, nothing written).
-  python3 -m pip install --dry-run --no-deps "$PROJECT_DIR" >/dev/null || { echo "pip cannot install the project"; ok=0; }
-  [[ $ok == 1 ]] && echo "check: OK" || { echo "check: FAILED"; return 1; }
+  [[ "$TORCH_VERSION" =~ ^2\.[0-9]+\.[0-9]+$ ]] || { echo "TORCH_VERSION '$TORCH_VERSION' is not like 2.11.0"; ok=0; }
+  [[ "$TORCH_CUDA" =~ ^cu1[0-9]{2}$ ]] || { echo "TORCH_CUDA '$TORCH_CUDA' is not like cu130"; ok=0; }
+  [[ "$PYTHON_VERSION" =~ ^3\.[0-9]+$ ]] || { echo "PYTHON_VERSION '$PYTHON_VERSION' is not like 3.12"; ok=0; }
+  [[ "$FLASH_ATTN_4_VERSION" =~ ^4\. ]] || { echo "FLASH_ATTN_4_VERSION '$FLASH_ATTN_4_VERSION' is not a 4.x"; ok=0; }
+  local cuda_major="${TORCH_CUDA:2:2}"
+  [[ "$CUDA_BASE_IMAGE" == nvidia/cuda:${cuda_major}.* ]] || { echo "base image $CUDA_BASE_IMAGE is not CUDA ${cuda_major}"; ok=0; }
+  grep -q "^ARG CUDA_BASE_IMAGE=${CUDA_BASE_IMAGE}\$" "$HERE/Dockerfile" \
+    || { echo "docker/Dockerfile's ARG CUDA_BASE_IMAGE differs from stack.env ($CUDA_BASE_IMAGE)"; ok=0; }
+  grep -q "\"flash-attn-4>=${FLASH_ATTN_4_VERSION}\"" "$PROJECT_DIR/pyproject.toml" \
+    || { echo "pyproject.toml's gpu extra does not pin flash-attn-4>=${FLASH_ATTN_4_VERSION}"; ok=0; }
+  grep -q "\"nvidia-cutlass-dsl\[cu13\]>=${CUTLASS_DSL_VERSION}\"" "$PROJECT_DIR/pyproject.toml" \
+    || { echo "pyproject.toml's gpu extra does not pin nvidia-cutlass-dsl[cu13]>=${CUTLASS_DSL_VERSION}"; ok=0; }
+  echo "check: torch ${TORCH_VERSION}+${TORCH_CUDA} (${TORCH_INDEX}), Python ${PYTHON_VERSION}," \
+       "flash-attn-4 ${FLASH_ATTN_4_VERSION}, nvidia-cutlass-dsl ${CUTLASS_DSL_VERSION}, ${CUDA_BASE_IMAGE}"
+  # The project itself must install (metadata and build backend; nothing written).
+  "$PY" -m pip install --dry-run --no-deps "$PROJECT_DIR" >/dev/null || { echo "pip cannot install the project"; ok=0; }
+  if [[ $ok == 1 ]]; then echo "check: OK"; else echo "check: FAILED"; return 1; fi
 }
 
 install() {
-  python3 -m pip install --no-cache-dir --upgrade pip
-  python3 -m pip install --no-cache-dir "torch==${TORCH_VERSION}" --index-url "https://download.pytorch.org/whl/${CUDA_TAG}"
-  python3 -m pip install --no-cache-dir "${FLASH_ATTN_URL}"
-  python3 -m pip install --no-cache-dir "$PROJECT_DIR"
-  python3 -c "import torch, flash_attn; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'flash_attn', flash_attn.__version__)"
+  if [[ -n "${VENV:-}" ]]; then
+    [[ -x "$VENV/bin/python" ]] || "$PY" -m venv "$VENV"
+    PY="$VENV/bin/python"
+  fi
+  local want="${TORCH_VERSION}+${TORCH_CUDA}" have
+  have="$("$PY" -c 'import torch; print(torch.__version__)' 2>/dev/null || true)"
+  if [[ "$have" == "$want" ]]; then
+    echo "torch $have already installed: kept"
+  elif [[ -n "${WHEELHOUSE:-}" ]]; then
+    # shellcheck disable=SC2046
+    "$PY" -m pip install --no-cache-dir $(pip_args) "torch==${TORCH_VERSION}"
+  else
+    "$PY" -m pip install --no-cache-dir "torch==${TORCH_VERSION}" --index-url "$TORCH_INDEX"
+  fi
+  # shellcheck disable=SC2046
+  "$PY" -m pip install --no-cache-dir $(pip_args) "flash-attn-4==${FLASH_ATTN_4_VERSION}" \
+    "nvidia-cutlass-dsl[cu13]==${CUTLASS_DSL_VERSION}" "$PROJECT_DIR"
+  "$PY" - <<'PYCHECK'
+import importlib.metadata as md
+import torch
+print("installed: torch", torch.__version__, "| CUDA", torch.version.cuda, "| flash-attn-4", md.version("flash-attn-4"))
+try:
+    from flash_attn.cute import flash_attn_func  # noqa: F401  (imports cutlass; kernels compile at first use)
+    print("flash_attn.cute: importable")
+except Exception as exc:  # a build host without a GPU driver may not load it; the service says so at start
+    print(f"flash_attn.cute: not importable here ({type(exc).__name__}: {exc})")
+PYCHECK
 }
 
 case "${1:-install}" in

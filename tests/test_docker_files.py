@@ -4,6 +4,7 @@ the metrics the app really exports; the image's install script passes its check 
 from __future__ import annotations
 
 import json
+import os
 import re
 import subprocess
 from pathlib import Path
@@ -39,7 +40,8 @@ def test_prometheus_scrapes_service_metrics():
 
 def test_dockerfile_non_root_healthcheck_on_ready():
     text = (DOCKER / "Dockerfile").read_text()
-    assert re.search(r"^FROM nvidia/cuda:\S+-runtime", text, re.MULTILINE)
+    assert re.search(r"^ARG CUDA_BASE_IMAGE=nvidia/cuda:\S+-runtime-\S+$", text, re.MULTILINE)
+    assert re.search(r"^FROM \$\{CUDA_BASE_IMAGE\}$", text, re.MULTILINE)
     assert re.search(r"^USER (?!root)\w+", text, re.MULTILINE)
     assert "HEALTHCHECK" in text and "/ready" in text
     assert "docker/install.sh" in text and 'CMD ["python", "-m", "service"]' in text
@@ -48,7 +50,32 @@ def test_dockerfile_non_root_healthcheck_on_ready():
 def test_install_script_check_mode():
     proc = subprocess.run(["bash", str(DOCKER / "install.sh"), "--check"], capture_output=True, text=True, timeout=120, check=False)
     assert proc.returncode == 0, proc.stdout + proc.stderr
-    assert "check: OK" in proc.stdout
+    assert "check: OK" in proc.stdout and "torch 2.11.0+cu130" in proc.stdout
+
+
+def test_install_check_fails_when_a_pin_disagrees(tmp_path):
+    """The pins live in docker/stack.env; the Dockerfile's base image and pyproject's gpu extra must agree."""
+    for name in ("install.sh", "Dockerfile"):
+        (tmp_path / name).write_text((DOCKER / name).read_text())
+    pins = (DOCKER / "stack.env").read_text()
+    (tmp_path / "stack.env").write_text(pins.replace("FLASH_ATTN_4_VERSION=4.0.0b40", "FLASH_ATTN_4_VERSION=4.0.1")
+                                        .replace("runtime-ubuntu24.04", "runtime-ubuntu22.04"))
+    proc = subprocess.run(["bash", str(tmp_path / "install.sh"), "--check"], capture_output=True, text=True,
+                          timeout=120, check=False, env={**os.environ, "PROJECT_DIR": str(DOCKER.parent)})
+    assert proc.returncode != 0 and "check: FAILED" in proc.stdout
+    assert "ARG CUDA_BASE_IMAGE differs" in proc.stdout and "flash-attn-4>=4.0.1" in proc.stdout
+
+
+def test_benchmarks_record_the_tested_stack():
+    import sys
+
+    sys.path.insert(0, str(DOCKER.parent / "benchmarks"))
+    from stack import stack, tested
+
+    pins = tested()
+    assert pins["TORCH_VERSION"] == "2.11.0" and pins["TORCH_CUDA"] == "cu130"
+    record = stack()
+    assert record["running"]["torch"] and record["on_tested_stack"] is False  # CPU CI runs torch 2.13+cpu
 
 
 def test_dashboard_metrics_exist_in_app_metrics(tmp_path):
