@@ -28,9 +28,12 @@ app = typer.Typer(
          "`mhcflash data build`, `mhcflash train configs/tiny_cpu.txt`, "
          "`mhcflash sample runs/<name>/weights --length 64`.",
     no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
+    # NOTE: plain click help, not Rich panels: Rich's panels (typer 0.29) show every flag with a
+    # `<bool>` type, `--help` included, and keep a docstring's line breaks inside a paragraph.
+    rich_markup_mode=None,
 )
 data_app = typer.Typer(help="Build the training set (PDB/mmCIF directories, cgdms chains).",
-                       no_args_is_help=True)
+                       no_args_is_help=True, rich_markup_mode=None)
 app.add_typer(data_app, name="data")
 
 EXIT_USAGE = 2
@@ -46,22 +49,31 @@ def _user_errors(fn):
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
-        from model.config import ConfigError
-
-        fixable: tuple[type[BaseException], ...] = (ConfigError, FileNotFoundError, NotADirectoryError)
-        try:
-            from model.training import CheckpointMismatchError
-            from model.weights_io import WeightsError
-
-            fixable += (CheckpointMismatchError, WeightsError)
-        except ImportError:  # pragma: no cover - partial installs
-            pass
         try:
             return fn(*args, **kwargs)
-        except fixable as exc:
+        except Exception as exc:
+            if not _fixable(exc):
+                raise
             _fail(str(exc))
 
     return wrapper
+
+
+def _fixable(exc: Exception) -> bool:
+    """Whether `exc` is an error a user can fix (bad config, limits, path, weights or checkpoint).
+
+    NOTE: the checkpoint and weights errors are looked up only in modules already imported (an error
+    of a module cannot be raised before the module is loaded), so that a command that never touches
+    Lightning does not pay for importing it.
+    """
+    from model.config import ConfigError
+    from model.limits import LimitsError
+
+    kinds: list[type] = [ConfigError, LimitsError, FileNotFoundError, NotADirectoryError]
+    for module, name in (("model.checkpoints", "CheckpointMismatchError"), ("model.weights_io", "WeightsError")):
+        if module in sys.modules:
+            kinds.append(getattr(sys.modules[module], name))
+    return isinstance(exc, tuple(kinds))
 
 
 def _load(config_path: Path | None, overrides: list[str]):
@@ -72,8 +84,8 @@ def _load(config_path: Path | None, overrides: list[str]):
 
 ConfigOpt = Annotated[Path | None, typer.Option("--config", "-c", help="Genie-style config file "
                                                    "(`key value` lines). Default: built-in defaults.")]
-SetOpt = Annotated[list[str] | None, typer.Option("--set", help="Override a config key, e.g. "
-                                                     "--set batchSize=8 (repeatable).")]
+SetOpt = Annotated[list[str] | None, typer.Option("--set", metavar="<key=value>", help="Override a config "
+                                                     "key, e.g. --set batchSize=8 (repeatable).")]
 
 
 # ------------------------------------------------------------------------------------------- data
@@ -168,21 +180,25 @@ def _device(name: str) -> str:
 def sample(
     weights: Annotated[Path, typer.Argument(help="Weights directory (config.txt + model.safetensors), a "
                                             "weights root, or a training checkpoint (.ckpt).")],
-    length: Annotated[list[int], typer.Option("--length", "-l", help="Residues per sample (repeatable).")],
+    length: Annotated[list[int], typer.Option("--length", "-l", metavar="<int>",
+                                              help="Residues per sample (repeatable).")],
     count: Annotated[int, typer.Option("--count", "-n", help="Samples per length.")] = 1,
     seed: Annotated[int, typer.Option(help="Seed of the first sample; sample i uses seed + i.")] = 0,
     noise_scale: Annotated[float, typer.Option(help="Genie's sampling noise scale.")] = 0.6,
-    out: Annotated[Path, typer.Option(help="Output directory for the PDB files.")] = Path("samples"),
+    out: Annotated[Path, typer.Option(help="Directory for the PDB files.")] = Path("samples"),
     device: Annotated[str, typer.Option(help="auto | cpu | cuda | cuda:N")] = "auto",
     batch_size: Annotated[int, typer.Option(help="Samples per batch.")] = 16,
     progress: Annotated[bool, typer.Option(help="Show a progress bar.")] = True,
 ) -> None:
-    """Sample backbones and write CA-only poly-Ala PDB files (one per sample)."""
+    """Sample backbones and write CA-only poly-Ala PDB files (one per sample).
+
+    Lengths, seeds and the noise scale are checked as the service checks a request: lengths within
+    the model's minimumNumResidues-maximumNumResidues.
+    """
     from model.diffusion import sample as run_sample
+    from model.limits import as_flags, check_sampling
     from model.pdb_io import ca_to_pdb
 
-    if count < 1 or any(L < 1 for L in length):
-        _fail("--count and every --length must be >= 1")
     dev = _device(device)
     if weights.is_file() and weights.suffix == ".ckpt":
         from model.training import load_checkpoint_denoiser
@@ -192,6 +208,9 @@ def sample(
         from model.weights_io import load_weights
 
         denoiser = load_weights(weights, dev).denoiser
+    violations = check_sampling(denoiser.config, length, count, seed, noise_scale)  # the service's checks
+    if violations:
+        _fail(f"{as_flags(violations)} ({weights})")
     lengths = [L for L in length for _ in range(count)]
     seeds = [seed + i for i in range(len(lengths))]
     bar = None
@@ -312,22 +331,16 @@ def serve(
 ) -> None:
     """Run the HTTP sampling service (POST /sample, /metrics, /health, /ready).
 
-    Settings not given here come from MHCFLASH_* environment variables (see the README).
+    Settings not given here come from MHCFLASH_* environment variables (see the README). A setting,
+    weights file, device or port that cannot be used prints one line and exits 2.
     """
-    from pydantic import ValidationError
-
     try:
-        from service.__main__ import serve as run_server
-        from service.settings import ServiceSettings
+        from service.startup import main as run_service
     except ImportError as exc:
         _fail(f"the service package is not available ({exc}); install the project with its dependencies")
-    given = {k: v for k, v in {"weights": weights, "host": host, "port": port, "device": device}.items() if v is not None}
-    try:
-        settings = ServiceSettings(**given)
-    except ValidationError as exc:
-        _fail("invalid service settings: " + "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}"
-                                                       for e in exc.errors()))
-    run_server(settings)
+    code = run_service({"weights": weights, "host": host, "port": port, "device": device})
+    if code:
+        raise typer.Exit(code)
 
 
 # --------------------------------------------------------------------------------------- evaluate

@@ -310,16 +310,27 @@ def load_config(path: str | Path) -> Config:
 
 
 def load_config_with_overrides(path: str | Path | None, overrides: list[str]) -> Config:
-    """Config file (or the defaults) with ``key=value`` overrides (``--set``), validated like file lines."""
+    """Config file (or the defaults) with ``key=value`` overrides (``--set``), each validated like a file line.
+
+    An error names the flag as given and the key: ``--set batchSize=-3, key 'batchSize': -3 is out of
+    range; ...`` (an override has no line number).
+    """
     config = load_config(path) if path else Config()
-    if not overrides:
-        return config
-    lines, keys = [], []
+    changes: dict[str, Any] = {}
     for item in overrides:
-        key, sep, value = item.partition("=")
-        if not sep or not key.strip() or not value.strip():
-            raise ConfigError(f"--set {item!r}: expected key=value, e.g. --set learningRate=5e-5")
-        lines.append(f"{key.strip()} {value.strip()}")
-        keys.append(key.strip())
-    base = [ln for ln in config.to_text().splitlines() if ln.split(" ", 1)[0] not in keys]
-    return parse_config("\n".join(base + lines) + "\n", source="command line (--set)")
+        key, sep, raw = (part.strip() for part in item.partition("="))
+        if not sep or not key or not raw:
+            raise ConfigError(f"--set {item}: expected key=value, e.g. --set learningRate=5e-5")
+        if key not in _FIELDS:
+            raise ConfigError(f"--set {item}: unknown key '{key}'{_suggest(key, _FIELDS)}")
+        where = f"--set {item}, key '{key}'"
+        if key in changes:
+            raise ConfigError(f"{where}: set twice on the command line; keep one")
+        value = _parse_value(_FIELDS[key], raw, where)
+        _check_value(_FIELDS[key], value, where)
+        changes[key] = value
+    try:
+        return config.replace(**changes)
+    except ConfigError as e:  # cross-key checks: name the file and the overrides
+        flags = " ".join(f"--set {item}" for item in overrides)
+        raise ConfigError(f"{path or 'the default config'} with {flags}: {e}") from None

@@ -53,6 +53,7 @@ from service.schemas import (
     validate_limits,
 )
 from service.settings import ServiceSettings
+from service.startup import Prepared, explain, prepare
 from service.warmup import compile_enabled, warm_up_with_fallback
 
 log = logging.getLogger("mhcflash.service")
@@ -68,6 +69,7 @@ class ServiceState:
         self.metrics = ServiceMetrics()  # from creation on: responses during start-up are counted too
         self.engine: SamplingEngine | None = None
         self.loaded = None  # model.weights_io.LoadedWeights
+        self.prepared: Prepared | None = None  # set by service.startup.main; else the lifespan prepares
         self.limits: Limits | None = None
         self.device: torch.device | None = None
         self.attention: dict = {}
@@ -75,15 +77,6 @@ class ServiceState:
         self.precision = "float32"  # what the steps run in: "bf16" (autocast on CUDA) or "float32"
         self.ready = False
         self.started = time.time()
-
-
-def pick_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda:0" if torch.cuda.is_available() else "cpu")
-    device = torch.device(name)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError(f"MHCFLASH_DEVICE={name} but no CUDA device is available")
-    return device
 
 
 def attention_info(denoiser: torch.nn.Module, device: torch.device, dtype: torch.dtype) -> dict:
@@ -108,30 +101,16 @@ def attention_info(denoiser: torch.nn.Module, device: torch.device, dtype: torch
     }
 
 
-def _limits(settings: ServiceSettings, config) -> Limits:
-    model_max = int(config.maximumNumResidues)
-    max_length = settings.max_length or model_max
-    if max_length > model_max:
-        raise RuntimeError(f"MHCFLASH_MAX_LENGTH={max_length} exceeds the model's maximumNumResidues {model_max}")
-    min_length = settings.min_length or min(max(3, int(config.minimumNumResidues)), max_length)
-    if min_length > max_length:
-        raise RuntimeError(f"MHCFLASH_MIN_LENGTH={min_length} is larger than the maximum length {max_length}")
-    if settings.queue_max_samples < settings.max_count:
-        raise RuntimeError("MHCFLASH_QUEUE_MAX_SAMPLES must be at least MHCFLASH_MAX_COUNT")
-    return Limits(min_length, max_length, settings.max_count, settings.max_total_residues)
-
-
 @asynccontextmanager
 async def lifespan(app: FastAPI):
     from model.diffusion import Schedule
-    from model.weights_io import WeightsError, load_weights
+    from model.weights_io import WeightsError
 
     state: ServiceState = app.state.service
     settings = state.settings
     try:
-        device = pick_device(settings.device)
-        loaded = await asyncio.to_thread(load_weights, settings.weights, device)
-        limits = _limits(settings, loaded.config)
+        prepared = state.prepared or await asyncio.to_thread(prepare, settings)
+        device, loaded, limits = prepared.device, prepared.loaded, prepared.limits
         autocast = torch.bfloat16 if settings.precision in ("auto", "bf16") and device.type == "cuda" else None
         schedule = Schedule.from_config(loaded.config)
         compiled = compile_enabled(settings.compile, device)
@@ -151,7 +130,7 @@ async def lifespan(app: FastAPI):
             log.info("warm-up done in %.1f s (%s)", time.perf_counter() - t0,
                      "compiled" if compiled else "eager")
     except (WeightsError, RuntimeError) as exc:
-        log.error("mhcflash service cannot start: %s", exc)
+        log.error("mhcflash service cannot start: %s", explain(exc))
         raise
     state.device, state.loaded, state.limits = device, loaded, limits
     from model.denoiser import compiled_parts

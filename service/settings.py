@@ -5,7 +5,7 @@
 | `MHCFLASH_WEIGHTS` | shipped `weights/` | weights directory (`config.txt` + `model.safetensors`, or a `weights_only` `.ckpt`/`.pt`); a folder holding several is resolved through its `DEFAULT` file or its only model folder |
 | `MHCFLASH_DEVICE` | `auto` | `auto` (first GPU if any, else CPU), `cpu`, `cuda`, `cuda:1`, ... |
 | `MHCFLASH_PRECISION` | `auto` | `auto` (bf16 autocast on CUDA, as the weights were trained; float32 on CPU), `float32`, or `bf16` (CUDA only; float32 on CPU) |
-| `MHCFLASH_MIN_LENGTH` | `max(3, config minimumNumResidues)`, capped at max | shortest length accepted |
+| `MHCFLASH_MIN_LENGTH` | `max(3, config minimumNumResidues)`, capped at max | shortest length accepted (at least 3) |
 | `MHCFLASH_MAX_LENGTH` | config `maximumNumResidues` | longest length accepted (may only lower the model's) |
 | `MHCFLASH_MAX_COUNT` | 16 | samples per request |
 | `MHCFLASH_MAX_TOTAL_RESIDUES` | 8192 | length * count per request |
@@ -36,6 +36,8 @@ from typing import Literal
 from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from model.limits import DEFAULT_MAX_COUNT, DEFAULT_MAX_TOTAL_RESIDUES, MIN_LENGTH_FLOOR
+
 REPO_ROOT = Path(__file__).resolve().parent.parent
 SHIPPED_WEIGHTS = REPO_ROOT / "weights"
 
@@ -46,10 +48,11 @@ class ServiceSettings(BaseSettings):
     weights: Path = Field(SHIPPED_WEIGHTS, description="Weights directory or weights root.")
     device: str = "auto"
     precision: Literal["auto", "float32", "bf16"] = "auto"
-    min_length: int | None = Field(None, ge=1)
-    max_length: int | None = Field(None, ge=1)
-    max_count: int = Field(16, ge=1)
-    max_total_residues: int = Field(8192, ge=1)
+    # Lengths: checked against the loaded model at start-up (model.limits.SampleLimits.for_model).
+    min_length: int | None = Field(None, ge=MIN_LENGTH_FLOOR)
+    max_length: int | None = Field(None, ge=MIN_LENGTH_FLOOR)
+    max_count: int = Field(DEFAULT_MAX_COUNT, ge=1)
+    max_total_residues: int = Field(DEFAULT_MAX_TOTAL_RESIDUES, ge=1)
     queue_max_samples: int = Field(256, ge=1)
     request_timeout_s: float = Field(600.0, gt=0)
     residue_budget: int | None = Field(None, ge=1)

@@ -20,13 +20,16 @@ from typing import Annotated
 import typer
 
 evaluate_app = typer.Typer(help="Evaluate sampled backbones against real chains; write an HTML report.",
-                           add_completion=False)
+                           add_completion=False, rich_markup_mode=None)
 TRAJECTORY_FRAMES = 40  # frames kept per animated trajectory (evenly spaced over T + 1)
 
 
-def _load_samples(weights: Path, lengths: list[int], seed: int, noise_scale: float, device: str,
+def _load_samples(weights: Path, lengths: list[int], count: int, seed: int, noise_scale: float, device: str,
                   batch_size: int, trajectories: int):
-    """Sample ``lengths`` from a weights dir / .ckpt -> (samples [L, 3] list, trajectories, note)."""
+    """Sample ``count`` of each of ``lengths`` from a weights dir / .ckpt -> (samples [L, 3] list, trajectories, note).
+
+    The flags are checked as the service checks a request (``model.limits``); a violation exits 2.
+    """
     import torch
 
     from model.diffusion import sample as run_sample
@@ -41,6 +44,13 @@ def _load_samples(weights: Path, lengths: list[int], seed: int, noise_scale: flo
 
         loaded = load_weights(weights, dev)
         denoiser, note = loaded.denoiser, f"weights {loaded.name} (sha256 {loaded.sha256[:12]})"
+    from model.limits import as_flags, check_sampling
+
+    violations = check_sampling(denoiser.config, lengths, count, seed, noise_scale)  # the service's checks
+    if violations:
+        typer.echo(f"error: {as_flags(violations)} ({weights})", err=True)
+        raise typer.Exit(2)
+    lengths = [L for L in lengths for _ in range(count)]
     seeds = [seed + i for i in range(len(lengths))]
     from tqdm import tqdm
 
@@ -87,21 +97,22 @@ def evaluate(
                                                       "to sample from. Omit with --samples.")] = None,
     samples_dir: Annotated[Path | None, typer.Option("--samples", help="Evaluate these PDB files instead "
                                                         "of sampling (CA atoms are read).")] = None,
-    length: Annotated[list[int] | None, typer.Option("--length", "-l", help="Residues per sample "
-                                                        "(repeatable).")] = None,
+    length: Annotated[list[int] | None, typer.Option("--length", "-l", metavar="<int>", help="Residues per "
+                                                        "sample (repeatable; default 64 and 100).")] = None,
     count: Annotated[int, typer.Option("--count", "-n", help="Samples per length.")] = 8,
     seed: Annotated[int, typer.Option(help="Seed of the first sample; sample i uses seed + i.")] = 0,
     noise_scale: Annotated[float, typer.Option(help="Genie's sampling noise scale.")] = 0.6,
     device: Annotated[str, typer.Option(help="auto | cpu | cuda | cuda:N")] = "auto",
     batch_size: Annotated[int, typer.Option(help="Samples per batch.")] = 16,
-    real: Annotated[list[str] | None, typer.Option("--real", help="Sources of real chains: 'cgdms' or "
-                                                      "PDB/mmCIF directories (repeatable).")] = None,
+    real: Annotated[list[str] | None, typer.Option("--real", metavar="<source>", help="Sources of real "
+                                                      "chains: 'cgdms' or PDB/mmCIF directories (repeatable).")] = None,
     index: Annotated[Path | None, typer.Option(help="Training-set index (CSV/JSON with a split column): "
                                                   "real = 'val' chains, novelty against 'train'.")] = None,
     reference_cap: Annotated[int, typer.Option(help="Training chains used for novelty (seeded subsample).")] = 256,
     trajectories: Annotated[int, typer.Option(help="Samples whose sampling trajectory is animated.")] = 1,
-    design: Annotated[bool, typer.Option(help="Also run ProteinMPNN + ESMFold designability (needs "
-                                         "their weights; see model/evaluation/designability.py).")] = False,
+    design: Annotated[bool, typer.Option(show_default=False, help="Also run ProteinMPNN + ESMFold "
+                                         "designability (off by default; needs their weights, see "
+                                         "model/evaluation/designability.py).")] = False,
     out: Annotated[Path, typer.Option(help="Report directory.")] = Path("reports/eval"),
 ) -> None:
     """Metrics of sampled backbones next to real held-out chains of the same lengths; HTML + Markdown report."""
@@ -118,8 +129,8 @@ def evaluate(
             raise typer.BadParameter(f"no .pdb / .cif files in {samples_dir}")
         samples, trajs, note = [as_numpy_ca(read_ca(p)) for p in files], [], f"{len(files)} files in {samples_dir}"
     else:
-        lengths = [L for L in (length or [64, 100]) for _ in range(count)]
-        samples, trajs, note = _load_samples(weights, lengths, seed, noise_scale, device, batch_size, trajectories)
+        samples, trajs, note = _load_samples(weights, length or [64, 100], count, seed, noise_scale, device,
+                                             batch_size, trajectories)
     pool, reference, real_note = _real_pools(real or ["cgdms"], index)
     real_chains = pick_real_like(pool, [len(s) for s in samples], seed=seed)
     typer.echo(f"computing metrics ({len(samples)} samples, {len(real_chains)} real, "
