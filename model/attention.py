@@ -252,8 +252,8 @@ def resolve_backend(config=None, head_dims: tuple[int, int] = (64, 64), device: 
     """Choose the attention kernel for q / k width ``head_dims[0]`` and v width ``head_dims[1]``.
 
     ``config.useFlashAttn3`` (default True) allows FA3. On the CPU the answer is always ``math``. On
-    CUDA: the first usable backend of BACKEND_ORDER that accepts the widths (+1 q / k column for the
-    folded mask) and dtype; ``math`` last (correct, O(chunk * L) memory, slow) unless
+    CUDA: the first usable backend of BACKEND_ORDER that accepts the widths (+2 q / k columns: the
+    folded mask and the row anchor) and dtype; ``math`` last (correct, O(chunk * L) memory, slow) unless
     ``allow_math_on_gpu`` is False. Raises AttentionBackendError naming the width, the limit and the
     knobs when nothing accepts.
     """
@@ -261,7 +261,7 @@ def resolve_backend(config=None, head_dims: tuple[int, int] = (64, 64), device: 
     if device.type != "cuda":
         return BackendChoice("math", None, f"{device.type} device: explicit math attention")
     use_fa3 = True if config is None else bool(config.useFlashAttn3)
-    dim_qk, dim_v = int(head_dims[0]) + 1, int(head_dims[1])  # +1: the folded key-padding column
+    dim_qk, dim_v = int(head_dims[0]) + 2, int(head_dims[1])  # +2: the key-padding column and the row anchor
     status = available_backends(device)
     rejected = []
     for name in BACKEND_ORDER:
@@ -356,27 +356,45 @@ def pack_rows(q_cols: list[torch.Tensor], k_cols: list[torch.Tensor], v_cols: li
               key_padding_mask: torch.Tensor | None, name: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Concatenate column blocks into the q / k / v rows the kernel ``name`` takes, mask folded in.
 
-    q_cols / k_cols: blocks [B, L, H, d_i] (views or expanded tensors are fine) whose concatenated dot
-    product is the full logit (any softmax scale already applied); v_cols likewise for the values.
-    Appends the key-padding column (q: 1; k: 0 for a real key, -mask_value for a padded one) and the
-    zero padding to the kernel's widths (``_padded_dims``) in the SAME ``cat``: one copy per tensor.
-    Returns contiguous q, k [B, L, H, W_qk] and v [B, L, H, W_v]; the caller cuts the output to D_v.
+    q_cols / k_cols: blocks [B, L, H, d_i] (views or expanded tensors are fine), pairwise of equal
+    widths, whose concatenated dot product is the full logit (any softmax scale already applied);
+    v_cols likewise for the values. Appends two columns and the zero padding to the kernel's widths
+    (``_padded_dims``) in the SAME ``cat``, one copy per tensor:
+    - the key-padding column: q 1; k 0 for a real key, -mask_value for a padded one;
+    - for self-attention, the row anchor: q ``-(q_i . k_i)`` (detached), k 1. It adds the constant
+      ``-logit_ii`` to every logit of row i, which softmax ignores (exactly, whatever its rounding: the
+      same value for every key), so each real row's self logit is 0 and its largest logit >= 0. NOTE:
+      without it a row whose logits are all far below 0 (Flash-IPA's point term at large distances) can
+      underflow exp in a kernel's backward: cuDNN's returned NaN for rows whose logits were all <= ~-88.
+    Padded query rows are zeroed (see the module docstring). Returns contiguous q, k [B, L, H, W_qk] and
+    v [B, L, H, W_v]; the caller cuts the output to D_v.
     """
-    dtype = q_cols[0].dtype
+    dtype, device = q_cols[0].dtype, q_cols[0].device
     b, l, h = q_cols[0].shape[:3]
     dim_qk, dim_v = sum(t.shape[-1] for t in q_cols), sum(t.shape[-1] for t in v_cols)
-    pad_qk, pad_v = _padded_dims(name, dim_qk + 1, dim_v, q_cols[0].device)
-    q_tail = _constant_row(pad_qk - dim_qk, 1, dtype, q_cols[0].device)  # [1, 0, ..., 0]
+    self_attention = k_cols[0].shape[1] == l and [t.shape[-1] for t in q_cols] == [t.shape[-1] for t in k_cols]
+    extra = 2 if self_attention else 1  # the mask column (+ the row anchor)
+    pad_qk, pad_v = _padded_dims(name, dim_qk + extra, dim_v, device)
+    zeros = pad_qk - dim_qk - extra
     if key_padding_mask is None:
-        k_tail = torch.zeros(b, l, 1, pad_qk - dim_qk, dtype=dtype, device=q_cols[0].device)
+        mask_col = torch.zeros(b, l, 1, 1, dtype=dtype, device=device)
     else:
-        col = (~key_padding_mask.bool()).to(dtype) * -mask_value(dtype)  # [B, L]
-        k_tail = F.pad(col[:, :, None, None], (0, pad_qk - dim_qk - 1))  # [B, L, 1, W - D]
-    q = torch.cat([*q_cols, q_tail.expand(b, l, h, -1)], dim=-1)
-    if key_padding_mask is not None and q.shape[1] == key_padding_mask.shape[1]:
-        # NOTE: padded query rows are zeroed (logit 0 to every real key), see the module docstring
+        mask_col = ((~key_padding_mask.bool()).to(dtype) * -mask_value(dtype))[:, :, None, None]  # [B, L, 1, 1]
+    q_tail = [_constant_row(1, 1, dtype, device).expand(b, l, h, 1)]  # the mask column's 1
+    k_tail = [mask_col.expand(b, l, h, 1)]
+    if self_attention:
+        with torch.no_grad():
+            logit_ii = sum((qb.float() * kb.float()).sum(-1) for qb, kb in zip(q_cols, k_cols))  # [B, L, H]
+        q_tail.append((-logit_ii).to(dtype)[..., None])  # [B, L, H, 1]
+        k_tail.append(_constant_row(1, 1, dtype, device).expand(b, l, h, 1))
+    if zeros:
+        q_tail.append(_constant_row(zeros, 0, dtype, device).expand(b, l, h, -1))
+        k_tail.append(_constant_row(zeros, 0, dtype, device).expand(b, l, h, -1))
+    q = torch.cat([*q_cols, *q_tail], dim=-1)
+    if key_padding_mask is not None and l == key_padding_mask.shape[1]:
+        # NOTE: padded query rows are zeroed (logit 0 to every key), see the module docstring
         q = q * key_padding_mask.to(dtype)[:, :, None, None]
-    k = torch.cat([*k_cols, k_tail.expand(b, l, h, -1)], dim=-1)
+    k = torch.cat([*k_cols, *k_tail], dim=-1)
     if pad_v > dim_v:
         v_cols = [*v_cols, _constant_row(pad_v - dim_v, 0, dtype, v_cols[0].device).expand(b, l, h, -1)]
     v = torch.cat(v_cols, dim=-1)

@@ -52,10 +52,15 @@ def test_packed_rows_fold_the_mask_and_pad_to_the_kernel_width(name):
     dq, dv = q.shape[-1], v.shape[-1]
     qs, ks, vs = att.pack_rows([q[..., :5] * 0.25, q[..., 5:] * 0.25], [k[..., :5], k[..., 5:]],
                                [v[..., :3], v[..., 3:]], mask, name)
-    assert (qs.shape[-1], vs.shape[-1]) == att._padded_dims(name, dq + 1, dv)
+    assert (qs.shape[-1], vs.shape[-1]) == att._padded_dims(name, dq + 2, dv)
     assert qs.is_contiguous() and ks.is_contiguous() and vs.is_contiguous()
     real = mask.bool()
-    assert bool((qs[..., dq][real] == 1).all()) and bool((qs[..., dq + 1:] == 0).all())
+    assert bool((qs[..., dq][real] == 1).all()) and bool((qs[..., dq + 2:] == 0).all())
+    anchor = -(q * 0.25 * k).sum(-1)  # [B, L, H]: the row anchor, -logit_ii
+    torch.testing.assert_close(qs[..., dq + 1][real], anchor[real], atol=ATOL_FP32, rtol=0)
+    assert bool((ks[..., dq + 1] == 1).all()) and bool((ks[..., dq + 2:] == 0).all())
+    self_logit = (qs * ks).sum(-1)  # [B, L, H]: 0 on every real row
+    assert float(self_logit[real].abs().max()) < 1e-5
     assert bool((qs[~real] == 0).all())  # padded query rows are zeroed
     assert bool((ks[..., dq][mask.bool()] == 0).all()) and bool((ks[..., dq][~mask.bool()] < -1e5).all())
     out = att.math_attention(qs, ks, vs, None, scale=1.0)[..., :dv] * mask[:, :, None, None]
@@ -165,9 +170,9 @@ def test_use_flash_attn3_flag_is_respected(monkeypatch):
 
 
 def far_padded_queries(batch=2, length=64, heads=2, dqk=58, dv=104, shift=100.0, device="cpu"):
-    """Rows as Flash-IPA packs them, where the padded query rows are 'far' from every real key: all their
-    logits <= -shift (the points of padding residues, at the origin, against keys tens of A away).
-    Real rows have O(1) logits. Padded query rows get zero upstream gradient (their output is masked)."""
+    """Rows as Flash-IPA packs them, where the padded query rows and ten real ones are 'far' from every
+    key: all their logits <= -shift + O(1) (the points of padding residues, at the origin, against keys
+    tens of A away). Other real rows have O(1) logits. Padded query rows get zero upstream gradient."""
     g = torch.Generator().manual_seed(3)
     q, k = (torch.randn(batch, length, heads, dqk, generator=g) * 0.3 for _ in range(2))
     v = torch.randn(batch, length, heads, dv, generator=g)
@@ -177,6 +182,7 @@ def far_padded_queries(batch=2, length=64, heads=2, dqk=58, dv=104, shift=100.0,
     q[..., -1], k[..., -1] = 0.0, 0.0
     q[~mask.bool()] = 0.0
     q[..., -1][~mask.bool()] = 1.0  # padded queries: 1 in a column where every key holds -shift
+    q[0, :10, :, -1] = 1.0  # and ten real ones: all their logits, the self logit too, <= -shift + O(1)
     k[..., -1] = -shift
     gout = torch.randn(batch, length, heads, dv, generator=g) * mask[:, :, None, None]
     return [t.to(device) for t in (q, k, v, mask, gout)]
@@ -188,17 +194,22 @@ def _packed_grads(q, k, v, mask, gout, backend, dtype):
     return out, torch.autograd.grad(out.float(), leaves, gout.float())
 
 
-def test_padded_query_rows_get_exactly_zero_gradient_and_stay_finite():
-    """Padded query rows are zeroed before the kernel: whatever they held, their gradient is exactly 0
-    and every real row's output and gradient are those of the masked reference."""
-    q, k, v, mask, gout = far_padded_queries(shift=1e4)
+def test_far_rows_stay_exact_and_padded_query_rows_get_exactly_zero_gradient():
+    """Padded query rows are zeroed before the kernel: whatever they held, their gradient is exactly 0.
+    Real rows whose every logit is far below 0 are anchored (self logit 0): outputs and gradients of all
+    real rows are those of the textbook masked softmax in float64."""
+    q, k, v, mask, gout = far_padded_queries(shift=300.0)
+    tol = 1e-4  # fp32 dot products with a term of size `shift` are exact to ~shift * 2**-23 (the fp64 reference: exact)
     out, (dq, dk, dv) = _packed_grads(q, k, v, mask, gout, "math", torch.float32)
     assert all(bool(torch.isfinite(t).all()) for t in (out, dq, dk, dv))
     assert bool((dq[~mask.bool()] == 0).all())
-    real_q = q * mask[:, :, None, None]
-    _, (dq_ref, dk_ref, dv_ref) = _packed_grads(real_q, k, v, mask, gout, "math", torch.float32)
-    for a, b in ((dq, dq_ref), (dk, dk_ref), (dv, dv_ref)):
-        torch.testing.assert_close(a, b, atol=ATOL_FP32, rtol=0)
+    leaves = [t.double().requires_grad_() for t in (q, k, v)]  # the textbook reference, fp64, no packing
+    ref = naive(*leaves, mask, 1.0)
+    torch.testing.assert_close(out * mask[:, :, None, None], ref.float(), atol=tol, rtol=0)
+    ref_dq, ref_dk, ref_dv = torch.autograd.grad(ref, leaves, gout.double())
+    # dq's far column is shift * sum_j dS_ij: 0 up to rounding times shift (a constant 1 in Flash-IPA)
+    for a, b in ((dq[..., :-1], ref_dq[..., :-1]), (dk, ref_dk), (dv, ref_dv)):
+        torch.testing.assert_close(a, b.float(), atol=tol, rtol=0)
 
 
 # ---------------------------------------------------------------------------------------------- GPU
@@ -209,12 +220,13 @@ def test_padded_query_rows_get_exactly_zero_gradient_and_stay_finite():
 def test_far_padded_queries_give_finite_gradients_on_every_gpu_backend(shift):
     """The non-finite training steps: cuDNN attention's backward returned NaN in dq for query rows whose
     logits were all <= ~-88 (padded rows of Flash-IPA), with finite inputs and a zero upstream gradient
-    there. Through packed_attention every backend must give finite gradients equal to the reference's."""
+    there. Through packed_attention every backend must give finite gradients equal to the reference's,
+    for far padded rows and far real rows alike."""
     q, k, v, mask, gout = far_padded_queries(shift=shift, device="cuda")
     _, ref = _packed_grads(q, k, v, mask, gout, "math", torch.float32)
     ran = []
     for name, st in att.available_backends("cuda").items():
-        if name == "math" or not st.usable or not att._kernel_accepts(name, 59, 104, torch.bfloat16,
+        if name == "math" or not st.usable or not att._kernel_accepts(name, 60, 104, torch.bfloat16,
                                                                      torch.device("cuda"))[0]:
             continue
         _, grads = _packed_grads(q, k, v, mask, gout, name, torch.bfloat16)
@@ -236,7 +248,7 @@ def test_every_gpu_backend_matches_math(dtype):
     mask[0, 50:] = 0
     ran = []
     for name, st in att.available_backends("cuda").items():
-        if not st.usable or not att._kernel_accepts(name, 41, 72, dtype, torch.device("cuda"))[0]:
+        if not st.usable or not att._kernel_accepts(name, 42, 72, dtype, torch.device("cuda"))[0]:
             continue
         tensors = [t.to(dtype).requires_grad_() for t in (q, k, v)]
         ref_t = [t.detach().float().requires_grad_() for t in tensors]
