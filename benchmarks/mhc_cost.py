@@ -34,8 +34,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from timing import event_ms
 
-from model import mhc, mhc_map_triton, mhc_mix_triton, sinkhorn_triton
+from model import mhc
 from model.config import Config
+from model.mhc.kernels import map as mhc_map_triton
+from model.mhc.kernels import mix as mhc_mix_triton
+from model.mhc.kernels import sinkhorn as sinkhorn_triton
 from model.structure import PlainResidual
 
 REPEAT = 10  # calls captured per graph

@@ -372,7 +372,7 @@ def fused_matches_loop(device: str) -> None:
     """The fused kernel (model/sinkhorn_triton.py) vs the reference loop, forward and gradients, for
     n = 2 and 4, matrix counts around the kernel's block of 64, moderate and floor-clamped logits,
     fp32 and bf16 inputs. Runs on CUDA, or on the CPU under TRITON_INTERPRET=1."""
-    from model import sinkhorn_triton
+    from model.mhc.kernels import sinkhorn as sinkhorn_triton
 
     g = torch.Generator().manual_seed(5)
     for n, count, scale in [(4, 1, 1.0), (4, 130, 3.0), (2, 65, 3.0), (4, 7, 400.0)]:
@@ -394,7 +394,7 @@ def test_fused_sinkhorn_dispatch_rules():
     """The fused path is chosen only where it can run: never on a plain CPU tensor, for n * n not a
     power of two, or for float64 (gradcheck keeps the loop); ``sinkhorn_into`` refuses buffers that are
     not contiguous float32 of one shape."""
-    from model import sinkhorn_triton
+    from model.mhc.kernels import sinkhorn as sinkhorn_triton
 
     assert not sinkhorn_triton.available(torch.zeros(3, 4, 4))  # CPU without the interpreter
     # the buffer-owning entry point checks its buffers before any launch
@@ -444,7 +444,7 @@ def test_gpu_sinkhorn_backward_reads_back_its_own_scratch():
     Without a barrier between the writes and the reads (threads of another layout read them) this failed
     on the H100 (1,088 non-finite gradient entries), and the fused pre-branch's backward at 32,768 residues
     gave NaN gradients for 188 of them."""
-    from model import sinkhorn_triton
+    from model.mhc.kernels import sinkhorn as sinkhorn_triton
 
     count, n = 65536, 4
     g = torch.Generator().manual_seed(51)
@@ -467,8 +467,8 @@ def fused_mixing_matches_reference(device: str) -> None:
     """model/mhc_mix_triton.py vs model.mhc.mix_in / mix_out (broadcast and GEMM forms), for n = 4 and 2,
     C = 128 and 32, residue counts around the kernel's block of 8, and inside an MHCResidual (no grad).
     Runs on CUDA, or on the CPU under TRITON_INTERPRET=1."""
-    from model import mhc_mix_triton
     from model.mhc import mix_in, mix_out
+    from model.mhc.kernels import mix as mhc_mix_triton
 
     g = torch.Generator().manual_seed(11)
     with torch.no_grad():
@@ -497,7 +497,7 @@ def test_fused_mixing_dispatch_rules(monkeypatch):
     """The fused mixing runs only where it can: not on a plain CPU tensor, not for float64 (gradcheck
     keeps the reference), not for n or C that are not powers of two; with or without gradients (its
     autograd Functions train). Checked on the CPU with TRITON_INTERPRET=1 set (no kernel is launched)."""
-    from model import mhc_mix_triton
+    from model.mhc.kernels import mix as mhc_mix_triton
 
     s = torch.zeros(3, 4, 8)
     for grad in (False, True):
@@ -563,8 +563,8 @@ def _mix_with_grads(fused: bool, inputs, wx: torch.Tensor, wo: torch.Tensor, *, 
     <out, wo>; returns [x, out, then the gradients of h_pre, h_post, h_res, S, y]. ``share``: one S
     feeds both (its gradient is the sum of two, as in MHCResidual); else mix_out gets its own copy,
     whose gradient comes last."""
-    from model import mhc_mix_triton
     from model.mhc import mix_in, mix_out
+    from model.mhc.kernels import mix as mhc_mix_triton
 
     leaves = [t.detach().clone().requires_grad_() for t in inputs]
     if not share:
@@ -588,7 +588,7 @@ def fused_mixing_gradients_match_reference(device: str) -> None:
     2-D leading shapes; bf16 / fp16 against the float32 reference of the same rounded inputs, each mixing
     on its own (a 16-bit sum of the two S gradients would round once more). Runs on CUDA, or on the CPU
     under TRITON_INTERPRET=1."""
-    from model import mhc_mix_triton
+    from model.mhc.kernels import mix as mhc_mix_triton
 
     g = torch.Generator().manual_seed(17)
     cases = [(4, 128, (1,)), (4, 128, (2, 13)), (4, 32, (130,)), (2, 32, (7,))]
@@ -767,8 +767,8 @@ def fused_mapping_matches_reference(device: str) -> None:
     C = 128 (the shipped nC = 512) and n = 2 with C = 32, residue counts not multiples of the block,
     and a whole MHCMappings (h_pre, h_post, h_res) with perturbed parameters against ``fused = False``
     (no grad). Runs on CUDA, or on the CPU under TRITON_INTERPRET=1."""
-    from model import mhc_map_triton
     from model.mhc import mapping_logits
+    from model.mhc.kernels import map as mhc_map_triton
 
     g = torch.Generator().manual_seed(13)
     with torch.no_grad():
@@ -811,7 +811,7 @@ def test_fused_mapping_dispatch_rules(monkeypatch):
     """The fused logits run only where they can and should: not on a plain CPU tensor, not when a
     gradient is needed (training keeps the reference), not for float64, nor for shapes the kernel does
     not handle. Checked on the CPU with TRITON_INTERPRET=1 set (no kernel is launched here)."""
-    from model import mhc_map_triton
+    from model.mhc.kernels import map as mhc_map_triton
 
     s, phi = torch.zeros(3, 4, 128), torch.zeros(512, 24)
     with torch.no_grad():

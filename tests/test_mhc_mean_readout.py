@@ -20,8 +20,8 @@ RTOL = 1e-5
 
 
 def _run(fused: bool, inputs, w_out, w_mean, use_out: bool, use_mean: bool):
-    from model import mhc_mix_triton
     from model.mhc import contract, mix_out
+    from model.mhc.kernels import mix as mhc_mix_triton
 
     leaves = [t.detach().clone().requires_grad_() for t in inputs[1:]]  # h_post, h_res, S, y
     h_post, h_res, s, y = leaves
@@ -37,7 +37,7 @@ def _run(fused: bool, inputs, w_out, w_mean, use_out: bool, use_mean: bool):
 
 
 def fused_mean_matches_reference(device: str) -> None:
-    from model import mhc_mix_triton
+    from model.mhc.kernels import mix as mhc_mix_triton
 
     g = torch.Generator().manual_seed(29)
     cases = [(4, 128, (2, 13)), (4, 32, (9,)), (2, 32, (3, 5))]
@@ -67,7 +67,7 @@ def residual_with_mean_matches(device: str) -> None:
     """``MHCResidual.forward_with_mean`` (two layers, the first on ``expand``'s stride-0 streams, padded
     mask) vs ``forward`` then ``contract``: the streams, the mean and the gradients of s and of every
     parameter, float32; where the kernels run, the mean really comes from the mixing kernel (its grad_fn)."""
-    from model import mhc_mix_triton
+    from model.mhc.kernels import mix as mhc_mix_triton
 
     block, s, mask, w_out, g = residual_case(37, device)
     w_mean = torch.randn(2, 5, 32, generator=g).to(device)

@@ -60,7 +60,7 @@ def _rel(a: torch.Tensor, exact: torch.Tensor) -> float:
 
 def _split_with_wait(streams, *args):
     """``mhc_pre_split`` as ``mhc_pre``'s signature: (x, h_post, H_res after the join)."""
-    from model import mhc_pre_triton
+    from model.mhc.kernels import pre as mhc_pre_triton
 
     x, h_post, pending = mhc_pre_triton.mhc_pre_split(streams, *args)
     return x, h_post, pending.wait()
@@ -73,7 +73,7 @@ def fused_pre_matches_reference(device: str) -> None:
     only x used (h_post, h_res get no gradient); the no-grad path; bf16 / fp16 streams against the float32
     reference of the same rounded streams; every tiling of the size tables. Runs on CUDA, or on the CPU
     under TRITON_INTERPRET=1."""
-    from model import mhc_pre_triton
+    from model.mhc.kernels import pre as mhc_pre_triton
 
     def cast(ts, dtype=torch.float32):
         return [t.to(device=device, dtype=dtype) for t in ts]
@@ -173,7 +173,7 @@ def fused_pre_residual_matches_reference(device: str) -> None:
     gradient of s (the first call sees ``expand``'s stride-0 streams) and of every parameter; float32,
     then under bf16 autocast. The fused op must really run (counted) and only when ``fused_pre`` is on.
     Runs on CUDA, or on the CPU under TRITON_INTERPRET=1."""
-    from model import mhc_pre_triton
+    from model.mhc.kernels import pre as mhc_pre_triton
 
     with counting(mhc_pre_triton, "mhc_pre") as calls:
         block, s, mask, w, _ = residual_case(31, device)
@@ -194,7 +194,7 @@ def split_residual_matches(device: str) -> None:
     H_res; with one (training) also the gradients of s and of every parameter. The split op really runs
     (counted) exactly when the flag is on, on a side stream exactly without gradient below OVERLAP_BELOW
     residues. Runs on CUDA, or on the CPU under TRITON_INTERPRET=1 (no side stream there: the data path)."""
-    from model import mhc_pre_triton
+    from model.mhc.kernels import pre as mhc_pre_triton
 
     with counting(mhc_pre_triton, "mhc_pre_split") as calls:
         block, s, mask, w, _ = residual_case(41, device)
@@ -251,7 +251,7 @@ def test_fused_pre_dispatch_rules(monkeypatch):
     keeps the reference), not for phi other than float32 [nC, 2n + n^2], n * n not a power of two or C not a
     power of two >= 16; with or without gradients. Checked on the CPU with TRITON_INTERPRET=1 set (no
     kernel is launched here)."""
-    from model import mhc_pre_triton
+    from model.mhc.kernels import pre as mhc_pre_triton
 
     s, phi = torch.zeros(3, 5, 4, 32), torch.zeros(128, 24)
     for grad in (False, True):
@@ -336,7 +336,7 @@ def test_gpu_fused_pre_in_cuda_graph(monkeypatch):
     """MHCPre forward + backward captured in one CUDA graph (training size, float32), replayed on new
     inputs copied into the static ones: the same outputs and gradients as eager calls (bit-identical:
     deterministic partial sums, no atomics)."""
-    from model import mhc_pre_triton
+    from model.mhc.kernels import pre as mhc_pre_triton
 
     monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
     g = torch.Generator().manual_seed(37)

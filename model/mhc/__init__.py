@@ -40,8 +40,11 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from model import mhc_map_triton, mhc_mix_triton, mhc_pre_triton, sinkhorn_triton
-from model.triton_support import needs_grad
+from model.mhc.kernels import map as mhc_map_triton
+from model.mhc.kernels import mix as mhc_mix_triton
+from model.mhc.kernels import pre as mhc_pre_triton
+from model.mhc.kernels import sinkhorn as sinkhorn_triton
+from model.mhc.kernels.support import needs_grad
 
 __all__ = [
     "GatedReadout",

@@ -17,8 +17,8 @@ One GEMM step per chunk of D forward (v phi), two backward (du phi^T and v^T du)
 import triton
 import triton.language as tl
 
-from model._mhc_map_kernels import gemm_and_sumsq
-from model._sinkhorn_kernels import _init
+from model.mhc.kernels._map_triton import gemm_and_sumsq
+from model.mhc.kernels._sinkhorn_triton import _init
 
 
 @triton.jit

@@ -22,7 +22,7 @@ import functools
 
 import torch
 
-from model.triton_support import FLOAT_DTYPES, dot_width, triton_can_run
+from model.mhc.kernels.support import FLOAT_DTYPES, dot_width, triton_can_run
 
 __all__ = ["available", "mapping_logits"]
 
@@ -40,7 +40,7 @@ MAX_COLS = 128  # padded 2n + n^2 columns held per program (n <= 10)
 @functools.cache
 def _kernel():
     """The Triton kernel; Triton is imported here, never at package import."""
-    from model import _mhc_map_kernels as k
+    from model.mhc.kernels import _map_triton as k
 
     return k.mapping_logits_kernel
 

@@ -29,7 +29,7 @@ import functools
 
 import torch
 
-from model.triton_support import triton_can_run
+from model.mhc.kernels.support import triton_can_run
 
 __all__ = ["available", "sinkhorn_fused", "sinkhorn_into", "sinkhorn_vjp"]
 
@@ -43,7 +43,7 @@ NUM_WARPS = 4  # warps per program (Triton's default)
 @functools.cache
 def _kernels():
     """(forward, backward) Triton kernels; Triton is imported here, never at package import."""
-    from model import _sinkhorn_kernels as k
+    from model.mhc.kernels import _sinkhorn_triton as k
 
     return k.forward_kernel, k.backward_kernel
 

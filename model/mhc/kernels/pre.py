@@ -66,8 +66,8 @@ import threading
 import torch
 from torch.autograd.function import once_differentiable
 
-from model import sinkhorn_triton
-from model.triton_support import FLOAT_DTYPES, dot_width, is_pow2, needs_grad, triton_can_run
+from model.mhc.kernels import sinkhorn as sinkhorn_triton
+from model.mhc.kernels.support import FLOAT_DTYPES, dot_width, is_pow2, needs_grad, triton_can_run
 
 __all__ = ["MHCPre", "PendingHRes", "available", "mhc_pre", "mhc_pre_split", "overlap_pays"]
 
@@ -105,7 +105,7 @@ OVERLAP_BELOW = 1024
 @functools.cache
 def _kernels():
     """(forward, backward) Triton kernels; Triton is imported here, never at package import."""
-    from model import _mhc_pre_kernels as k
+    from model.mhc.kernels import _pre_triton as k
 
     return k.pre_forward_kernel, k.pre_backward_kernel
 

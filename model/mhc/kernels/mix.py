@@ -39,7 +39,7 @@ import functools
 import torch
 from torch.autograd.function import once_differentiable
 
-from model.triton_support import is_pow2, needs_grad, triton_can_run
+from model.mhc.kernels.support import is_pow2, needs_grad, triton_can_run
 
 __all__ = ["MixIn", "MixOut", "available", "mix_in", "mix_out"]
 
@@ -50,7 +50,7 @@ BLOCK = 8  # residues per program: their [8, n, C] streams stay in registers
 def _kernels():
     """(mix_in, mix_out, mix_in backward, mix_out backward) Triton kernels; Triton is imported here,
     never at package import."""
-    from model import _mhc_mix_kernels as k
+    from model.mhc.kernels import _mix_triton as k
 
     return k.mix_in_kernel, k.mix_out_kernel, k.mix_in_backward_kernel, k.mix_out_backward_kernel
 

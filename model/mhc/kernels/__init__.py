@@ -1,0 +1,1 @@
+"""Fused Triton kernels of mHC (imported lazily: Triton is never needed to import the package)."""
