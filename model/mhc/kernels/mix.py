@@ -1,35 +1,28 @@
-"""Fused mHC stream mixing: H_pre S and H_res S + H_post^T y, one Triton kernel each, forward and backward.
+"""Fused mHC stream mixing after the branch: H_res S + H_post^T y (and the new streams' mean), one Triton
+kernel forward and one backward.
 
-The reference is ``model.mhc.mix_in`` / ``mix_out``: on CUDA two batched GEMMs with K = n = 4 (one
-[n, n] or [1, n] matrix per residue) and an ``addcmul``, and in training their backward (more batched
-GEMMs, plus the elementwise and reduction kernels of the ``addcmul`` and broadcast gradients). Measured
-on the H100: in a 256 x 128 sampling step of the shipped pair-free model (BENCHMARKS.md) those GEMMs
-are 1.23 ms, about half of what mHC costs there; in a CUDA-graphed training step of the pair-free
-model (56 x 72 residues, n = 4, C = 128, float32 streams; 12.1 ms without mHC, 14.0 ms with it) the
-``aten::bmm`` of the two mixings, forward and backward, is +640 us (30 calls), mHC's largest item.
-These kernels read the residue's streams once, keep them in registers and write the result once
-(``model/_mhc_mix_kernels.py``).
+The reference is ``model.mhc.reference.mix_out`` (then ``contract`` for the mean): on CUDA a batched
+GEMM with K = n = 4 (one [n, n] matrix per residue) and an ``addcmul``, and in training their backward
+(more batched GEMMs, plus the elementwise and reduction kernels of the ``addcmul`` and broadcast
+gradients). Measured on the H100: in a CUDA-graphed training step of the pair-free model (56 x 72
+residues, n = 4, C = 128, float32 streams) the ``aten::bmm`` of the two mixings, forward and backward,
+was +640 us (30 calls), mHC's largest item; these kernels read the residue's streams once, keep them
+in registers and write the result once (``_mix_triton.py``). (The branch input H_pre S is computed by
+the fused pre-branch kernel, ``pre.py``.)
 
-``mix_in`` / ``mix_out`` launch the forward kernel directly when no gradient is needed (sampling
-under ``torch.no_grad``: no autograd node, nothing saved), and go through the autograd Functions
-``MixIn`` / ``MixOut`` when one is (training). Their backward is one kernel each, the vector-Jacobian
-products of out = H_pre S and out = H_res S + H_post^T y, per residue r (gx, g the output gradients):
+``mix_out`` launches the forward kernel directly when no gradient is needed (sampling under
+``torch.no_grad``: no autograd node, nothing saved), and goes through the autograd Function ``MixOut``
+when one is (training). Its backward is one kernel, the vector-Jacobian product of
+out = H_res S + H_post^T y, per residue r (g the output gradient, plus the mean's g_mean / n):
 
-    mix_in:   gh_pre[r, k] = sum_c gx[r, c] S[r, k, c]        gS[r, k, c] = h_pre[r, k] gx[r, c]
-    mix_out:  gS[r, k, c] = sum_i h_res[r, i, k] g[r, i, c]   gh_res[r, i, k] = sum_c g[r, i, c] S[r, k, c]
-              gh_post[r, i] = sum_c g[r, i, c] y[r, c]        gy[r, c] = sum_i h_post[r, i] g[r, i, c]
+    gS[r, k, c] = sum_i h_res[r, i, k] g[r, i, c]   gh_res[r, i, k] = sum_c g[r, i, c] S[r, k, c]
+    gh_post[r, i] = sum_c g[r, i, c] y[r, c]        gy[r, c] = sum_i h_post[r, i] g[r, i, c]
 
-NOTE: the first version was forward only (``available`` was False whenever gradients were enabled), so
-training ran the reference; with these backward kernels the graphed training step is timed in
-BENCHMARKS.md (sessions 5-6). The backward is not differentiable again (``once_differentiable``: no
-double backward).
-
-The streams feed both mixings of a residual; autograd adds the two gS. Sums run in float32; results
-are stored in the inputs' dtype (float32 streams in training; bf16 / fp16 work too). CUDA-graph safe:
-the host only reads shapes, outputs and gradients come from ``torch.empty``, nothing syncs.
-n and C must be powers of two (mhcExpansionRate 4 and C_s = 128 are); other shapes, float64, and CPU
-tensors without ``TRITON_INTERPRET=1`` take the reference (``available``). Imported lazily, like
-``model.sinkhorn_triton``.
+The backward is not differentiable again (``once_differentiable``: no double backward). Sums run in
+float32; results are stored in the inputs' dtype (float32 streams in training; bf16 / fp16 work too).
+CUDA-graph safe: the host only reads shapes, outputs and gradients come from ``torch.empty``, nothing
+syncs. n and C must be powers of two (the fused pre-branch's condition implies it). Triton is imported
+lazily (``_kernels``).
 """
 
 from __future__ import annotations
@@ -39,30 +32,19 @@ import functools
 import torch
 from torch.autograd.function import once_differentiable
 
-from model.mhc.kernels.support import is_pow2, needs_grad, triton_can_run
+from model.mhc.kernels.support import needs_grad
 
-__all__ = ["MixIn", "MixOut", "available", "mix_in", "mix_out"]
+__all__ = ["MixOut", "mix_out"]
 
 BLOCK = 8  # residues per program: their [8, n, C] streams stay in registers
 
 
 @functools.cache
 def _kernels():
-    """(mix_in, mix_out, mix_in backward, mix_out backward) Triton kernels; Triton is imported here,
-    never at package import."""
+    """(forward, backward) Triton kernels; Triton is imported here, never at package import."""
     from model.mhc.kernels import _mix_triton as k
 
-    return k.mix_in_kernel, k.mix_out_kernel, k.mix_in_backward_kernel, k.mix_out_backward_kernel
-
-
-def available(streams: torch.Tensor) -> bool:
-    """True when the kernels can run for ``streams`` [..., n, C], with or without a gradient: CUDA (or
-    CPU under ``TRITON_INTERPRET=1``), float32 / 16-bit, n and C powers of two, Triton importable, not
-    inside torch.compile (which fuses the reference itself)."""
-    n, c = streams.shape[-2:]
-    if not (is_pow2(n) and is_pow2(c)) or streams.dtype == torch.float64:
-        return False
-    return triton_can_run(streams)
+    return k.mix_out_kernel, k.mix_out_backward_kernel
 
 
 def _launch(kernel, count: int, *tensors, n: int, c: int, **flags: bool) -> None:
@@ -76,52 +58,21 @@ def _check(streams: torch.Tensor, **others: tuple[torch.Tensor, tuple[int, ...]]
     lead = tuple(streams.shape[:-2])
     for name, (t, tail) in others.items():
         if tuple(t.shape) != lead + tail:
-            raise ValueError(f"mhc_mix_triton: {name} must be {list(lead + tail)} for streams "
+            raise ValueError(f"mix_out: {name} must be {list(lead + tail)} for streams "
                              f"{list(streams.shape)}, got {list(t.shape)}")
 
 
-def _mix_in_forward(h: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
-    """h [..., n], s [..., n, C] contiguous, one dtype -> [..., C]."""
-    n, c = s.shape[-2:]
-    out = torch.empty(*s.shape[:-2], c, device=s.device, dtype=s.dtype)
-    _launch(_kernels()[0], s.numel() // (n * c), h, s, out, n=n, c=c)
-    return out
-
-
-def _mix_out_forward(h_res: torch.Tensor, h_post: torch.Tensor, s: torch.Tensor, y: torch.Tensor,
-                     with_mean: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+def _forward(h_res: torch.Tensor, h_post: torch.Tensor, s: torch.Tensor, y: torch.Tensor,
+             with_mean: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
     """h_res [..., n, n], h_post [..., n], s [..., n, C], y [..., C] contiguous, one dtype -> ([..., n, C],
     the mean over the n new streams [..., C] if ``with_mean`` else None)."""
     n, c = s.shape[-2:]
     out = torch.empty_like(s)
     mean = torch.empty_like(y) if with_mean else None
-    _launch(_kernels()[1], s.numel() // (n * c), h_res, h_post, s, y, out, out if mean is None else mean, n=n, c=c,
-            MEAN=with_mean)  # (out as the mean's placeholder pointer when there is no mean: not written)
+    # (out as the mean's placeholder pointer when there is no mean: not written)
+    _launch(_kernels()[0], s.numel() // (n * c), h_res, h_post, s, y, out, out if mean is None else mean,
+            n=n, c=c, MEAN=with_mean)
     return out, mean
-
-
-class MixIn(torch.autograd.Function):
-    """H_pre S, both ways fused: h [..., n], streams [..., n, C] (one dtype) -> [..., C].
-
-    Saves h and the (contiguous) streams; the backward kernel returns (gh, gS) in their dtype.
-    NOTE: both gradients are always computed (one kernel reads S and gx once for both); in training
-    both are needed.
-    """
-
-    @staticmethod
-    def forward(ctx, h: torch.Tensor, streams: torch.Tensor) -> torch.Tensor:
-        h, s = h.contiguous(), streams.contiguous()
-        ctx.save_for_backward(h, s)
-        return _mix_in_forward(h, s)
-
-    @staticmethod
-    @once_differentiable
-    def backward(ctx, grad_out: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        h, s = ctx.saved_tensors
-        n, c = s.shape[-2:]
-        gh, gs = torch.empty_like(h), torch.empty_like(s)  # [..., n], [..., n, C]
-        _launch(_kernels()[2], s.numel() // (n * c), h, s, grad_out.contiguous(), gh, gs, n=n, c=c)
-        return gh, gs
 
 
 class MixOut(torch.autograd.Function):
@@ -131,7 +82,7 @@ class MixOut(torch.autograd.Function):
     Saves all four inputs (contiguous); the backward kernel returns (gh_res, gh_post, gS, gy), taking the
     streams' gradient and the mean's (either may be absent) in one pass: the mean read-out's gradient
     reaches the streams without a separate broadcast and add.
-    NOTE: all four are always computed, for the reason given in ``MixIn``.
+    NOTE: all four are always computed (one kernel reads S and g once for all); in training all are needed.
     """
 
     @staticmethod
@@ -140,7 +91,7 @@ class MixOut(torch.autograd.Function):
         h_res, h_post, s, y = h_res.contiguous(), h_post.contiguous(), streams.contiguous(), y.contiguous()
         ctx.save_for_backward(h_res, h_post, s, y)
         ctx.set_materialize_grads(False)  # an unused output's gradient arrives as None: no zeros read
-        out, mean = _mix_out_forward(h_res, h_post, s, y, with_mean)
+        out, mean = _forward(h_res, h_post, s, y, with_mean)
         return (out, mean) if with_mean else out
 
     @staticmethod
@@ -154,28 +105,17 @@ class MixOut(torch.autograd.Function):
             return g_res.zero_(), g_post.zero_(), gs.zero_(), gy.zero_(), None
         g = grad_out.contiguous() if has_out else gs  # a placeholder pointer when absent (not read)
         gm = grad_mean.contiguous() if has_mean else gy  # likewise
-        _launch(_kernels()[3], s.numel() // (n * c), h_res, h_post, s, y, g, gm, g_res, g_post, gs, gy, n=n, c=c,
-                GRAD_OUT=has_out, GRAD_MEAN=has_mean)
+        _launch(_kernels()[1], s.numel() // (n * c), h_res, h_post, s, y, g, gm, g_res, g_post, gs, gy,
+                n=n, c=c, GRAD_OUT=has_out, GRAD_MEAN=has_mean)
         return g_res, g_post, gs, gy, None
-
-
-def mix_in(h_pre: torch.Tensor, streams: torch.Tensor) -> torch.Tensor:
-    """h_pre [..., n], streams [..., n, C] -> H_pre S [..., C] (the streams' dtype; h_pre is cast to it).
-
-    Through ``MixIn`` (fused backward) when a gradient is needed, else the forward kernel alone."""
-    _check(streams, h_pre=(h_pre, (streams.shape[-2],)))
-    h = h_pre.to(streams.dtype)
-    if needs_grad(h, streams):
-        return MixIn.apply(h, streams)
-    return _mix_in_forward(h.contiguous(), streams.contiguous())
 
 
 def mix_out(h_res: torch.Tensor, h_post: torch.Tensor, streams: torch.Tensor, y: torch.Tensor, *,
             with_mean: bool = False):
     """h_res [..., n, n], h_post [..., n], streams [..., n, C], y [..., C] -> H_res S + H_post^T y [..., n, C]
     (the streams' dtype; the others are cast to it). ``with_mean``: returns (new streams, their mean over
-    the n streams [..., C]) from the same kernel (``model.mhc.contract`` of the output, which the next
-    backbone update reads), instead of a second pass over the streams.
+    the n streams [..., C]) from the same kernel (``contract`` of the output, which the next backbone
+    update reads), instead of a second pass over the streams.
 
     Through ``MixOut`` (fused backward) when a gradient is needed, else the forward kernel alone."""
     n, c = streams.shape[-2:]
@@ -184,6 +124,6 @@ def mix_out(h_res: torch.Tensor, h_post: torch.Tensor, streams: torch.Tensor, y:
     h_res, h_post, y = h_res.to(dt), h_post.to(dt), y.to(dt)
     if needs_grad(h_res, h_post, streams, y):
         return MixOut.apply(h_res, h_post, streams, y, with_mean)
-    out, mean = _mix_out_forward(h_res.contiguous(), h_post.contiguous(), streams.contiguous(), y.contiguous(),
-                                 with_mean)
+    out, mean = _forward(h_res.contiguous(), h_post.contiguous(), streams.contiguous(), y.contiguous(),
+                         with_mean)
     return (out, mean) if with_mean else out

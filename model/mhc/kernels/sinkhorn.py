@@ -1,9 +1,11 @@
-"""Fused Sinkhorn-Knopp for mHC's H_res: one Triton kernel forward, one backward (optional accelerator).
+"""Fused Sinkhorn-Knopp for mHC's H_res: one Triton kernel forward, one backward.
 
-The reference is ``model.mhc.sinkhorn_knopp`` (a PyTorch loop: 2 kernels per half iteration, so
-~80 forward and ~160 backward launches for ``mhcSinkhornIters`` 20, per mHC residual and step).
-Measured on the H100 (BENCHMARKS.md): mHC without this kernel cost +24 % of the shipped model's
-training step and +30 % of a batch-1 sampling step, against the issue's 5 % budget.
+The reference is ``model.mhc.reference.sinkhorn_knopp`` (a PyTorch loop: 2 kernels per half iteration,
+so ~80 forward and ~160 backward launches for ``mhcSinkhornIters`` 20, per mHC residual and step).
+Measured on the H100 (BENCHMARKS.md): mHC with that loop cost +24 % of the shipped model's training
+step and +30 % of a batch-1 sampling step. The fused pre-branch (``pre.fused_pre``) writes the H_res
+logits and runs this kernel on them: its own autograd node in training (``sinkhorn_fused``), the bare
+forward kernel on a side stream when sampling small batches (``sinkhorn_into``).
 
 Same math as the reference, per [n, n] matrix of logits z, in float64 registers:
 
@@ -15,12 +17,11 @@ g_m = (g_y - sum_{along s} g_y * y) / s, and m = y * s. The backward kernel reru
 n] (n values per matrix and half step; allocated for the call, nothing kept between forward and
 backward), then walks the half steps backwards, recovering each m_k from m_{k+1} and its sums. Finally
 g_z = g_m0 * m_0 where z - max(z) > -FLOOR (the max shift is detached: Sinkhorn is invariant to it).
-NOTE: the first version recomputed m_k from m_0 for every k (O(ITERS^2) half steps, no scratch); on the
-H100 that kernel took 1.9 ms per call, 7.5 % of the shipped model's training step.
+NOTE: recomputing m_k from m_0 for every k instead (O(ITERS^2) half steps, no scratch) took 1.9 ms per
+call on the H100, 7.5 % of the shipped model's training step.
 
-One program handles BLOCK matrices; n * n must be a power of two (n = 1, 2, 4, 8: mhcExpansionRate
-4 is the paper's and ours); other n fall back to the reference. Imported lazily: the package never
-needs Triton, and :func:`available` says whether this path can run for a tensor.
+One program handles BLOCK matrices; n * n must be a power of two (the fused pre-branch's condition).
+Triton is imported lazily (``_kernels``).
 """
 
 from __future__ import annotations
@@ -29,9 +30,9 @@ import functools
 
 import torch
 
-from model.mhc.kernels.support import triton_can_run
+from model.mhc.reference import SINKHORN_LOGIT_FLOOR
 
-__all__ = ["available", "sinkhorn_fused", "sinkhorn_into", "sinkhorn_vjp"]
+__all__ = ["sinkhorn_fused", "sinkhorn_into", "sinkhorn_vjp"]
 
 # NOTE: 16, not 64: a training batch has only ~4,000 matrices per call (56 x 72 residues), and 64 per
 # program left most of the H100's 132 SMs idle behind a 40-half-step dependency chain (backward
@@ -48,76 +49,66 @@ def _kernels():
     return k.forward_kernel, k.backward_kernel
 
 
-def available(logits: torch.Tensor) -> bool:
-    """True when the fused kernel can run for ``logits`` [..., n, n]: a CUDA tensor (or a CPU one
-    under ``TRITON_INTERPRET=1``), n * n a power of two, Triton importable, not inside torch.compile
-    (which fuses the reference loop itself)."""
-    n = logits.shape[-1]
-    if n * n & (n * n - 1) or logits.dtype == torch.float64:
-        return False
-    return triton_can_run(logits)
-
-
-def _launch(kernel, count: int, *tensors, iters: int, n: int, floor: float, block: int | None = None,
+def _launch(kernel, count: int, *tensors, iters: int, n: int, block: int | None = None,
             num_warps: int | None = None) -> None:
     """One program per ``block`` matrices (default ``BLOCK``, ``NUM_WARPS``: read at each call)."""
     block = BLOCK if block is None else block
     num_warps = NUM_WARPS if num_warps is None else num_warps
     grid = (max(1, -(-count // block)),)
-    kernel[grid](*tensors, count, ITERS=iters, N=n, FLOOR=floor, BLOCK=block, num_warps=num_warps)
+    kernel[grid](*tensors, count, ITERS=iters, N=n, FLOOR=SINKHORN_LOGIT_FLOOR, BLOCK=block,
+                 num_warps=num_warps)
 
 
 class _SinkhornFused(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, logits: torch.Tensor, iters: int, floor: float, tiling: tuple[int, int]) -> torch.Tensor:
+    def forward(ctx, logits: torch.Tensor, iters: int, tiling: tuple[int, int]) -> torch.Tensor:
         z = logits.detach().float().contiguous()  # [..., n, n]
         block, warps = tiling
-        out = sinkhorn_into(z, torch.empty_like(z), iters, floor, block=block, num_warps=warps)
+        out = sinkhorn_into(z, torch.empty_like(z), iters, block=block, num_warps=warps)
         ctx.save_for_backward(z)
-        ctx.iters, ctx.floor, ctx.tiling = iters, floor, tiling
+        ctx.iters, ctx.tiling = iters, tiling
         return out
 
     @staticmethod
     def backward(ctx, grad_out: torch.Tensor):
         (z,) = ctx.saved_tensors
         block, warps = ctx.tiling
-        return sinkhorn_vjp(z, grad_out, ctx.iters, ctx.floor, block=block, num_warps=warps), None, None, None
+        return sinkhorn_vjp(z, grad_out, ctx.iters, block=block, num_warps=warps), None, None
 
 
-def sinkhorn_vjp(z: torch.Tensor, grad_out: torch.Tensor, num_iters: int, floor: float, *,
-                 block: int | None = None, num_warps: int | None = None) -> torch.Tensor:
+def sinkhorn_vjp(z: torch.Tensor, grad_out: torch.Tensor, num_iters: int, *, block: int | None = None,
+                 num_warps: int | None = None) -> torch.Tensor:
     """The backward kernel alone: the gradient of the logits z [..., n, n] (float32, contiguous) of
-    :func:`sinkhorn_fused`, given the output's gradient [..., n, n]; float32. (Also used by the fused
-    mHC pre-branch, which keeps the logits itself.)"""
+    :func:`sinkhorn_fused`, given the output's gradient [..., n, n]; float32."""
     grad = torch.empty_like(z)
     count, n = z.numel() // (z.shape[-1] ** 2), z.shape[-1]
     if count:
         sums = torch.empty(count, 2 * num_iters, n, dtype=torch.float64, device=z.device)  # scratch
         _launch(_kernels()[1], count, z, grad_out.float().contiguous(), grad, sums, iters=num_iters, n=n,
-                floor=floor, block=block, num_warps=num_warps)
+                block=block, num_warps=num_warps)
     return grad
 
 
-def sinkhorn_into(z: torch.Tensor, out: torch.Tensor, num_iters: int, floor: float, *,
-                  block: int | None = None, num_warps: int | None = None) -> torch.Tensor:
+def sinkhorn_into(z: torch.Tensor, out: torch.Tensor, num_iters: int, *, block: int | None = None,
+                  num_warps: int | None = None) -> torch.Tensor:
     """The forward kernel alone, without autograd: writes Sinkhorn(z) into ``out`` (both [..., n, n]
     float32, contiguous, the same shape), exactly what :func:`sinkhorn_fused` returns. For callers that
-    own the buffers and need no gradient: the fused mHC pre-branch's sampling path runs it on a side
+    own the buffers and need no gradient: the fused pre-branch's sampling path runs it on a side
     stream. Returns ``out``."""
     for name, t in (("z", z), ("out", out)):
         if t.dtype != torch.float32 or not t.is_contiguous() or t.shape != z.shape:
-            raise ValueError(f"sinkhorn_into: {name} must be contiguous float32 of z's shape {list(z.shape)}, "
-                             f"got {t.dtype} {list(t.shape)} strides {t.stride()}")
+            raise ValueError(f"sinkhorn_into: {name} must be contiguous float32 of z's shape "
+                             f"{list(z.shape)}, got {t.dtype} {list(t.shape)} strides {t.stride()}")
     count, n = z.numel() // (z.shape[-1] ** 2), z.shape[-1]
     if count:
-        _launch(_kernels()[0], count, z, out, iters=num_iters, n=n, floor=floor, block=block, num_warps=num_warps)
+        _launch(_kernels()[0], count, z, out, iters=num_iters, n=n, block=block, num_warps=num_warps)
     return out
 
 
-def sinkhorn_fused(logits: torch.Tensor, num_iters: int, floor: float, *, block: int | None = None,
+def sinkhorn_fused(logits: torch.Tensor, num_iters: int, *, block: int | None = None,
                    num_warps: int | None = None) -> torch.Tensor:
-    """``model.mhc.sinkhorn_knopp`` as one kernel each way: [..., n, n] (fp32 / bf16 / fp16) -> float32.
-    ``block`` (matrices per program, a power of two) and ``num_warps``: the tiling, forward and backward
-    (``benchmarks/mhc_cost.py`` times the choices)."""
+    """``sinkhorn_knopp`` as one kernel each way: logits [..., n, n] (fp32 / bf16 / fp16) -> H_res
+    [..., n, n] float32. ``block`` (matrices per program, a power of two) and ``num_warps``: the tiling,
+    forward and backward (``benchmarks/mhc_cost.py`` times the choices)."""
     tiling = (BLOCK if block is None else int(block), NUM_WARPS if num_warps is None else int(num_warps))
-    return _SinkhornFused.apply(logits, int(num_iters), float(floor), tiling)
+    return _SinkhornFused.apply(logits, int(num_iters), tiling)
