@@ -99,11 +99,6 @@ def main() -> None:
                          "(e.g. configs/ship_pairfree.txt before its weights exist)")
     ap.add_argument("--compile-pair", action="store_true",
                     help="torch.compile the pair-transform layers first (model.denoiser.compile_denoiser, as the service)")
-    ap.add_argument("--reference-mappings", action="store_true",
-                    help="mHC mapping logits by the PyTorch reference, not the fused Triton kernel (A/B)")
-    ap.add_argument("--inline-sinkhorn", action="store_true",
-                    help="mHC: H_res's Sinkhorn inside the pre-branch kernel, not its own kernel (on a side stream "
-                         "below mhc_pre_triton.OVERLAP_BELOW residues) (MHCResidual.split_sinkhorn = False; A/B)")
     ap.add_argument("--profile", default=None, metavar="BxL",
                     help="also profile eager steps at this shape: top CUDA kernels by total time")
     args = ap.parse_args()
@@ -129,17 +124,6 @@ def main() -> None:
         denoiser = build_denoiser(config).to(device).eval()
     if args.compile_pair:
         compile_denoiser(denoiser)
-    if args.reference_mappings:
-        from model.mhc import MHCMappings
-
-        for module in denoiser.modules():
-            if isinstance(module, MHCMappings):
-                module.fused = False
-    if args.inline_sinkhorn:
-        from model.mhc import find_mhc_modules
-
-        for module in find_mhc_modules(denoiser):
-            module.split_sinkhorn = False
     schedule = Schedule.from_config(config)
     T = schedule.num_timesteps
     shapes = [tuple(int(v) for v in s.lower().split("x")) for s in args.shapes.split(",")]
@@ -202,7 +186,7 @@ def main() -> None:
 
     result = {
         "device": torch.cuda.get_device_name(device), "torch": torch.__version__, "weights": weights_name,
-        "random_init_mode": args.mode, "compile_pair": args.compile_pair, "split_sinkhorn": not args.inline_sinkhorn,
+        "random_init_mode": args.mode, "compile_pair": args.compile_pair,
         "mode": config.mode, "precision": args.precision, "timesteps": T, "iters": args.iters,
         "graphs": {"captures": runner.stats.captures, "disabled_reason": runner.stats.disabled_reason},
         "max_memory_allocated_GiB": torch.cuda.max_memory_allocated(device) / 2**30,

@@ -6,8 +6,6 @@
     python benchmarks/profile_train_step.py configs/ship_mhc_flash.txt --device cpu --batch 8 --length 40
     # the cost of mHC with the forward + backward replayed from CUDA graphs (GPU time, not launches)
     python benchmarks/profile_train_step.py configs/ship_pairfree.txt --ab flash,mhc_flash --graph --steps 40
-    # ... with mHC's Sinkhorn as its own kernel (the default) and inside the pre-branch kernel
-    python benchmarks/profile_train_step.py configs/ship_pairfree.txt --ab flash,mhc_flash,mhc_flash/inline-sinkhorn --graph
     # ... and where it goes: GPU time per kernel name and step in each mode (eager steps, profiler)
     python benchmarks/profile_train_step.py configs/ship_pairfree.txt --ab flash,mhc_flash --kernels --out DIR
 
@@ -33,7 +31,6 @@ from model.config import MODES, load_config
 from model.diffusion import Schedule, q_sample
 from model.diffusion import loss as diffusion_loss
 
-INLINE = "/inline-sinkhorn"  # --ab variant suffix: MHCResidual.split_sinkhorn = False
 COUNTED = ("aten::copy_", "aten::mul", "aten::add", "aten::sum", "aten::native_layer_norm",
            "aten::native_layer_norm_backward", "aten::sigmoid_backward", "aten::addmm", "aten::bmm",
            "aten::mm", "aten::cat", "aten::where", "aten::fill_", "aten::zero_")
@@ -48,11 +45,6 @@ def _setup(args):
     dev = torch.device(args.device)
     torch.manual_seed(0)
     model = build_denoiser(cfg).to(dev).train()
-    if getattr(args, "inline_sinkhorn", False):  # mHC's Sinkhorn inside the pre-branch kernel (A/B)
-        from model.mhc import find_mhc_modules
-
-        for module in find_mhc_modules(model):
-            module.split_sinkhorn = False
     fwd = model
     if args.compile:
         from model.denoiser import compile_denoiser
@@ -169,14 +161,13 @@ def ab_compare(args) -> None:
     import copy
 
     names = args.ab.split(",")
-    if len(names) < 2 or len(set(names)) < len(names) or any(n.removesuffix(INLINE) not in MODES for n in names):
-        raise SystemExit(f"--ab takes two or more different variants, each one of {sorted(MODES)}, optionally "
-                         f"with '{INLINE}' (mHC's Sinkhorn inside the pre-branch kernel), e.g. flash,mhc_flash,mhc_flash{INLINE}")
+    if len(names) < 2 or len(set(names)) < len(names) or any(n not in MODES for n in names):
+        raise SystemExit(f"--ab takes two or more different modes, each one of {sorted(MODES)}, "
+                         f"e.g. flash,mhc_flash")
     steps = {}
     for name in names:
         a = copy.copy(args)
-        a.mode = name.removesuffix(INLINE)
-        a.inline_sinkhorn = name.endswith(INLINE)
+        a.mode = name
         steps[name] = _setup(a)[1]
         for _ in range(1 if args.device == "cpu" else 5):
             steps[name]()
@@ -231,9 +222,8 @@ def main() -> None:
                          "profiler), the largest differences as a table (kernels.txt) and all in ab.json")
     ap.add_argument("--out", type=Path, default=None)
     ap.add_argument("--ab", default=None, metavar="MODE_A,MODE_B[,...]",
-                    help="A/B: build each variant, time their steps alternately (--steps each), report the "
-                         "medians and each / A - 1 (e.g. flash,mhc_flash: the training cost of mHC); a mode "
-                         f"with '{INLINE}' runs mHC's Sinkhorn inside the pre-branch kernel, not as its own")
+                    help="A/B: build each mode, time their steps alternately (--steps each), report the "
+                         "medians and each / A - 1 (e.g. flash,mhc_flash: the training cost of mHC)")
     args = ap.parse_args()
     if args.ab:
         ab_compare(args)

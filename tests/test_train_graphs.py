@@ -184,22 +184,17 @@ BF16_GRAD_REL = 1e-2
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("dtype,max_graphs,eager_split",
-                         [(None, 64, True), (torch.bfloat16, 64, True), (None, 1, True), (None, 64, False)])
-def test_gpu_graphed_training_matches_eager_over_alternating_shapes(dtype, max_graphs, eager_split):
+@pytest.mark.parametrize("dtype,max_graphs", [(None, 64), (torch.bfloat16, 64), (None, 1)])
+def test_gpu_graphed_training_matches_eager_over_alternating_shapes(dtype, max_graphs):
     """Graphed and eager copies of one model take the same SGD steps on batches of two shapes
     (A, B, A, B, ...): losses and every gradient agree at each step, so the replays see the in-place
     parameter updates and the two shapes' graphs do not overwrite each other's memory. With room for
     one graph, every call from the third on drops the other shape's graphs and captures its own again
-    (from the shared pool). Both run mHC's Sinkhorn as its own kernel and autograd node
-    (``split_sinkhorn``); ``eager_split`` False: the eager copy runs it inside the pre-branch kernel."""
-    from model.mhc import find_mhc_modules
-
+    (from the shared pool). Both run mHC's fused kernels (the Sinkhorn as its own kernel and autograd
+    node)."""
     dev = torch.device("cuda")
     eager = _pair_free().to(dev)
     graphed = copy.deepcopy(eager)
-    for module in find_mhc_modules(eager):
-        module.split_sinkhorn = eager_split
     graphs = TrainGraphs(graphed, capture_after=2, max_graphs=max_graphs)
     shapes = [(3, 24, 5), (2, 40, 7)]
     tol = {"rtol": 1e-4, "atol": 1e-5} if dtype is None else {"rtol": 2e-2, "atol": 2e-3}  # bf16: loss only

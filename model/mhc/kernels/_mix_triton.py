@@ -1,7 +1,7 @@
-"""Triton kernels of model/mhc_mix_triton.py (imports Triton at module level: import this lazily).
+"""Triton kernels of model/mhc/kernels/mix.py (imports Triton at module level: import this lazily).
 
-Layout: streams S [count, N, C] contiguous (N streams of C channels per residue), h_pre / h_post
-[count, N], h_res [count, N, N], y [count, C]; gradients have the layout of what they are the gradient
+Layout: streams S [count, N, C] contiguous (N streams of C channels per residue), h_post [count, N],
+h_res [count, N, N], y [count, C]; gradients have the layout of what they are the gradient
 of. One program handles BLOCK residues and keeps their streams (backward: the output gradient) in
 registers ([BLOCK, N, C]); N and C are powers of two. Sums run in float32, whatever the input dtype;
 results are stored in the output tensor's dtype.
@@ -21,18 +21,6 @@ def _stream_offsets(rows, N: tl.constexpr, C: tl.constexpr):
 def _load_streams(s_ptr, rows, valid, N: tl.constexpr, C: tl.constexpr):
     offs = _stream_offsets(rows, N, C)
     return tl.load(s_ptr + offs, mask=valid[:, None, None], other=0.0).to(tl.float32)  # [BLOCK, N, C]
-
-
-@triton.jit
-def mix_in_kernel(h_ptr, s_ptr, out_ptr, count, N: tl.constexpr, C: tl.constexpr, BLOCK: tl.constexpr):
-    """out[r, c] = sum_k h[r, k] * S[r, k, c]   (the branch input H_pre S)."""
-    rows = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)  # [BLOCK]
-    valid = rows < count
-    s = _load_streams(s_ptr, rows, valid, N, C)  # [BLOCK, N, C]
-    h = tl.load(h_ptr + rows[:, None] * N + tl.arange(0, N)[None, :], mask=valid[:, None], other=0.0)
-    out = tl.sum(h.to(tl.float32)[:, :, None] * s, axis=1)  # [BLOCK, C]
-    offs = rows[:, None] * C + tl.arange(0, C)[None, :]
-    tl.store(out_ptr + offs, out.to(out_ptr.dtype.element_ty), mask=valid[:, None])
 
 
 @triton.jit
@@ -62,25 +50,6 @@ def mix_out_kernel(h_res_ptr, h_post_ptr, s_ptr, y_ptr, out_ptr, mean_ptr, count
 
 
 # ----------------------------------------------------------------------------- backward (training)
-
-
-@triton.jit
-def mix_in_backward_kernel(h_ptr, s_ptr, gx_ptr, gh_ptr, gs_ptr, count, N: tl.constexpr, C: tl.constexpr,
-                           BLOCK: tl.constexpr):
-    """Vector-Jacobian product of mix_in_kernel for the output gradient gx [count, C]:
-    gh[r, k] = sum_c gx[r, c] * S[r, k, c]   and   gS[r, k, c] = h[r, k] * gx[r, c]."""
-    rows = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)  # [BLOCK]
-    valid = rows < count
-    s = _load_streams(s_ptr, rows, valid, N, C)  # [BLOCK, N, C]
-    cols = tl.arange(0, C)
-    gx = tl.load(gx_ptr + rows[:, None] * C + cols[None, :], mask=valid[:, None], other=0.0).to(tl.float32)
-    h_offs = rows[:, None] * N + tl.arange(0, N)[None, :]  # [BLOCK, N]
-    h = tl.load(h_ptr + h_offs, mask=valid[:, None], other=0.0).to(tl.float32)  # [BLOCK, N]
-    gh = tl.sum(gx[:, None, :] * s, axis=2)  # [BLOCK, N]
-    tl.store(gh_ptr + h_offs, gh.to(gh_ptr.dtype.element_ty), mask=valid[:, None])
-    gs = h[:, :, None] * gx[:, None, :]  # [BLOCK, N, C]
-    s_offs = _stream_offsets(rows, N, C)
-    tl.store(gs_ptr + s_offs, gs.to(gs_ptr.dtype.element_ty), mask=valid[:, None, None])
 
 
 @triton.jit

@@ -1,10 +1,10 @@
-"""Triton kernels of model/mhc_pre_triton.py (imports Triton at module level: import this lazily).
+"""Triton kernels of model/mhc/kernels/pre.py (imports Triton at module level: import this lazily).
 
 Layout: streams S [count, N, C] contiguous (vec(S_r) = row r of a [count, D] matrix, D = N * C), phi
 [D, M] float32 contiguous (M = 2N + N^2 columns: pre | post | res), alpha_* scalars and b_pre / b_post
-[N], b_res [N, N] float32. Outputs: x [count, C] (the streams' dtype), h_post [count, N], h_res
-[count, N * N] float32; saved for backward: raw [count, M] = (v phi) / rms(v), z [count, N * N] (the
-H_res logits) and rinv [count] = 1 / rms(v), float32.
+[N], b_res [N, N] float32. Outputs: x [count, C] (the streams' dtype), h_post [count, N] and z [count,
+N * N] (the H_res logits, which model/mhc/kernels/_sinkhorn_triton.py turns into H_res), float32; saved
+for backward: raw [count, M] = (v phi) / rms(v) and rinv [count] = 1 / rms(v), float32.
 
 One program handles BLOCK_M residues. In registers the M columns live in one [BLOCK_M, MP] tile (MP =
 M padded to a power of two >= 16, what ``tl.dot`` takes), in the order res | pre | post | padding
@@ -17,8 +17,29 @@ One GEMM step per chunk of D forward (v phi), two backward (du phi^T and v^T du)
 import triton
 import triton.language as tl
 
-from model._mhc_map_kernels import gemm_and_sumsq
-from model._sinkhorn_kernels import _init
+
+@triton.jit
+def gemm_and_sumsq(x_ptr, row_offs, valid, phi_ptr, phi_cols, cols_ok, K: tl.constexpr, M: tl.constexpr,
+                   BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, MP: tl.constexpr, PRECISION: tl.constexpr):
+    """Pass 1 of the forward over the K = n C entries of vec(S_r), in chunks of BLOCK_K: (acc [BLOCK_M, MP]
+    = v phi[:, phi_cols], sumsq [BLOCK_M] = sum v^2), float32, for the rows at ``row_offs`` (int64 element
+    offsets; ``valid`` masks the rest: zeros). Register column a holds phi column phi_cols[a] (zero where
+    not ``cols_ok``).
+    NOTE: PRECISION "tf32x3" (three tf32 tensor-core products, hi / lo split) keeps ~float32 accuracy, which
+    the logits need (Sinkhorn exponentiates them); plain tf32 rounds v and phi to 10 mantissa bits; "ieee"
+    (float32 FMAs) is exact float32 (pre.FORWARD_TILINGS picks it: the faster there)."""
+    ks = tl.arange(0, BLOCK_K)
+    acc = tl.zeros((BLOCK_M, MP), dtype=tl.float32)
+    sumsq = tl.zeros((BLOCK_M,), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        # the streams' own dtype (float32 / bf16 / fp16) in memory, float32 in registers
+        v = tl.load(x_ptr + row_offs[:, None] + (k0 + ks)[None, :], mask=valid[:, None],
+                    other=0.0).to(tl.float32)  # [BLOCK_M, BLOCK_K]
+        w = tl.load(phi_ptr + (k0 + ks)[:, None] * M + phi_cols[None, :], mask=cols_ok[None, :],
+                    other=0.0)  # [BLOCK_K, MP]
+        sumsq += tl.sum(v * v, axis=1)
+        acc = tl.dot(v, w, acc, input_precision=PRECISION)  # [BLOCK_M, MP]
+    return acc, sumsq
 
 
 @triton.jit
@@ -62,15 +83,13 @@ def _stream_tile(s_ptr, row_offs, valid, c0, N: tl.constexpr, C: tl.constexpr, B
 
 @triton.jit
 def pre_forward_kernel(s_ptr, phi_ptr, a_pre_ptr, a_post_ptr, a_res_ptr, b_pre_ptr, b_post_ptr, b_res_ptr,
-                       x_ptr, post_ptr, res_ptr, raw_ptr, z_ptr, rinv_ptr, count, eps, N: tl.constexpr,
-                       C: tl.constexpr, MP: tl.constexpr, ITERS: tl.constexpr, FLOOR: tl.constexpr,
-                       BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_C: tl.constexpr, SAVE: tl.constexpr,
-                       SINKHORN: tl.constexpr, PRECISION: tl.constexpr):
+                       x_ptr, post_ptr, z_ptr, raw_ptr, rinv_ptr, count, eps, N: tl.constexpr,
+                       C: tl.constexpr, MP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
+                       BLOCK_C: tl.constexpr, SAVE: tl.constexpr, PRECISION: tl.constexpr):
     """Per residue r (v = vec(S_r)): raw = (v phi) / rms(v); h_pre = sigmoid(a_pre raw_pre + b_pre),
-    h_post = 2 sigmoid(a_post raw_post + b_post), h_res = Sinkhorn(a_res raw_res + b_res) (the math of
-    _sinkhorn_kernels.forward_kernel, float64); x = sum_i h_pre_i S_i. SAVE: also raw, z, rinv.
-    SINKHORN False: no Sinkhorn and res is not written; z gets the H_res logits (for
-    _sinkhorn_kernels.forward_kernel, launched after this one)."""
+    h_post = 2 sigmoid(a_post raw_post + b_post), z = a_res raw_res + b_res (the H_res logits: the
+    Sinkhorn is _sinkhorn_triton.forward_kernel, launched after this one); x = sum_i h_pre_i S_i.
+    SAVE: also raw and rinv."""
     NN: tl.constexpr = N * N
     D: tl.constexpr = N * C
     M: tl.constexpr = 2 * N + NN
@@ -95,16 +114,7 @@ def pre_forward_kernel(s_ptr, phi_ptr, a_pre_ptr, a_post_ptr, a_res_ptr, b_pre_p
              mask=valid[:, None] & is_post[None, :])  # h_post = 2 sigmoid
     z = _fold(logits, a < NN, BLOCK_M, MP, NN)  # [BLOCK_M, N*N] float32 H_res logits
     nn_offs = rows[:, None] * NN + tl.arange(0, NN)[None, :]  # [BLOCK_M, N*N]
-    if SINKHORN:
-        # Sinkhorn, Eq. (9): as _sinkhorn_kernels.forward_kernel (float64, max shift, floor, T_c then T_r)
-        m = tl.reshape(z.to(tl.float64), (BLOCK_M, N, N))
-        m, _ = _init(m, tl.max(tl.max(m, axis=2), axis=1), FLOOR)
-        for _ in range(ITERS):
-            m = m * (1.0 / tl.sum(m, axis=1, keep_dims=True))  # T_c
-            m = m * (1.0 / tl.sum(m, axis=2, keep_dims=True))  # T_r
-        tl.store(res_ptr + nn_offs, tl.reshape(m, (BLOCK_M, NN)).to(tl.float32), mask=valid[:, None])
-    if SAVE or not SINKHORN:
-        tl.store(z_ptr + nn_offs, z, mask=valid[:, None])
+    tl.store(z_ptr + nn_offs, z, mask=valid[:, None])
     if SAVE:
         tl.store(raw_ptr + rows[:, None] * M + col[None, :], raw, mask=valid[:, None] & ok[None, :])
         tl.store(rinv_ptr + rows, rinv, mask=valid)
@@ -124,7 +134,8 @@ def pre_backward_kernel(s_ptr, phi_ptr, a_pre_ptr, a_post_ptr, a_res_ptr, b_pre_
                         BLOCK_K: tl.constexpr, BLOCK_C: tl.constexpr, HAS_GX: tl.constexpr,
                         HAS_POST: tl.constexpr, HAS_RES: tl.constexpr, PRECISION: tl.constexpr):
     """Vector-Jacobian product of pre_forward_kernel for gx [count, C], g_post [count, N] and
-    gl_res [count, N*N] (the Sinkhorn VJP already applied; HAS_*: False = zero gradient, not read):
+    gl_res [count, N*N] (the logits' gradient: the Sinkhorn is its own autograd node; HAS_*: False = zero
+    gradient, not read):
 
         g_hpre = S gx;  gl = g_hpre h_pre (1 - h_pre) | g_post h_post (1 - h_post / 2) | gl_res
         graw = alpha gl;  du = graw rinv;  coef = (graw . raw) rinv^2 / D

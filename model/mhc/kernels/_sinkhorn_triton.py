@@ -1,7 +1,7 @@
-"""Triton kernels of model/sinkhorn_triton.py (imports Triton at module level: import this lazily).
+"""Triton kernels of model/mhc/kernels/sinkhorn.py (imports Triton at module level: import this lazily).
 
 Kernels are module-level functions because Triton resolves the helpers a kernel calls from its
-module's globals. Math and layout: see model/sinkhorn_triton.py.
+module's globals. Math and layout: see model/mhc/kernels/sinkhorn.py.
 """
 
 import triton

@@ -1,4 +1,4 @@
-"""Whether an optional Triton kernel can run for a tensor (shared by the fused mHC kernels).
+"""Whether the fused mHC kernels can run for a tensor (shared by the launchers of this package).
 
 Triton is never imported at package import: the package runs and tests on machines without it.
 """
