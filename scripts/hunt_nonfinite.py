@@ -75,25 +75,17 @@ class CatchFirstNonfinite(pl.Callback):
 
 @contextlib.contextmanager
 def reference_mhc(den: torch.nn.Module, on: bool):
-    """on: every mHC op of ``den`` on its PyTorch reference (mappings, Sinkhorn, mixing); restored after."""
-    from model import sinkhorn_triton
-    from model.mhc import MHCMappings, MHCResidual
+    """on: every mHC residual of ``den`` on the PyTorch reference (its ``fused=None`` policy finds the
+    fused kernels unavailable); restored after."""
+    from model.mhc.kernels import pre
 
-    saved, available = [], sinkhorn_triton.available
+    available = pre.available
     if on:
-        sinkhorn_triton.available = lambda *a, **k: False
-        for m in den.modules():
-            keys = ("fused_pre", "fused_mixing") if isinstance(m, MHCResidual) else (
-                ("fused",) if isinstance(m, MHCMappings) else ())
-            saved += [(m, k, getattr(m, k)) for k in keys]
-            for k in keys:
-                setattr(m, k, False)
+        pre.available = lambda *a, **k: False
     try:
         yield
     finally:
-        sinkhorn_triton.available = available
-        for m, k, v in saved:
-            setattr(m, k, v)
+        pre.available = available
 
 
 def _anomaly(den, dump) -> str:
