@@ -59,7 +59,9 @@ class Prometheus:
     def __init__(self, workdir: Path, target: str) -> None:
         config = yaml.safe_load((DOCKER / "prometheus.yml").read_text())
         config["global"].update(scrape_interval=f"{SCRAPE_S}s", evaluation_interval=f"{SCRAPE_S}s")
-        config["scrape_configs"][0]["static_configs"] = [{"targets": [target]}]
+        job = config["scrape_configs"][0]
+        job.pop("dns_sd_configs")  # the compose replicas, found by Docker's DNS: here one local target
+        job["static_configs"] = [{"targets": [target]}]
         (workdir / "prometheus.yml").write_text(yaml.safe_dump(config))
         self.url = f"http://127.0.0.1:{free_port()}"
         self.log = (workdir / "prometheus.log").open("w")
