@@ -92,6 +92,7 @@ def test_resolve_example_finds_ids_of_both_modes():
             assert found.id == piece.id
             np.testing.assert_array_equal(found.ca, piece.ca)
     assert resolve_example("toy:1abc_A/seg7", by_id) is None and resolve_example("toy:nope", by_id) is None
+    assert cut_chain(chain, mode=None) == [chain]  # uncut: what resolve_example starts from
 
 
 def test_batch_of_segments_has_real_zeros_in_masks_and_no_fake_step():
@@ -137,6 +138,9 @@ def test_ca_only_file_is_parsed_whole_with_its_numbering_and_breaks(tmp_path):
     _, longest = build_dataset([tmp_path / "ca"], cache_dir=tmp_path / "c", chain_breaks="longest",
                                min_length=10, verbose=False)
     assert longest.files_cached == 1 and "dropped 9 outside the longest segment" in longest.format()
+    (whole,), _ = build_dataset([tmp_path / "ca"], cache_dir=tmp_path / "c", chain_breaks=None, verbose=False)
+    assert whole.id == "ca:1xyzA_A" and len(whole) == 23
+    assert resolve_example("ca:1xyzA_A/seg1", {whole.id: whole}).sequence == pieces[0].sequence
 
 
 def test_cache_is_per_parser_version(tmp_path):

@@ -44,7 +44,7 @@ class BuildSummary:
     chains_kept: int = 0  # examples (whole chains or segments) after the length filter
     kept_by_source: dict[str, int] = field(default_factory=dict)
     by_source: dict[str, SourceCounts] = field(default_factory=dict)
-    chain_breaks: str = SEGMENTS
+    chain_breaks: str | None = SEGMENTS
     min_segment_length: int = 40
     files_total: int = 0
     files_parsed: int = 0  # parsed in this run
@@ -176,7 +176,7 @@ def build_dataset(
     use_cache: bool = True,
     min_length: int | None = None,
     max_length: int | None = None,
-    chain_breaks: str = SEGMENTS,
+    chain_breaks: str | None = SEGMENTS,
     min_segment_length: int = 40,
     verbose: bool = True,
 ) -> tuple[list[Chain], BuildSummary]:
@@ -186,7 +186,7 @@ def build_dataset(
     sources: Source specs (see `resolve_sources`: directories, "cgdms"). cache_dir: where the
     cache lives (default `cache.default_cache_dir()`); ``use_cache=False`` parses everything
     and writes nothing. chain_breaks / min_segment_length: `model.data.segments` (config keys
-    ``chainBreaks``, ``minimumSegmentLength``). Returns (examples sorted by id, summary); prints
+    ``chainBreaks``, ``minimumSegmentLength``; chain_breaks None: parsed chains, uncut). Returns (examples sorted by id, summary); prints
     ``summary.format()`` when ``verbose``. Raises FileNotFoundError only for a missing source,
     never for a bad file.
     """

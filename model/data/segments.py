@@ -17,7 +17,9 @@ Two modes (config ``chainBreaks``):
   residues; kept to reproduce training sets made this way.
 
 Cutting is idempotent (an example has no break, so it comes back unchanged), so packed examples can
-be passed through it again. `resolve_example` finds any example id of either mode in parsed chains.
+be passed through it again. `resolve_example` finds any example id of either mode in parsed chains
+(``build_dataset(..., chain_breaks=None)`` returns them uncut), so an index made in either mode can be
+matched against the sources.
 """
 
 from __future__ import annotations
@@ -50,8 +52,9 @@ class SourceCounts:
     dropped_cut: int = 0  # residues cut away: short segments, or outside the longest segment
     dropped_length: int = 0  # residues of examples outside minimumNumResidues..maximumNumResidues
 
-    def format(self, mode: str, min_segment_length: int) -> str:
-        cut = f"in segments < {min_segment_length}" if mode == SEGMENTS else "outside the longest segment"
+    def format(self, mode: str | None, min_segment_length: int) -> str:
+        cut = {SEGMENTS: f"in segments < {min_segment_length}", LONGEST: "outside the longest segment"}.get(
+            mode, "by cutting (chains uncut)")
         return (f"{self.chains} chains ({self.broken} broken, {self.breaks} breaks) -> {self.examples} "
                 f"examples ({self.segments} segments), {self.residues:,} residues kept; dropped "
                 f"{self.dropped_cut:,} {cut}, {self.dropped_length:,} by the length filter")
@@ -84,12 +87,12 @@ def _piece(chain: Chain, start: int, stop: int, new_id: str) -> Chain:
     )
 
 
-def cut_chain(chain: Chain, *, mode: str = SEGMENTS, min_segment_length: int = 40) -> list[Chain]:
-    """One parsed chain -> its training examples (rules in the module doc)."""
-    if mode not in MODES:
+def cut_chain(chain: Chain, *, mode: str | None = SEGMENTS, min_segment_length: int = 40) -> list[Chain]:
+    """One parsed chain -> its training examples (rules in the module doc); mode None: uncut."""
+    if mode is not None and mode not in MODES:
         raise ValueError(f"chainBreaks {mode!r}: use one of {', '.join(MODES)}")
     bounds = segment_bounds(chain.ca)
-    if len(bounds) <= 1:
+    if mode is None or len(bounds) <= 1:
         return [chain]
     if mode == LONGEST:
         sizes = [stop - start for start, stop in bounds]
@@ -103,7 +106,7 @@ def cut_chain(chain: Chain, *, mode: str = SEGMENTS, min_segment_length: int = 4
 
 
 def cut_chains(
-    chains: list[Chain], *, mode: str = SEGMENTS, min_segment_length: int = 40
+    chains: list[Chain], *, mode: str | None = SEGMENTS, min_segment_length: int = 40
 ) -> tuple[list[Chain], dict[str, SourceCounts]]:
     """Cut every chain; -> (examples in input order, {source: SourceCounts})."""
     examples: list[Chain] = []
