@@ -53,6 +53,10 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+class PrometheusStarting(Exception):
+    """Prometheus answered 503: up, not ready to answer queries yet."""
+
+
 class Prometheus:
     """`prometheus` on 127.0.0.1:<free port> scraping `target` every SCRAPE_S seconds."""
 
@@ -73,6 +77,8 @@ class Prometheus:
 
     def query(self, expr: str) -> list[dict]:
         r = httpx.get(self.url + "/api/v1/query", params={"query": expr}, timeout=10)
+        if r.status_code == 503:  # listening, but its storage is still starting
+            raise PrometheusStarting(r.text)
         body = r.json()
         assert r.status_code == 200 and body["status"] == "success", (expr, body)
         return body["data"]["result"]
@@ -88,6 +94,8 @@ class Prometheus:
                     return result
             except httpx.TransportError:
                 result = "not listening yet"
+            except PrometheusStarting:
+                result = "starting (503)"
             assert time.monotonic() < deadline, f"{what}: {expr} -> {result}"
             time.sleep(0.2)
 
