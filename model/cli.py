@@ -5,6 +5,7 @@
     mhcflash sample       weights directory or checkpoint -> CA-only poly-Ala PDB files
     mhcflash selfcheck    torch / CUDA / GPU, attention backends, can the combined denoiser run
     mhcflash serve        the HTTP sampling service (uvicorn)
+    mhcflash client       call a running service: sample into PDB files, read /info (service/client/cli.py)
 
 Errors a user can fix (bad config, missing file, mismatched checkpoint) print one message and exit
 with status 2, without a traceback. Training stops: NaN/Inf -> 3, CUDA out of memory -> 4.
@@ -351,6 +352,16 @@ def _mount_evaluate() -> None:
 
 
 _mount_evaluate()
+
+
+def _mount_client() -> None:
+    # NOTE: service/client/cli.py imports only typer at load time; httpx and the client on first use.
+    from service.client.cli import client_app
+
+    app.add_typer(client_app, name="client")
+
+
+_mount_client()
 
 
 def main() -> None:  # pragma: no cover - console entry for `python -m model.cli`

@@ -32,10 +32,18 @@ class ConfigError(ValueError):
 
 
 def _key(default: Any, doc: str, *, lo: float | None = None, hi: float | None = None,
-         choices: tuple[str, ...] | None = None, optional: bool = False, lo_open: bool = False):
-    """A config key: default, one-line meaning, and its valid range or choices."""
+         choices: tuple[str, ...] | None = None, optional: bool = False, lo_open: bool = False,
+         check=None):
+    """A config key: default, one-line meaning, its valid range or choices, and optionally ``check``
+    (value -> None, raising ValueError with what is wrong) for structured text values."""
     return field(default=default, metadata={"doc": doc, "lo": lo, "hi": hi, "choices": choices,
-                                            "optional": optional, "lo_open": lo_open})
+                                            "optional": optional, "lo_open": lo_open, "check": check})
+
+
+def _band_weights(value: str) -> None:
+    from model.data.bands import parse_band_weights  # numpy only
+
+    parse_band_weights(value)
 
 
 @dataclass(frozen=True)
@@ -56,6 +64,25 @@ class Config:
                                       "directory sources.", optional=True)
     validationFraction: float = _key(0.05, "Fraction of sequence groups held out for validation.",
                                      lo=0.0, hi=0.9)
+    validationByLengthBand: bool = _key(True, "Hold out validationFraction in every length band (<64, 64-127, "
+                                        "128-255, 256-511, >=512), so each band has validation chains; False: "
+                                        "over all chains at once.")
+    chainBreaks: str = _key("segments", "At a chain break (CA-CA > 4.2 A): 'segments' (each unbroken piece of at "
+                            "least minimumSegmentLength residues is an example) or 'longest' (only the longest "
+                            "piece).", choices=("segments", "longest"))
+    minimumSegmentLength: int = _key(40, "chainBreaks segments: shortest piece of a broken chain kept (an "
+                                     "unbroken chain needs only minimumNumResidues).", lo=4, hi=65536)
+    cropLength: int | None = _key(None, "Train on a random contiguous window of this many residues of longer "
+                                  "chains, a new window each time one is drawn (None = whole chains).",
+                                  lo=4, hi=65536, optional=True)
+    lengthBandWeights: str | None = _key(None, "Share of training batches drawn from each length band <64, "
+                                         "64-127, 128-255, 256-511, >=512 (five comma-separated weights, e.g. "
+                                         "1,1,1,1,1); None = every training chain once per epoch.", optional=True,
+                                         check=_band_weights)
+    batchesPerEpoch: int | None = _key(None, "With lengthBandWeights: training batches per epoch (None = about "
+                                       "one pass over the training chains).", lo=1, hi=10**9, optional=True)
+    maxResiduesPerBatch: int | None = _key(None, "Cap on padded residues per batch, B * L_max (None = batchSize "
+                                           "alone).", lo=1, hi=10**9, optional=True)
     numDataWorkers: int = _key(0, "DataLoader worker processes.", lo=0, hi=64)
 
     # --- diffusion (Genie) ---
@@ -240,6 +267,11 @@ def _check_value(f: dataclasses.Field, v: Any, where: str) -> None:
             raise ConfigError(f"{where}: {v!r} is out of range; allowed: {_range_text(f)}")
     if m["choices"] and v not in m["choices"]:
         raise ConfigError(f"{where}: {v!r} is not allowed; allowed: {_range_text(f)}")
+    if m["check"] is not None:
+        try:
+            m["check"](v)
+        except ValueError as e:
+            raise ConfigError(f"{where}: {e}") from None
 
 
 def _parse_value(f: dataclasses.Field, raw: str, where: str) -> Any:

@@ -46,6 +46,7 @@ def test_every_key_round_trips(tmp_path: Path):
     changes["minimumNumResidues"] = 21
     changes["usePairFree"] = True
     changes["useFlashMode"] = True
+    changes["lengthBandWeights"] = "1,2,1,2,0.5"
     cfg = Config(**changes)
     path = tmp_path / "all.txt"
     path.write_text(cfg.to_text())

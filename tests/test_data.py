@@ -29,6 +29,7 @@ from model.data import (
 from model.data.cache import MANIFEST, load_manifest
 from model.data.datamodule import LengthBucketBatchSampler, ProteinDataModule, collate
 from model.data.parse import BREAK_DISTANCE, PARSER_VERSION, parse_cgdms_file
+from model.data.segments import cut_chain
 from model.data.sources import cgdms_chain_dir
 
 REPO = Path(__file__).resolve().parents[1]
@@ -109,15 +110,19 @@ def test_hetatm_rules_modified_residues_kept_ligands_dropped(tmp_path):
     lines.append(atom(501, " O", "HOH", "A", 701, (21.0, 3.0, 0.0), het=True, element="O"))
     lines += residue(600, "ALA", "A", 602, 25.0, het=True)  # free amino acid ligand, 6 A away
     (chain,) = parse_structure_file(write(tmp_path, "het.pdb", lines))
-    assert chain.sequence == "AAMCXS"
-    assert len(chain) == 6 and chain.num_breaks == 1 and chain.num_dropped == 1  # ligand ALA cut off
+    assert chain.sequence == "AAMCXSA" and chain.num_breaks == 1  # the free ALA is kept, after a break
+    (piece,) = cut_chain(chain, min_segment_length=4)  # ... and cut off with the break
+    assert piece.sequence == "AAMCXS" and piece.num_dropped == 1
 
 
-def test_missing_ca_drops_residue_and_breaks_keep_longest_segment(tmp_path):
+def test_missing_ca_drops_residue_and_opens_a_break(tmp_path):
     lines = straight(3)  # residues 1-3
     lines += residue(100, "GLY", "A", 4, 11.4, with_ca=False)  # no CA: dropped -> 7.6 A gap
     lines += straight(5, start=5, resn="VAL", x0=15.2)  # residues 5-9
-    (chain,) = parse_structure_file(write(tmp_path, "gap.pdb", lines))
+    (whole,) = parse_structure_file(write(tmp_path, "gap.pdb", lines))
+    assert whole.sequence == "AAAVVVVV" and whole.num_breaks == 1 and whole.num_dropped == 0
+    np.testing.assert_array_equal(whole.residue_index, [0, 1, 2, 4, 5, 6, 7, 8])  # the gap is kept
+    (chain,) = cut_chain(whole, mode="longest")
     assert chain.sequence == "VVVVV" and chain.num_breaks == 1 and chain.num_dropped == 3
     np.testing.assert_array_equal(chain.residue_index, [0, 1, 2, 3, 4])
     steps = np.linalg.norm(np.diff(chain.ca, axis=0), axis=-1)
@@ -190,7 +195,7 @@ def test_bad_files_are_reported_not_fatal(tmp_path, capsys):
     assert reasons["water.pdb"] == reasons["dna.pdb"] == "no_protein"
     assert reasons["truncated.pdb.gz"] == reasons["corrupt.pdb.gz"] == "unreadable"
     out = capsys.readouterr().out
-    assert "kept 1 of 1 chains from 8 files" in out and "no_protein 2" in out
+    assert "kept 1 of 1 examples from 8 files" in out and "no_protein 2" in out
 
 
 def test_cgdms_malformed_file_is_reported(tmp_path):
@@ -294,8 +299,8 @@ def toy_chains(lengths, *, seed=0, groups=None):
         steps *= 3.8 / np.linalg.norm(steps, axis=-1, keepdims=True)
         ca = (np.cumsum(steps, axis=0) + rng.normal(scale=20.0, size=3)).astype(np.float32)
         g = groups[i] if groups is not None else i
-        aa = "ACDEFGHIKLMNPQRSTVWY"
-        seq = (aa[g // 20 % 20] + aa[g % 20] + "".join(aa[(g + k) % 20] for k in range(n)))[:n]
+        aa = np.array(list("ACDEFGHIKLMNPQRSTVWY"))
+        seq = "".join(aa[np.random.default_rng([seed, g]).integers(0, 20, size=n)])  # one per group
         chains.append(
             Chain(
                 id=f"toy:{i:03d}",

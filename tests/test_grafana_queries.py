@@ -53,13 +53,19 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+class PrometheusStarting(Exception):
+    """Prometheus answered 503: up, not ready to answer queries yet."""
+
+
 class Prometheus:
     """`prometheus` on 127.0.0.1:<free port> scraping `target` every SCRAPE_S seconds."""
 
     def __init__(self, workdir: Path, target: str) -> None:
         config = yaml.safe_load((DOCKER / "prometheus.yml").read_text())
         config["global"].update(scrape_interval=f"{SCRAPE_S}s", evaluation_interval=f"{SCRAPE_S}s")
-        config["scrape_configs"][0]["static_configs"] = [{"targets": [target]}]
+        job = config["scrape_configs"][0]
+        job.pop("dns_sd_configs")  # the compose replicas, found by Docker's DNS: here one local target
+        job["static_configs"] = [{"targets": [target]}]
         (workdir / "prometheus.yml").write_text(yaml.safe_dump(config))
         self.url = f"http://127.0.0.1:{free_port()}"
         self.log = (workdir / "prometheus.log").open("w")
@@ -71,6 +77,8 @@ class Prometheus:
 
     def query(self, expr: str) -> list[dict]:
         r = httpx.get(self.url + "/api/v1/query", params={"query": expr}, timeout=10)
+        if r.status_code == 503:  # listening, but its storage is still starting
+            raise PrometheusStarting(r.text)
         body = r.json()
         assert r.status_code == 200 and body["status"] == "success", (expr, body)
         return body["data"]["result"]
@@ -86,6 +94,8 @@ class Prometheus:
                     return result
             except httpx.TransportError:
                 result = "not listening yet"
+            except PrometheusStarting:
+                result = "starting (503)"
             assert time.monotonic() < deadline, f"{what}: {expr} -> {result}"
             time.sleep(0.2)
 

@@ -16,7 +16,7 @@ from __future__ import annotations
 import argparse
 from collections import Counter
 
-from model.data.split import TRAIN, VAL, training_set, write_index
+from model.data.split import TRAIN, VAL, split_table, training_set, write_index
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -47,6 +47,7 @@ def main(argv: list[str] | None = None) -> int:
         f"split (validationFraction {config.validationFraction}, seed {config.seed}): "
         f"train {counts[TRAIN]}, val {counts[VAL]}"
     )
+    print(split_table(chains, assignment))
     if args.index:
         print(f"index written to {write_index(args.index, chains, assignment)}")
     return 0

@@ -1,8 +1,10 @@
-"""Build the chain set from sources, through the cache, with a kept / skipped summary.
+"""Build the example set from sources, through the cache, with a kept / skipped summary.
 
 Source: Genie builds its training set once from SCOPe domain files; here the builder is
 incremental (`model.data.cache`) and never stops on a bad file: each failure is recorded with its
-reason (codes in `model.data.parse`) and the build ends with a `BuildSummary`.
+reason (codes in `model.data.parse`) and the build ends with a `BuildSummary`. The cache holds
+whole parsed chains; cutting them at breaks (`model.data.segments`) and the length filter come
+after it, so changing those keys never re-parses a file.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from model.data.parse import (
     parse_cgdms_file,
     parse_structure_file,
 )
+from model.data.segments import SEGMENTS, SourceCounts, cut_chains, parent_id
 from model.data.sources import CGDMS, Source, resolve_sources
 
 
@@ -38,23 +41,30 @@ class Skipped:
 class BuildSummary:
     """What a build kept and why it left the rest out; ``format()`` is what gets printed."""
 
-    chains_kept: int = 0
+    chains_kept: int = 0  # examples (whole chains or segments) after the length filter
     kept_by_source: dict[str, int] = field(default_factory=dict)
+    by_source: dict[str, SourceCounts] = field(default_factory=dict)
+    chain_breaks: str | None = SEGMENTS
+    min_segment_length: int = 40
     files_total: int = 0
     files_parsed: int = 0  # parsed in this run
     files_cached: int = 0  # reused from the cache (not parsed)
     skipped_by_reason: dict[str, int] = field(default_factory=dict)  # files and chains
     skipped: list[Skipped] = field(default_factory=list)
-    chains_total: int = 0  # before the length filter
+    chains_total: int = 0  # examples before the length filter
     seconds: float = 0.0
 
     def format(self, max_listed: int = 20) -> str:
         lines = [
             (
-                f"data build: kept {self.chains_kept} of {self.chains_total} chains "
+                f"data build: kept {self.chains_kept} of {self.chains_total} examples "
                 f"from {self.files_total} files ({self.files_parsed} parsed, "
                 f"{self.files_cached} from cache) in {self.seconds:.1f} s"
             ),
+            f"  chain breaks: {self.chain_breaks}"
+            + (f" (minimumSegmentLength {self.min_segment_length})" if self.chain_breaks == SEGMENTS else ""),
+            *(f"  {name}: {counts.format(self.chain_breaks, self.min_segment_length)}"
+              for name, counts in sorted(self.by_source.items())),
             "  kept by source: "
             + (", ".join(f"{k} {v}" for k, v in sorted(self.kept_by_source.items())) or "none"),
             "  skipped by reason: "
@@ -166,20 +176,25 @@ def build_dataset(
     use_cache: bool = True,
     min_length: int | None = None,
     max_length: int | None = None,
+    chain_breaks: str | None = SEGMENTS,
+    min_segment_length: int = 40,
     verbose: bool = True,
 ) -> tuple[list[Chain], BuildSummary]:
-    """Parse (or reuse from cache) every chain of ``sources``, filter by length, summarise.
+    """Parse (or reuse from cache) every chain of ``sources``, cut at breaks, filter by length,
+    summarise.
 
     sources: Source specs (see `resolve_sources`: directories, "cgdms"). cache_dir: where the
     cache lives (default `cache.default_cache_dir()`); ``use_cache=False`` parses everything
-    and writes nothing. Returns (chains sorted by id, summary); prints ``summary.format()``
-    when ``verbose``. Raises FileNotFoundError only for a missing source, never for a bad file.
+    and writes nothing. chain_breaks / min_segment_length: `model.data.segments` (config keys
+    ``chainBreaks``, ``minimumSegmentLength``; chain_breaks None: parsed chains, uncut). Returns (examples sorted by id, summary); prints
+    ``summary.format()`` when ``verbose``. Raises FileNotFoundError only for a missing source,
+    never for a bad file.
     """
     start = time.perf_counter()
     resolved = resolve_sources(sources)
     cache_dir = Path(cache_dir or cache_io.default_cache_dir()) if use_cache else None
     manifest = cache_io.load_manifest(cache_dir, PARSER_VERSION) if cache_dir else {"sources": {}}
-    summary = BuildSummary()
+    summary = BuildSummary(chain_breaks=chain_breaks, min_segment_length=min_segment_length)
     chains: list[Chain] = []
     dirty = False
     for source in resolved:
@@ -188,10 +203,19 @@ def build_dataset(
         dirty = dirty or rewritten
     if cache_dir is not None and dirty:
         cache_io.save_manifest(cache_dir, manifest)
+    chains, summary.by_source = cut_chains(chains, mode=chain_breaks, min_segment_length=min_segment_length)
     chains.sort(key=lambda c: c.id)
     summary.chains_total = len(chains)
+    before = {c.id: c for c in chains}
     chains, length_skips = filter_by_length(chains, min_length=min_length, max_length=max_length)
     summary.skipped.extend(length_skips)
+    for item in length_skips:  # filtered examples move from kept to dropped_length
+        example = before[item.chain]
+        counts = summary.by_source[example.source]
+        counts.examples -= 1
+        counts.segments -= parent_id(example.id) != example.id
+        counts.residues -= len(example)
+        counts.dropped_length += len(example)
     summary.chains_kept = len(chains)
     summary.kept_by_source = dict(Counter(c.source for c in chains))
     summary.skipped_by_reason = dict(Counter(s.reason for s in summary.skipped))

@@ -1,12 +1,13 @@
 """On-disk cache of parsed chains: one ``.npz`` per source plus ``manifest.json``.
 
-Layout of ``cache_dir``:
+Layout of ``cache_dir`` (file names carry the parser version, so builders of two versions can share
+one directory without re-parsing each other's work):
 
-- ``manifest.json``: ``{"parser_version": int, "sources": {<abs root>: {"name", "kind",
+- ``manifest-v<parser version>.json``: ``{"parser_version": int, "sources": {<abs root>: {"name", "kind",
   "store", "files": {<relpath>: {"mtime_ns", "size", "chains": [ids], "skipped": null |
   [reason, detail]}}}}}``. A file is reused when path, mtime_ns, size and parser version all
   match; failures are cached too, so a bad file is reported again without re-parsing it.
-- ``<name>-<hash of root>.npz``: every chain of that source, concatenated (no pickles):
+- ``<name>-<hash of root>-v<parser version>.npz``: every parsed (uncut) chain of that source, concatenated (no pickles):
   ``ids [N], paths [N], lengths [N], num_breaks [N], num_dropped [N]`` and the per-residue
   ``ca [sum L, 3] float32, residue_index [sum L] int32, sequence [sum L] uint8 (ASCII)``.
 
@@ -25,9 +26,14 @@ from pathlib import Path
 import numpy as np
 
 from model.atomic_io import atomic_write_bytes
-from model.data.parse import Chain
+from model.data.parse import PARSER_VERSION, Chain
 
-MANIFEST = "manifest.json"
+
+def manifest_name(parser_version: int) -> str:
+    return f"manifest-v{parser_version}.json"
+
+
+MANIFEST = manifest_name(PARSER_VERSION)
 
 
 def default_cache_dir() -> Path:
@@ -46,12 +52,12 @@ def file_key(path: Path) -> dict:
 
 def store_name(name: str, root: Path) -> str:
     digest = hashlib.sha1(str(root).encode()).hexdigest()[:10]
-    return f"{name}-{digest}.npz"
+    return f"{name}-{digest}-v{PARSER_VERSION}.npz"
 
 
 def load_manifest(cache_dir: Path, parser_version: int) -> dict:
     """The manifest, or an empty one if absent, unreadable or from another parser version."""
-    path = Path(cache_dir) / MANIFEST
+    path = Path(cache_dir) / manifest_name(parser_version)
     try:
         manifest = json.loads(path.read_text())
         if manifest.get("parser_version") == parser_version:
@@ -63,7 +69,7 @@ def load_manifest(cache_dir: Path, parser_version: int) -> dict:
 
 def save_manifest(cache_dir: Path, manifest: dict) -> None:
     data = json.dumps(manifest, indent=1, sort_keys=True).encode()
-    atomic_write_bytes(Path(cache_dir) / MANIFEST, data)
+    atomic_write_bytes(Path(cache_dir) / manifest_name(manifest["parser_version"]), data)
 
 
 def save_chains(path: Path, chains: list[Chain]) -> None:

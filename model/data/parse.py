@@ -16,17 +16,16 @@ Rules (the README "Data" section repeats them; tests in ``tests/test_data.py`` p
   Waters, ions (calcium's atom "CA" included), ligands and nucleotides never contribute.
 - **Non-standard residues** in ATOM records: kept; the letter is the CCD parent's, else ``X``.
 - **Missing CA**: the residue is dropped (which usually opens a chain break, below).
-- **Chain breaks**: consecutive kept CA atoms further apart than ``BREAK_DISTANCE`` (4.2 A) split
-  the chain into segments; the longest segment is kept (ties: the first). ``num_breaks`` and
-  ``num_dropped`` record what was cut. Rationale: the diffusion model assumes a contiguous trace
-  (Frenet-Serret frames, 3.8 A steps); the batch carries no break flags.
+- **Chain breaks**: consecutive kept CA atoms further apart than ``BREAK_DISTANCE`` (4.2 A) are
+  counted in ``num_breaks`` but not cut here: a parsed `Chain` holds every kept residue, and
+  `model.data.segments` cuts it into unbroken training examples as the config asks
+  (``chainBreaks``, ``minimumSegmentLength``), so the cache does not depend on those keys.
 - **Multiple chains**: each chain of the first model is a separate entry, id
   ``"<source>:<file stem>_<chain id>"`` (``_`` for a blank chain id).
-- **Residue index**: author numbering normalised to start at 0 on the kept segment and to be
-  strictly increasing: ``idx[i] = idx[i-1] + max(1, res_id[i] - res_id[i-1])``, so numbering
+- **Residue index**: author numbering normalised to start at 0 and to be strictly increasing: ``idx[i] = idx[i-1] + max(1, res_id[i] - res_id[i-1])``, so numbering
   gaps are kept and insertion codes / backwards numbering advance by one.
 - **cgdms** files: line 1 sequence, line 2 secondary structure, then one line per residue with
-  12 floats (N, CA, C, CB xyz); CA = floats 3..5; the same break rule applies.
+  12 floats (N, CA, C, CB xyz); CA = floats 3..5; breaks are counted the same way.
 
 A file that cannot be used raises `ParseError(reason, detail)`; the builder records it and goes
 on. Reasons: ``unreadable`` (I/O, gzip, encoding), ``parse_error`` (biotite rejected it),
@@ -45,7 +44,7 @@ from pathlib import Path
 
 import numpy as np
 
-PARSER_VERSION = 1  # bump whenever a rule above changes: invalidates every cache entry
+PARSER_VERSION = 2  # bump whenever a rule above changes: invalidates every cache entry
 BREAK_DISTANCE = 4.2  # Angstrom; consecutive CA-CA above this is a chain break
 STANDARD = "ACDEFGHIKLMNPQRSTVWY"
 _SPECIAL_PARENT = {"U": "C", "O": "K"}  # selenocysteine -> Cys, pyrrolysine -> Lys
@@ -63,7 +62,8 @@ class ParseError(Exception):
 
 @dataclass(frozen=True)
 class Chain:
-    """One training example: the CA trace of one (contiguous segment of a) protein chain."""
+    """The CA trace of one protein chain as parsed, or of one unbroken piece of it (a training example,
+    `model.data.segments`)."""
 
     id: str  # "<source>:<name>", unique within a build
     sequence: str  # one letter per residue, X for unknown
@@ -72,7 +72,7 @@ class Chain:
     source: str = ""  # source name ("pdb20", "cgdms", ...)
     path: str = ""  # file, relative to the source root
     num_breaks: int = 0  # CA-CA > BREAK_DISTANCE found in the whole chain
-    num_dropped: int = 0  # residues outside the kept segment
+    num_dropped: int = 0  # residues of the whole chain outside this piece (0 as parsed)
 
     def __len__(self) -> int:
         return int(self.ca.shape[0])
@@ -89,19 +89,12 @@ def structure_stem(path: str | Path) -> str:
     return name
 
 
-def longest_segment(ca: np.ndarray) -> tuple[int, int, int]:
-    """Split at CA-CA > BREAK_DISTANCE and return (start, stop, num_breaks) of the longest piece.
-
-    ca: [L, 3]. Ties go to the first segment.
-    """
+def break_positions(ca: np.ndarray) -> np.ndarray:
+    """Indices i where the step ca[i-1] -> ca[i] is longer than BREAK_DISTANCE; ca [L, 3] -> [K] int."""
     if ca.shape[0] < 2:
-        return 0, ca.shape[0], 0
+        return np.zeros(0, dtype=np.int64)
     step = np.linalg.norm(ca[1:] - ca[:-1], axis=-1)  # [L-1]
-    cuts = np.nonzero(step > BREAK_DISTANCE)[0] + 1  # segment starts after each break
-    bounds = np.concatenate([[0], cuts, [ca.shape[0]]])
-    sizes = np.diff(bounds)
-    best = int(np.argmax(sizes))  # argmax returns the first maximum
-    return int(bounds[best]), int(bounds[best + 1]), int(cuts.size)
+    return np.nonzero(step > BREAK_DISTANCE)[0] + 1
 
 
 def normalise_residue_index(res_id: np.ndarray) -> np.ndarray:
@@ -121,19 +114,18 @@ def make_chain(
     source: str,
     path: str,
 ) -> Chain:
-    """Apply the break rule and the index normalisation; ca [L, 3], res_id [L]."""
+    """Count the breaks and normalise the index of a whole chain; ca [L, 3], res_id [L]."""
     if not np.all(np.isfinite(ca)):
         raise ParseError("non_finite", f"chain {name} has NaN/inf coordinates")
-    start, stop, num_breaks = longest_segment(ca)
+    ca = np.ascontiguousarray(ca, dtype=np.float32)  # [L, 3]; breaks are found on what is stored
     return Chain(
         id=f"{source}:{name}" if source else name,
-        sequence=sequence[start:stop],
-        ca=np.ascontiguousarray(ca[start:stop], dtype=np.float32),
-        residue_index=normalise_residue_index(res_id[start:stop]),
+        sequence=sequence,
+        ca=ca,
+        residue_index=normalise_residue_index(res_id),
         source=source,
         path=path,
-        num_breaks=num_breaks,
-        num_dropped=int(ca.shape[0] - (stop - start)),
+        num_breaks=len(break_positions(ca)),
     )
 
 

@@ -1,12 +1,16 @@
 """Train / validation split by sequence group, subsampling, and the committed training-set index.
 
-Source: issue 7 (no identical sequences across the split; the index of ids and lengths is
-committed so novelty can be computed later without shipping structures).
-
 Rule: chains are grouped by identical sequence (homo-oligomer copies, the same chain in two
-sources). Groups are ranked by ``sha256(f"{seed}:{sequence}")`` and the lowest-ranked groups go to
-validation until it holds at least ``round(fraction * N)`` chains. The result depends only on the
-seed and the set of sequences, not on file order, and adding data moves few existing chains.
+sources). With ``validationByLengthBand`` (the default) groups also join segments of one broken
+chain (`model.data.segments`) and chains sharing a run of ``SHARED_RUN`` identical residues
+(point mutants, constructs of different extent, a segment and its whole chain elsewhere), so no
+sequence and no chain straddles the split. Groups are ranked by
+``sha256(f"{seed}:{sequence}")`` (a group of several sequences: the sorted sequences joined by
+newlines) and the lowest-ranked groups go to validation until it holds at least
+``round(fraction * N)`` chains. With ``validationByLengthBand`` this runs separately in every
+length band (`model.data.bands`; a group belongs to the band of its longest member), so
+every band with at least two groups has validation chains. The result depends only on the seed and
+the set of sequences and ids, not on file order, and adding data moves few existing chains.
 NOTE: a simple greedy; with a few huge groups validation may overshoot the fraction a little.
 """
 
@@ -20,10 +24,13 @@ from collections import defaultdict
 from pathlib import Path
 
 from model.atomic_io import atomic_write_bytes
+from model.data.bands import NUM_BANDS, band_of
 from model.data.build import BuildSummary, build_dataset
 from model.data.parse import Chain
+from model.data.segments import cut_chains, parent_id
 
 TRAIN, VAL = "train", "val"
+SHARED_RUN = 30  # residues: two chains with this many identical consecutive residues are one group
 
 
 def _rank(seed: int, text: str) -> str:
@@ -31,25 +38,76 @@ def _rank(seed: int, text: str) -> str:
 
 
 def split_by_sequence(chains: list[Chain], *, fraction: float, seed: int) -> dict[str, str]:
-    """chain id -> "train" | "val"; identical sequences never straddle the split.
+    """chain id -> "train" | "val"; identical sequences never straddle the split (one stratum).
 
     With fraction > 0 and at least two sequence groups, each side gets at least one group.
     """
-    groups: dict[str, list[str]] = defaultdict(list)
+    groups: dict[str, list[Chain]] = defaultdict(list)
     for chain in chains:
-        groups[chain.sequence].append(chain.id)
-    ordered = sorted(groups, key=lambda seq: _rank(seed, seq))
-    target = round(fraction * len(chains))
-    if fraction > 0 and len(groups) >= 2:
-        target = max(target, 1)
+        groups[chain.sequence].append(chain)
     assignment = {chain.id: TRAIN for chain in chains}
+    _greedy(sorted(groups.values(), key=lambda g: _group_rank(seed, g)), fraction, assignment)
+    return assignment
+
+
+def _greedy(ordered: list[list[Chain]], fraction: float, assignment: dict[str, str]) -> None:
+    """Lowest-ranked groups to validation until it holds round(fraction * N) chains (the last
+    group always stays in train; with fraction > 0 and two groups or more, validation gets one)."""
+    total = sum(len(g) for g in ordered)
+    target = round(fraction * total)
+    if fraction > 0 and len(ordered) >= 2:
+        target = max(target, 1)
     n_val = 0
-    for k, sequence in enumerate(ordered):
-        if n_val >= target or k == len(ordered) - 1:  # the last group always stays in train
+    for k, group in enumerate(ordered):
+        if n_val >= target or k == len(ordered) - 1:
             break
-        for chain_id in groups[sequence]:
-            assignment[chain_id] = VAL
-        n_val += len(groups[sequence])
+        for chain in group:
+            assignment[chain.id] = VAL
+        n_val += len(group)
+
+
+def sequence_groups(chains: list[Chain]) -> list[list[Chain]]:
+    """Chains joined (union-find) by identical sequence, a common parent chain, or a shared run of
+    ``SHARED_RUN`` identical residues (without ``X``); groups in input order."""
+    root: dict[tuple[str, str], tuple[str, str]] = {}
+
+    def find(key):
+        root.setdefault(key, key)
+        while root[key] != key:
+            root[key] = root[root[key]]
+            key = root[key]
+        return key
+
+    def union(a, b):
+        a, b = find(a), find(b)
+        if a != b:
+            root[b] = a
+
+    for chain in chains:
+        key, seq = ("seq", chain.sequence), chain.sequence
+        union(key, ("chain", parent_id(chain.id)))
+        for i in range(len(seq) - SHARED_RUN + 1):
+            run = seq[i : i + SHARED_RUN]
+            if "X" not in run:
+                union(key, ("run", run))
+    groups: dict[tuple[str, str], list[Chain]] = defaultdict(list)
+    for chain in chains:
+        groups[find(("seq", chain.sequence))].append(chain)
+    return list(groups.values())
+
+
+def _group_rank(seed: int, group: list[Chain]) -> str:
+    return _rank(seed, "\n".join(sorted({c.sequence for c in group})))
+
+
+def split_by_band(chains: list[Chain], *, fraction: float, seed: int) -> dict[str, str]:
+    """chain id -> "train" | "val", the sequence-group split run in every length band (module doc)."""
+    assignment = {chain.id: TRAIN for chain in chains}
+    by_band: list[list[list[Chain]]] = [[] for _ in range(NUM_BANDS)]
+    for group in sequence_groups(chains):
+        by_band[int(band_of([max(len(c) for c in group)])[0])].append(group)
+    for groups in by_band:
+        _greedy(sorted(groups, key=lambda g: _group_rank(seed, g)), fraction, assignment)
     return assignment
 
 
@@ -114,8 +172,9 @@ def training_set(
     """The whole data recipe from a Config: build (or take ``chains``), length filter,
     datasetSize, split. -> (chains, {id: "train" | "val"}, summary or None).
 
-    Keys: datasetNames, dataDirectory, minimumNumResidues, maximumNumResidues, datasetSize,
-    validationFraction, seed.
+    Keys: datasetNames, dataDirectory, chainBreaks, minimumSegmentLength, minimumNumResidues,
+    maximumNumResidues, datasetSize, validationFraction, validationByLengthBand, seed. Given
+    ``chains`` (parsed or already cut: cutting is idempotent) are cut and filtered the same way.
     """
     from model.data.build import filter_by_length
     from model.data.sources import sources_from_config
@@ -127,14 +186,18 @@ def training_set(
             cache_dir=cache_dir,
             min_length=config.minimumNumResidues,
             max_length=config.maximumNumResidues,
+            chain_breaks=config.chainBreaks,
+            min_segment_length=config.minimumSegmentLength,
             verbose=verbose,
         )
     else:
+        chains, _ = cut_chains(chains, mode=config.chainBreaks, min_segment_length=config.minimumSegmentLength)
         chains, _ = filter_by_length(
             chains, min_length=config.minimumNumResidues, max_length=config.maximumNumResidues
         )
     chains = limit_chains(chains, config.datasetSize, seed=config.seed)
-    assignment = split_by_sequence(chains, fraction=config.validationFraction, seed=config.seed)
+    split = split_by_band if config.validationByLengthBand else split_by_sequence
+    assignment = split(chains, fraction=config.validationFraction, seed=config.seed)
     return chains, assignment, summary
 
 
@@ -142,3 +205,24 @@ def write_training_index(config, path: str | Path, *, sources=None, cache_dir=No
     """Run `training_set` and write its index (ids, lengths, source, split) to ``path``."""
     chains, assignment, _ = training_set(config, sources=sources, cache_dir=cache_dir)
     return write_index(path, chains, assignment)
+
+
+def split_table(chains: list[Chain], assignment: dict[str, str]) -> str:
+    """Examples (train / val) and residues per source and length band, as aligned text."""
+    from model.data.bands import BAND_NAMES
+
+    sources = sorted({c.source for c in chains})
+    cells: dict[tuple[str, int], list[int]] = defaultdict(lambda: [0, 0, 0])  # train, val, residues
+    for chain in chains:
+        band = int(band_of([len(chain)])[0])
+        for key in ((chain.source, band), (chain.source, NUM_BANDS), ("all", band), ("all", NUM_BANDS)):
+            cell = cells[key]
+            cell[assignment.get(chain.id, TRAIN) == VAL] += 1
+            cell[2] += len(chain)
+    header = ["source", *BAND_NAMES, "all"]
+    rows = [[name, *(f"{cells[name, b][0]}/{cells[name, b][1]} ({cells[name, b][2]:,} res)"
+                     for b in range(NUM_BANDS + 1))] for name in [*sources, "all"]]
+    widths = [max(len(r[k]) for r in [header, *rows]) for k in range(len(header))]
+    lines = ["examples train/val (residues) by source and length band:"]
+    lines += ["  " + "  ".join(cell.rjust(w) for cell, w in zip(row, widths)) for row in [header, *rows]]
+    return "\n".join(lines)
