@@ -48,8 +48,8 @@ from profile_train_step import _setup as build_our_train_step
 from timing import time_ms
 
 from model.diffusion import Schedule
+from model.sampling_step import SamplingStep, eager_step
 from model.weights_io import load_weights
-from service.graphs import StepGraphRunner, eager_step
 
 FULL = {"train": [(32, 128, "fp32"), (56, 72, None), (1, 512, "bf16")], "sample": [(5, 128), (64, 128), (256, 128)]}
 QUICK = {"train": [(2, 16, "fp32"), (1, 24, "bf16")], "sample": [(2, 16)]}
@@ -123,8 +123,8 @@ def our_sample_step(loaded, batch: int, length: int, device: torch.device):
     schedule = Schedule.from_config(loaded.config)
     x, t, mask, noise, scale = make_inputs(batch, length, schedule.num_timesteps, device)  # graph_step's inputs
     if device.type == "cuda":
-        runner = StepGraphRunner(loaded.denoiser, schedule, device=device, autocast_dtype=torch.bfloat16)
-        return lambda: runner.step(x, t, mask, noise, scale)
+        runner = SamplingStep(loaded.denoiser, schedule, device=device, autocast_dtype=torch.bfloat16, graphed=True)
+        return lambda: runner(x, t, mask, noise, scale)
     return lambda: eager_step(loaded.denoiser, schedule, x, t, mask, noise, scale)
 
 

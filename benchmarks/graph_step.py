@@ -1,8 +1,8 @@
-"""One sampling step, eager vs CUDA graph (`service.graphs`), with the shipped weights on a GPU.
+"""One sampling step, eager vs CUDA graph (`model.sampling_step`), with the shipped weights on a GPU.
 
 For each (B, L) it times, after warm-up, the mean wall time per step (CUDA synchronised around
 `--iters` steps):
-  core   : `eager_step` vs `StepGraphRunner.step` on ready batch tensors (denoiser + reverse step);
+  core   : `eager_step` vs a graphed `SamplingStep` on ready batch tensors (denoiser + reverse step);
   engine : `SamplingEngine._forward` on B samples at steady state (the group's last output is its
            next input; each sample's own noise draw; non-blocking uploads), cuda_graphs off vs on;
 plus the one-off capture time of the (B, L) graph, the max |graphed - eager| of one step on the same
@@ -30,9 +30,11 @@ sys.path.insert(0, str(ROOT))
 from model.config import MODES
 from model.denoiser import compile_denoiser
 from model.diffusion import Schedule
+from model.mhc import find_mhc_modules
+from model.sampling_step import SamplingStep, batch_bucket, eager_step
 from model.weights_io import load_weights
-from service.engine import Job, SamplingEngine, _Slot
-from service.graphs import StepGraphRunner, batch_bucket, eager_step
+from service.engine import SamplingEngine
+from service.jobs import Job, Slot
 
 
 def timed(fn, iters: int, device: torch.device) -> float:
@@ -57,26 +59,26 @@ def make_inputs(batch: int, length: int, T: int, device: torch.device, seed: int
     return x, t, mask, noise, scale
 
 
-def make_slots(batch: int, length: int, T: int, device: torch.device) -> list[_Slot]:
+def make_slots(batch: int, length: int, T: int, device: torch.device) -> list[Slot]:
     job = Job(id="bench", length=length, count=batch, seeds=list(range(batch)), noise_scale=0.6, loop=None,
               future=None)
     slots = []
     for i in range(batch):
         gen = torch.Generator(device).manual_seed(i)
         x = torch.randn(length, 3, generator=gen, device=device) * 10.0  # [L, 3]
-        slots.append(_Slot(job=job, index=i, seed=i, length=length, t=2 + (i * 37) % (T - 1), x=x, gen=gen))
+        slots.append(Slot(job=job, index=i, seed=i, length=length, t=2 + (i * 37) % (T - 1), x=x, gen=gen))
     return slots
 
 
-def engine_step_fn(engine: SamplingEngine, slots: list[_Slot]):
+def engine_step_fn(engine: SamplingEngine, slots: list[Slot]):
     """The engine's step as its loop runs it at steady state: same members as the last step (so the
     last output is the next input), a fresh noise draw per sample (t is not advanced)."""
     def fn():
-        engine._inputs_prev, engine._inputs_next = engine._inputs_next, {}
+        engine.inputs.new_iteration()
         for s in slots:
             s.noise = None
         out = engine._forward(slots)
-        engine._remember_output(slots, out)
+        engine.inputs.remember(slots, out)
         for b, s in enumerate(slots):
             s.x = out[b, : s.length]
         return out
@@ -128,10 +130,13 @@ def main() -> None:
     T = schedule.num_timesteps
     shapes = [tuple(int(v) for v in s.lower().split("x")) for s in args.shapes.split(",")]
 
-    runner = StepGraphRunner(denoiser, schedule, device=device, autocast_dtype=autocast)
-    engines = {graphed: SamplingEngine(denoiser, schedule, device=device, residue_budget=1 << 20,
-                                       queue_max_samples=1, autocast_dtype=autocast, to_pdb=lambda ca: "",
-                                       cuda_graphs="on" if graphed else "off")
+    for module in find_mhc_modules(denoiser):  # as model.sampler.Sampler serves it: no mHC diagnostics kept
+        module.record, module.last_h_res = False, None
+    runner = SamplingStep(denoiser, schedule, device=device, autocast_dtype=autocast, graphed=True)
+    engines = {graphed: SamplingEngine(SamplingStep(denoiser, schedule, device=device, autocast_dtype=autocast,
+                                                    graphed=graphed),
+                                       num_timesteps=T, device=device, residue_budget=1 << 20, queue_max_samples=1,
+                                       to_pdb=lambda ca: "")
                for graphed in (False, True)}
     rows = []
     for batch, length in shapes:
@@ -142,11 +147,11 @@ def main() -> None:
             eager_s = timed(lambda i=inputs: eager_step(denoiser, schedule, *i, autocast_dtype=autocast), args.iters, device)
             torch.cuda.synchronize(device)
             t0 = time.perf_counter()
-            out = runner.step(*inputs)  # captures (warm-up + capture + first replay)
+            out = runner(*inputs)  # captures (warm-up + capture + first replay)
             torch.cuda.synchronize(device)
             capture_s = time.perf_counter() - t0
             max_diff = (out - ref).abs().max().item()
-            graph_s = timed(lambda i=inputs: runner.step(*i), args.iters, device)
+            graph_s = timed(lambda i=inputs: runner(*i), args.iters, device)
 
             slots = make_slots(batch, length, T, device)
             eng_times = {}

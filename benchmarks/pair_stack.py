@@ -40,8 +40,8 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 
 from timing import event_ms
 
+from model.cuda_graphs import capture_graph
 from model.weights_io import load_weights
-from service.graphs import CudaCapture
 
 
 def parse_shapes(text: str) -> list[tuple[int, int]]:
@@ -148,9 +148,9 @@ def main() -> None:
                       "rel_err_compiled_bf16_vs_fp32": rel_err(out, ref32)}
             del out, ref, ref32
             fns = {"eager": bind(run(eager_net), p, mask), "compiled": bind(run(compiled_net), p, mask)}
-            capture = CudaCapture()  # the service's capture: warm-up on a side stream, one private pool
-            replay_e, _ = capture(bind(run(eager_net), p, mask), device)
-            replay_c, _ = capture(bind(run(compiled_net), p, mask), device)
+            pool = torch.cuda.graph_pool_handle()  # the sampling step's capture: side-stream warm-up, one pool
+            replay_e, _ = capture_graph(bind(run(eager_net), p, mask), device, pool)
+            replay_c, _ = capture_graph(bind(run(compiled_net), p, mask), device, pool)
             fns["eager+graph"], fns["compiled+graph"] = replay_e, replay_c
             times = {k: [] for k in fns}
             for _ in range(args.rounds):
@@ -163,7 +163,7 @@ def main() -> None:
                    "speedup_graphed": med["eager+graph"] / med["compiled+graph"],
                    "speedup_eager": med["eager"] / med["compiled"]}
             rows.append(row)
-            del fns, replay_e, replay_c, capture
+            del fns, replay_e, replay_c, pool
             print(f"done forward {batch}x{length}", file=sys.stderr, flush=True)
 
     for batch, length in parse_shapes(args.train_shapes):

@@ -20,13 +20,13 @@ accumulation over several backward passes of the same shape, so the caller turns
 A call runs eagerly (the same module, same numbers up to kernel choice) when: not CUDA, gradients
 disabled, the module is in eval mode, gradient checkpointing is on (its RNG bookkeeping cannot be
 captured), or the shape has been seen fewer than ``capture_after`` times (one-off shapes, such as an
-epoch's last batch, are not worth a capture). At most ``max_graphs`` shapes are kept; the least
-recently used one is dropped for a new one (when that leaves none, the next capture takes a fresh
-pool). If a capture fails (an op that cannot be captured, a host sync), a warning names the shape and
-the error and every later call runs eagerly: training goes on, at eager speed; unless the failure left
-the CUDA random number generator unusable (seen when a capture failed as it began), which raises an
-error telling the user to set ``graphTrainingStep False``. Running out of memory is not caught
-(training's OOM handling saves a checkpoint).
+epoch's last batch, are not worth a capture). The shapes' graphs live in a ``model.cuda_graphs.GraphCache``
+(the cache the sampling step uses too): at most ``max_graphs`` shapes, the least recently used dropped
+for a new one, one shared memory pool. If a capture fails (an op that cannot be captured, a host sync),
+a warning names the shape and the error and every later call runs eagerly: training goes on, at eager
+speed; unless the failure left the CUDA random number generator unusable, which raises an error telling
+the user to set ``graphTrainingStep False``. Running out of memory is not caught (training's OOM
+handling saves a checkpoint).
 
 mHC diagnostics: a replay runs no Python, so no ``MHCResidual`` sets ``last_h_res``. The H_res a
 module recorded while its forward was captured is a tensor of the graph, which every replay of that
@@ -42,11 +42,11 @@ NOTE: autocast's weight-cast cache cannot be captured; captures and replays run 
 from __future__ import annotations
 
 import warnings
-from collections import Counter, OrderedDict
-from dataclasses import dataclass
 
 import torch
 from torch import nn
+
+from model.cuda_graphs import GraphCache, GraphCaptureError, GraphStats, restore_rng
 
 __all__ = ["GraphStats", "TrainGraphs"]
 
@@ -63,26 +63,8 @@ class _ShapeCall(nn.Module):
         return self.denoiser(x_t, t, mask)
 
 
-@dataclass
-class GraphStats:
-    """What ``TrainGraphs`` did: shapes captured, calls replayed / run eagerly, shapes dropped (LRU)."""
-
-    captures: int = 0
-    replays: int = 0
-    eager: int = 0
-    evictions: int = 0
-
-
-def _rng_broken(device: torch.device) -> bool:
-    """True when the CUDA random number generator of ``device`` cannot draw (e.g. left in graph-capture
-    mode by a capture that failed after it started); always False off CUDA."""
-    if device.type != "cuda":
-        return False
-    try:
-        torch.empty(1, device=device).normal_()
-    except RuntimeError:
-        return True
-    return False
+def _warn(message: str) -> None:
+    warnings.warn(message, RuntimeWarning, stacklevel=4)
 
 
 class TrainGraphs:
@@ -98,21 +80,25 @@ class TrainGraphs:
 
     def __init__(self, denoiser: nn.Module, *, max_graphs: int = 64, capture_after: int = 2,
                  warmup_iters: int = 3) -> None:
-        if max_graphs < 1 or capture_after < 1:
-            raise ValueError(f"TrainGraphs: max_graphs and capture_after must be >= 1, "
-                             f"got {max_graphs}, {capture_after}")
         self.denoiser = denoiser
-        self.max_graphs, self.capture_after, self.warmup_iters = max_graphs, capture_after, warmup_iters
-        self.stats = GraphStats()
-        self._graphs: OrderedDict[tuple, nn.Module] = OrderedDict()
-        # per shape: (module, H_res tensor of the graph) for every MHCResidual that recorded while captured
-        self._recorded: dict[tuple, list[tuple[nn.Module, torch.Tensor]]] = {}
-        self._seen: Counter = Counter()
-        self._pool = None
-        self.failed: str | None = None  # why capturing was given up (then every call runs eagerly)
+        self.warmup_iters = warmup_iters
+        # per shape: the graphed call, and (module, H_res tensor of the graph) for every MHCResidual
+        # that recorded while it was captured
+        self.cache: GraphCache[tuple[nn.Module, list[tuple[nn.Module, torch.Tensor]]]] = GraphCache(
+            max_graphs=max_graphs, capture_after=capture_after, owner="graphTrainingStep",
+            eager_text="training goes on with eager steps", off_hint="Set graphTrainingStep False", warn=_warn)
+
+    @property
+    def stats(self) -> GraphStats:
+        return self.cache.stats
+
+    @property
+    def failed(self) -> str | None:
+        """Why capturing was given up (then every call runs eagerly)."""
+        return self.cache.stats.disabled_reason
 
     def __len__(self) -> int:
-        return len(self._graphs)
+        return len(self.cache)
 
     def unsupported_reason(self, x_t: torch.Tensor) -> str | None:
         """Why this call cannot be graphed (None when it can)."""
@@ -130,38 +116,26 @@ class TrainGraphs:
 
     def __call__(self, x_t: torch.Tensor, t: torch.Tensor, mask: torch.Tensor, *, eager: bool = False) -> torch.Tensor:
         if eager or self.unsupported_reason(x_t) is not None:
-            self.stats.eager += 1
-            return self.denoiser(x_t, t, mask)
+            return self._eager(x_t, t, mask)
         key = self._key(x_t, t, mask)
-        graphed = self._graphs.get(key)
-        if graphed is None:
-            self._seen[key] += 1
-            if self._seen[key] < self.capture_after:
-                self.stats.eager += 1
-                return self.denoiser(x_t, t, mask)
-            try:
-                graphed = self._capture(key, x_t, t, mask)
-            except torch.cuda.OutOfMemoryError:
-                raise
-            except Exception as exc:  # any capture failure: warn, go on eagerly (if the RNG survived)
-                self.failed = f"CUDA graph capture failed ({type(exc).__name__}: {exc})"
-                if _rng_broken(x_t.device):  # a capture that failed half-way can leave it in capture mode
-                    raise RuntimeError(
-                        f"graphTrainingStep: capturing batch shape {list(x_t.shape)} failed ({type(exc).__name__}: "
-                        f"{exc}) and left the CUDA random number generator unusable, so training cannot go on "
-                        "eagerly in this process. Set graphTrainingStep False and rerun (training resumes from "
-                        "the last checkpoint).") from exc
-                warnings.warn(f"graphTrainingStep: capturing batch shape {list(x_t.shape)} failed "
-                              f"({type(exc).__name__}: {exc}); training goes on with eager steps. Set "
-                              f"graphTrainingStep False to skip the attempt.", RuntimeWarning, stacklevel=2)
-                self.stats.eager += 1
-                return self.denoiser(x_t, t, mask)
-        self._graphs.move_to_end(key)
+        entry = self.cache.get(key)
+        if entry is None:
+            if not self.cache.ready(key):
+                return self._eager(x_t, t, mask)
+            entry = self.cache.capture(key, lambda: self._record(x_t, t, mask), device=x_t.device,
+                                       describe=f"batch shape {list(x_t.shape)}")
+            if entry is None:  # capturing failed (warned once): eager from now on
+                return self._eager(x_t, t, mask)
+        graphed, recorded = entry
         self.stats.replays += 1
         out = graphed(x_t, t, mask)
-        for module, h_res in self._recorded[key]:  # this replay rewrote them: this step's H_res
+        for module, h_res in recorded:  # this replay rewrote them: this step's H_res
             module.last_h_res = h_res
         return out
+
+    def _eager(self, x_t: torch.Tensor, t: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        self.stats.eager += 1
+        return self.denoiser(x_t, t, mask)
 
     @staticmethod
     def _autocast_state() -> tuple[bool, torch.dtype]:
@@ -170,31 +144,25 @@ class TrainGraphs:
     def _key(self, x_t: torch.Tensor, t: torch.Tensor, mask: torch.Tensor) -> tuple:
         return (tuple(x_t.shape), x_t.dtype, t.dtype, mask.dtype, x_t.device, *self._autocast_state())
 
-    def _capture(self, key: tuple, x_t: torch.Tensor, t: torch.Tensor, mask: torch.Tensor) -> nn.Module:
+    def _record(self, x_t: torch.Tensor, t: torch.Tensor, mask: torch.Tensor):
+        """Capture this shape's forward + backward into the cache's pool; GraphCaptureError if that fails."""
         from model.mhc import find_mhc_modules
 
-        while len(self._graphs) >= self.max_graphs:
-            dropped, _ = self._graphs.popitem(last=False)
-            self._recorded.pop(dropped, None)
-            self.stats.evictions += 1
-        if not self._graphs:
-            # NOTE: no graph holds the shared pool any more, and the allocator releases a pool whose graphs
-            # are gone; capturing into the old handle then failed on the H100 (INTERNAL ASSERT use_count > 0
-            # in CUDACachingAllocator, max_graphs = 1): start a fresh pool
-            self._pool = None
-        if self._pool is None:
-            self._pool = torch.cuda.graph_pool_handle()
         recording = [m for m in find_mhc_modules(self.denoiser) if m.record]
         enabled, dtype = self._autocast_state()
         static = tuple(a.detach().clone() for a in (x_t, t, mask))  # the graph's own input buffers
         for m in recording:
             m.last_h_res = None
-        with torch.autocast("cuda", dtype=dtype, enabled=enabled, cache_enabled=False):
-            graphed = torch.cuda.make_graphed_callables(
-                _ShapeCall(self.denoiser), static, num_warmup_iters=self.warmup_iters,
-                allow_unused_input=True, pool=self._pool)
+        try:
+            with torch.autocast("cuda", dtype=dtype, enabled=enabled, cache_enabled=False):
+                graphed = torch.cuda.make_graphed_callables(
+                    _ShapeCall(self.denoiser), static, num_warmup_iters=self.warmup_iters,
+                    allow_unused_input=True, pool=self.cache.pool())
+        except torch.cuda.OutOfMemoryError:
+            restore_rng(x_t.device)
+            raise
+        except Exception as exc:  # any capture failure: the cache warns and training goes on eagerly
+            restore_rng(x_t.device)
+            raise GraphCaptureError(f"{type(exc).__name__}: {exc}") from exc
         # the forward captured last: each module's last_h_res is now its H_res inside the graph
-        self._recorded[key] = [(m, m.last_h_res) for m in recording if m.last_h_res is not None]
-        self._graphs[key] = graphed
-        self.stats.captures += 1
-        return graphed
+        return graphed, [(m, m.last_h_res) for m in recording if m.last_h_res is not None]

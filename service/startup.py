@@ -26,8 +26,10 @@ from service.settings import ServiceSettings
 if TYPE_CHECKING:
     import torch
 
-# NOTE: torch (seconds to import) is imported only once the settings and the port are known to be
-# good, so those mistakes are reported at once.
+    from model.sampler import Sampler
+
+# NOTE: torch and the model (`model.sampler`, seconds to import) are imported only once the settings and
+# the port are known to be good, so those mistakes are reported at once.
 log = logging.getLogger("mhcflash.service")
 EXIT_STARTUP = 2  # as the command line's errors a user can fix
 
@@ -42,10 +44,9 @@ class StartupError(RuntimeError):
 
 @dataclass(frozen=True)
 class Prepared:
-    """What :func:`prepare` made: the device, the loaded weights, the request limits."""
+    """What :func:`prepare` made: the sampler (weights loaded on the device), the request limits."""
 
-    device: torch.device
-    loaded: object  # model.weights_io.LoadedWeights
+    sampler: Sampler
     limits: SampleLimits
 
 
@@ -73,19 +74,13 @@ def source(field: str, value, flags=()) -> str:
 
 def pick_device(name: str) -> torch.device:
     """`auto`: the first GPU if any, else the CPU. A CUDA device that is not there is a StartupError."""
-    import torch
+    from model.sampler import DeviceError
+    from model.sampler import pick_device as model_pick_device
 
-    if name == "auto":
-        return torch.device("cuda:0" if torch.cuda.is_available() else "cpu")
-    device = torch.device(name)
-    if device.type == "cuda":
-        found = torch.cuda.device_count() if torch.cuda.is_available() else 0
-        if found == 0:
-            raise StartupError(f"no CUDA device is available here (torch {torch.__version__}, CUDA build "
-                               f"{torch.version.cuda or 'none'}); use cpu or auto", "device", name)
-        if (device.index or 0) >= found:
-            raise StartupError(f"only {found} CUDA device(s) here (cuda:0 .. cuda:{found - 1})", "device", name)
-    return device
+    try:
+        return model_pick_device(name)
+    except DeviceError as exc:
+        raise StartupError(str(exc), "device", name) from None
 
 
 def service_limits(settings: ServiceSettings, config) -> SampleLimits:
@@ -102,12 +97,11 @@ def service_limits(settings: ServiceSettings, config) -> SampleLimits:
 
 
 def prepare(settings: ServiceSettings) -> Prepared:
-    """Device, weights and limits. Raises StartupError or `model.weights_io.WeightsError` (naming the file)."""
-    from model.weights_io import load_weights
+    """Device, weights and limits. Raises StartupError or `model.sampler.WeightsError` (naming the file)."""
+    from model.sampler import Sampler
 
-    device = pick_device(settings.device)
-    loaded = load_weights(settings.weights, device)
-    return Prepared(device, loaded, service_limits(settings, loaded.config))
+    sampler = Sampler.load(settings.weights, device=pick_device(settings.device), precision=settings.precision)
+    return Prepared(sampler, service_limits(settings, sampler.config))
 
 
 def bind_socket(host: str, port: int) -> socket.socket:
@@ -128,8 +122,8 @@ def bind_socket(host: str, port: int) -> socket.socket:
 def explain(exc: BaseException, flags=()) -> str:
     """One line for a start-up failure, naming the setting (as flag or variable) where there is one."""
     text = " ".join(str(exc).split()) or type(exc).__name__
-    weights_io = sys.modules.get("model.weights_io")  # its errors name the file; not imported before weights
-    known = (StartupError, LimitsError) + ((weights_io.WeightsError,) if weights_io else ())
+    sampler = sys.modules.get("model.sampler")  # WeightsError names the file; not imported before the weights
+    known = (StartupError, LimitsError) + ((sampler.WeightsError,) if sampler else ())
     if isinstance(exc, StartupError) and exc.field is not None:
         text = f"{source(exc.field, exc.value, flags)}: {text}"
     elif not isinstance(exc, known):

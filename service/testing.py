@@ -1,7 +1,7 @@
 """Helpers to run the real service in-process: tiny random weights, uvicorn on loopback, ASGI lifespan.
 
 Used by `tests/test_service*.py` and `benchmarks/load_service.py`. Nothing here is mocked: the
-weights go through `model.weights_io`, the denoiser is `model.build_denoiser`, requests travel over
+weights are a random denoiser saved and loaded as real weights (`model.sampler`), requests travel over
 a real socket (uvicorn) or through the ASGI interface with the app's own lifespan.
 """
 
@@ -15,7 +15,6 @@ from contextlib import asynccontextmanager, contextmanager
 from pathlib import Path
 
 import httpx
-import torch
 import uvicorn
 
 from service.app import create_app
@@ -36,13 +35,10 @@ TINY_SERVICE_CONFIG = {
 
 def make_tiny_weights(directory: Path, seed: int = 0, **overrides) -> Path:
     """Random tiny denoiser (combined mHC + Flash-IPA mode by default) saved as a weights directory."""
-    from model import build_denoiser
-    from model.config import Config
-    from model.weights_io import save_weights
+    from model.sampler import save_random_weights
 
-    torch.manual_seed(seed)
-    config = Config().replace(**{**TINY_SERVICE_CONFIG, **overrides})
-    return save_weights(directory, build_denoiser(config), extra_card="# tiny random test weights\n")
+    return save_random_weights(directory, {**TINY_SERVICE_CONFIG, **overrides}, seed=seed,
+                               card="# tiny random test weights\n")
 
 
 def tiny_settings(weights: Path, **overrides) -> ServiceSettings:

@@ -1,7 +1,7 @@
-"""CUDA-graph sampling step (`service.graphs`): buckets, the runner's buffers / copy-in / copy-out / LRU,
-fallbacks, the input-check skip, and (GPU only) graphed vs eager sampling and a real service request.
+"""CUDA-graph sampling step (`model.sampling_step`): buckets, the step's buffers / copy-in / copy-out /
+cache, fallbacks, the input-check skip, and (GPU only) graphed vs eager sampling and a real service request.
 
-On CPU the runner gets `eager_capture` (its "replay" reruns the step eagerly into the static output),
+On CPU the step gets `eager_capture` (its "replay" reruns the step eagerly into the static output),
 so everything but the CUDA capture itself is exercised here: padded rows, stale rows of a previous
 larger batch, cache hits, evictions. Tolerances:
 - runner vs `eager_step` on the same bucket-padded inputs: bitwise equal (same computation);
@@ -22,18 +22,12 @@ import torch
 from conftest import ATOL_PADDING, tiny_config
 
 from model import build_denoiser
+from model.cuda_graphs import GraphCaptureError
 from model.diffusion import Schedule
 from model.geometry import frenet_serret_frames, input_checks_enabled, skip_input_checks
+from model.sampler import graphs_enabled
+from model.sampling_step import BATCH_BUCKETS, SamplingStep, batch_bucket, eager_capture, eager_step
 from service.engine import SamplingEngine
-from service.graphs import (
-    BATCH_BUCKETS,
-    GraphCaptureError,
-    StepGraphRunner,
-    batch_bucket,
-    eager_capture,
-    eager_step,
-    graphs_enabled,
-)
 
 CPU = torch.device("cpu")
 LENGTHS = (13, 22, 17, 9, 21)  # odd, distinct; padded to L = 24
@@ -64,19 +58,28 @@ def make_batch(lengths, ts, seed=0, device=CPU, length=PAD_L):
 
 
 class CountingCapture:
-    """eager_capture that counts captures and can be told to fail."""
+    """eager_capture that counts captures, records the pool each one was given, and can be told to fail."""
 
     def __init__(self, fail: Exception | None = None) -> None:
-        self.calls, self.fail, self.resets = 0, fail, 0
+        self.calls, self.fail, self.pools = 0, fail, []
 
-    def reset(self) -> None:  # CudaCapture forgets its pool handle when the runner drops its graphs
-        self.resets += 1
-
-    def __call__(self, fn, device):
+    def __call__(self, fn, device, pool):
         self.calls += 1
+        self.pools.append(pool())
         if self.fail is not None:
             raise self.fail
         return eager_capture(fn, device)
+
+
+@pytest.fixture
+def pools(monkeypatch):
+    """Stand-in pool handles (no CUDA here): 0, 1, 2, ... as the cache asks for fresh pools."""
+    handles = iter(range(100))
+    monkeypatch.setattr(torch.cuda, "graph_pool_handle", lambda: next(handles))
+
+
+def graphed(denoiser, schedule, **kw) -> SamplingStep:
+    return SamplingStep(denoiser, schedule, device=CPU, graphed=True, **kw)
 
 
 def pad_rows(tensors, bucket):
@@ -106,7 +109,7 @@ def test_graphs_enabled_setting(caplog):
     cuda = torch.device("cuda", 0)
     assert graphs_enabled("auto", cuda) and graphs_enabled("on", cuda) and not graphs_enabled("off", cuda)
     assert not graphs_enabled("auto", CPU) and not graphs_enabled("off", CPU)
-    with caplog.at_level(logging.WARNING, logger="mhcflash.graphs"):
+    with caplog.at_level(logging.WARNING, logger="mhcflash"):
         assert not graphs_enabled("on", CPU)
     assert "need CUDA" in caplog.text
     with pytest.raises(ValueError):
@@ -114,17 +117,17 @@ def test_graphs_enabled_setting(caplog):
 
 
 # -------------------------------------------------------------------------------------- runner
-def test_runner_equals_eager_for_mixed_lengths_timesteps_and_buckets(model):
+def test_runner_equals_eager_for_mixed_lengths_timesteps_and_buckets(model, pools):
     denoiser, schedule = model
     capture = CountingCapture()
-    runner = StepGraphRunner(denoiser, schedule, device=CPU, capture=capture)
+    runner = graphed(denoiser, schedule, capture=capture)
     # (lengths, timesteps): bucket 4 (3 rows + 1 padding), bucket 8, bucket 4 again with 4 rows, then
     # bucket 4 with 2 rows (rows 2-3 hold the previous batch: they must be reset to padding).
     plan = [(LENGTHS[:3], (20, 11, 1)), (LENGTHS, (1, 2, 19, 20, 7)), (LENGTHS[:4], (5, 6, 1, 20)),
             (LENGTHS[3:], (13, 1)), (LENGTHS[:3], (19, 10, 2))]
     for seed, (lengths, ts) in enumerate(plan):
         inputs = make_batch(lengths, ts, seed=seed)
-        out = runner.step(*inputs)  # [B, L, 3]
+        out = runner(*inputs)  # [B, L, 3]
         bucket = batch_bucket(len(lengths))
         padded = eager_step(denoiser, schedule, *pad_rows(inputs, bucket))[: len(lengths)]
         assert torch.equal(out, padded), f"step {seed}: runner differs from eager on the same padded batch"
@@ -133,56 +136,67 @@ def test_runner_equals_eager_for_mixed_lengths_timesteps_and_buckets(model):
         assert err < ATOL_PADDING, f"step {seed}: runner vs unpadded eager differ by {err:.2e}"
         assert torch.equal(out[inputs[2] == 0], torch.zeros_like(out[inputs[2] == 0]))
     assert capture.calls == 3 and runner.keys() == [(8, PAD_L), (2, PAD_L), (4, PAD_L)]
+    assert capture.pools == [0, 0, 0]  # one memory pool shared by every graph
     st = runner.stats
-    assert (st.captures, st.replays, st.evictions, st.eager_steps, st.cached) == (3, 5, 0, 0, 3)
+    assert (st.captures, st.replays, st.evictions, st.eager, st.cached) == (3, 5, 0, 0, 3)
 
 
 def test_runner_output_is_a_copy(model):
     denoiser, schedule = model
-    runner = StepGraphRunner(denoiser, schedule, device=CPU, capture=eager_capture)
-    first = runner.step(*make_batch(LENGTHS[:2], (20, 3), seed=1))
+    runner = graphed(denoiser, schedule, capture=eager_capture)
+    first = runner(*make_batch(LENGTHS[:2], (20, 3), seed=1))
     kept = first.clone()
-    runner.step(*make_batch(LENGTHS[:2], (9, 1), seed=2))  # same graph: the static output is rewritten
+    runner(*make_batch(LENGTHS[:2], (9, 1), seed=2))  # same graph: the static output is rewritten
     assert torch.equal(first, kept)
 
 
-def test_runner_lru_evicts_least_recently_used(model):
+def test_runner_lru_evicts_least_recently_used(model, pools):
     denoiser, schedule = model
     capture = CountingCapture()
-    runner = StepGraphRunner(denoiser, schedule, device=CPU, capture=capture, max_graphs=2)
+    runner = graphed(denoiser, schedule, capture=capture, max_graphs=2)
     for lengths, length in [((13,), 16), ((13, 9), 16), ((13,), 16), ((21,), 24), ((13, 9), 16)]:
-        runner.step(*make_batch(lengths, (7,) * len(lengths), length=length))
+        runner(*make_batch(lengths, (7,) * len(lengths), length=length))
     # (1,16) cap, (2,16) cap, (1,16) hit, (1,24) cap evicts (2,16), (2,16) cap evicts (1,16)
     assert capture.calls == 4 and runner.stats.evictions == 2
     assert runner.keys() == [(1, 24), (2, 16)] and runner.stats.cached == 2
 
 
-def test_capture_failure_falls_back_to_eager_once(model, caplog):
+def test_capture_failure_falls_back_to_eager_once(model, caplog, pools):
     denoiser, schedule = model
     capture = CountingCapture(fail=GraphCaptureError("RuntimeError: operation not permitted when stream is capturing"))
-    runner = StepGraphRunner(denoiser, schedule, device=CPU, capture=capture)
+    runner = graphed(denoiser, schedule, capture=capture, off_hint="Set MHCFLASH_CUDA_GRAPHS=off")
     with caplog.at_level(logging.WARNING, logger="mhcflash.graphs"):
         for seed, ts in enumerate([(20, 4, 1), (19, 3, 20)]):
             inputs = make_batch(LENGTHS[:3], ts, seed=seed)
-            assert torch.equal(runner.step(*inputs), eager_step(denoiser, schedule, *inputs))
+            assert torch.equal(runner(*inputs), eager_step(denoiser, schedule, *inputs))
     assert capture.calls == 1 and not runner.enabled and "not permitted" in runner.stats.disabled_reason
-    assert runner.stats.eager_steps == 2 and runner.keys() == []
-    assert capture.resets == 1  # the pool of the dropped graphs is never captured into again
-    assert caplog.text.count("CUDA graph capture failed") == 1
+    assert runner.stats.eager == 2 and runner.keys() == []
+    assert caplog.text.count("CUDA graphs: capturing the step of batch 4 x length 24 failed") == 1
+    assert "Set MHCFLASH_CUDA_GRAPHS=off to skip the attempt" in caplog.text
 
 
 def test_step_errors_propagate_and_large_batches_run_eagerly(model):
     denoiser, schedule = model
-    runner = StepGraphRunner(denoiser, schedule, device=CPU, capture=eager_capture, buckets=(1, 2))
+    runner = graphed(denoiser, schedule, capture=eager_capture, buckets=(1, 2))
     x, t, mask, noise, scale = make_batch(LENGTHS[:2], (5, 6))
     holed = mask.clone()
     holed[0, 3] = 0.0  # not a prefix mask: the model's own check fires in the (eager) warm-up run
     with pytest.raises(ValueError, match="prefix masks"):
-        runner.step(x, t, holed, noise, scale)
+        runner(x, t, holed, noise, scale)
     assert runner.enabled and runner.keys() == []  # a bad step is not a capture failure
     inputs = make_batch(LENGTHS[:3], (5, 6, 7))  # B = 3 > largest bucket
-    assert torch.equal(runner.step(*inputs), eager_step(denoiser, schedule, *inputs))
-    assert runner.stats.eager_steps == 1 and runner.stats.captures == 0
+    assert torch.equal(runner(*inputs), eager_step(denoiser, schedule, *inputs))
+    assert runner.stats.eager == 1 and runner.stats.captures == 0
+
+
+def test_eager_step_function_never_captures(model):
+    """graphed False (CPU, or MHCFLASH_CUDA_GRAPHS=off): every call is the eager step."""
+    denoiser, schedule = model
+    capture = CountingCapture()
+    step = SamplingStep(denoiser, schedule, device=CPU, capture=capture)
+    inputs = make_batch(LENGTHS[:3], (5, 6, 7))
+    assert torch.equal(step(*inputs), eager_step(denoiser, schedule, *inputs))
+    assert not step.enabled and capture.calls == 0 and step.stats.eager == 1
 
 
 # ---------------------------------------------------------------------------------- input checks
@@ -230,13 +244,10 @@ def test_engine_with_runner_gives_the_eager_samples(model):
     denoiser, schedule = model
     requests = [(13, 2, 5), (22, 1, 9), (17, 1, 1)]
 
-    def engine(graphed: bool) -> SamplingEngine:
-        eng = SamplingEngine(denoiser, schedule, device=CPU, residue_budget=72, queue_max_samples=16,
-                             to_pdb=lambda ca: "", cuda_graphs="auto")
-        assert eng.graphs is None  # auto on CPU: eager
-        if graphed:
-            eng.graphs = StepGraphRunner(denoiser, schedule, device=CPU, capture=eager_capture)
-        return eng
+    def engine(graphs: bool) -> SamplingEngine:
+        step = SamplingStep(denoiser, schedule, device=CPU, graphed=graphs, capture=eager_capture)
+        return SamplingEngine(step, num_timesteps=schedule.num_timesteps, device=CPU, residue_budget=72,
+                              queue_max_samples=16, to_pdb=lambda ca: "")
 
     eager_eng, graph_eng = engine(False), engine(True)
     eager, graphed = _run_engine(eager_eng, requests), _run_engine(graph_eng, requests)
@@ -245,6 +256,7 @@ def test_engine_with_runner_gives_the_eager_samples(model):
     st = graph_eng.stats
     assert st.cuda_graph_replays == st.batches_run and st.cuda_graph_captures >= 1
     assert st.batches_run > schedule.num_timesteps  # batches changed shape as samples joined / left
+    assert eager_eng.stats.cuda_graph_replays == 0 and eager_eng.stats.cuda_graph_captures == 0
 
 
 # ----------------------------------------------------------------------------------------- GPU
@@ -255,7 +267,7 @@ def test_gpu_graphed_sampling_matches_eager(model, autocast, batch, atol):
     dev = torch.device("cuda")
     denoiser = denoiser.to(dev)
     try:
-        runner = StepGraphRunner(denoiser, schedule, device=dev, autocast_dtype=autocast)
+        runner = SamplingStep(denoiser, schedule, device=dev, autocast_dtype=autocast, graphed=True)
         lengths = LENGTHS[:batch]  # 3: one padding row in bucket 4; 4: the bucket exactly
         x0, _, mask, _, scale = make_batch(lengths, (20,) * batch, device=dev)
         gens = {"eager": torch.Generator(dev).manual_seed(3), "graph": torch.Generator(dev).manual_seed(3)}
@@ -267,7 +279,7 @@ def test_gpu_graphed_sampling_matches_eager(model, autocast, batch, atol):
                 if name == "eager":
                     xs[name] = eager_step(denoiser, schedule, x, t, mask, noise, scale, autocast_dtype=autocast)
                 else:
-                    xs[name] = runner.step(x, t, mask, noise, scale)
+                    xs[name] = runner(x, t, mask, noise, scale)
         assert runner.enabled, runner.stats.disabled_reason
         assert runner.stats.captures == 1 and runner.stats.replays == schedule.num_timesteps
         err = (xs["eager"] - xs["graph"]).abs().max().item()
@@ -279,7 +291,7 @@ def test_gpu_graphed_sampling_matches_eager(model, autocast, batch, atol):
 
 @pytest.mark.gpu
 def test_gpu_capture_of_a_host_sync_fails_cleanly():
-    from service.graphs import cuda_capture
+    from model.cuda_graphs import GraphCache, capture_graph
 
     dev = torch.device("cuda")
     a = torch.ones(4, device=dev)
@@ -288,18 +300,18 @@ def test_gpu_capture_of_a_host_sync_fails_cleanly():
         return a * float(a.sum().item())  # a host sync inside the captured region
 
     with pytest.raises(GraphCaptureError):
-        cuda_capture(bad, dev)
+        capture_graph(bad, dev)
     assert torch.equal(a * 2, torch.full((4,), 2.0, device=dev))  # the device still works
     torch.randn(8, device=dev)  # the generator left its capture state ("Offset increment ..." before)
-    from service.graphs import CudaCapture
-
-    capture = CudaCapture()
-    for factor in (3.0, 5.0):  # capture, drop every graph, reset, capture again: a fresh pool each time
-        replay, out = capture(lambda f=factor: a * f, dev)
+    cache = GraphCache(max_graphs=1, owner="test", eager_text="eager", off_hint="-")
+    for key, factor in ((1, 3.0), (2, 5.0), (1, 3.0)):  # each capture drops the only other graph: a fresh pool
+        entry = cache.capture(key, lambda f=factor: capture_graph(lambda: a * f, dev, cache.pool()), device=dev,
+                              describe=f"x {factor}")
+        replay, out = entry
         replay()
         assert torch.equal(out, torch.full((4,), factor, device=dev))
-        del replay, out
-        capture.reset()
+        del replay, out, entry
+    assert cache.stats.captures == 3 and cache.stats.evictions == 2 and cache.enabled
 
 
 @pytest.mark.gpu

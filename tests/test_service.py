@@ -81,7 +81,7 @@ def test_concurrent_lengths_give_valid_pdbs_in_shared_batches(server):
     ([32, 32, 32], 1.0, [[0, 1, 2]]),  # equal lengths always share a batch
 ])
 def test_length_groups(lengths, ratio, groups):
-    from service.engine import length_groups
+    from service.batching import length_groups
 
     assert length_groups(lengths, ratio) == groups
 
@@ -131,7 +131,7 @@ def test_unchanged_batch_reuses_its_output_as_next_input(server, weights):
     from model.weights_io import load_weights
 
     stats = server.app.state.service.engine.stats
-    T = server.app.state.service.engine.schedule.num_timesteps
+    T = server.app.state.service.engine.num_timesteps
     before_reused, before_run = stats.inputs_reused, stats.batches_run
     r = asyncio.run(_post_many(server.url, [{"length": 27, "count": 2, "seed": 40}]))[0]
     assert r.status_code == 200
@@ -139,10 +139,10 @@ def test_unchanged_batch_reuses_its_output_as_next_input(server, weights):
     assert stats.inputs_reused - before_reused == T - 1  # every step after the first
     engine = server.app.state.service.engine
     # idle again: the kept inputs are freed before the response is sent (nothing could reuse them)
-    assert engine._inputs_prev == {} and engine._inputs_next == {} and engine._step_inputs == ((), None)
+    assert engine.inputs.prev == {} and engine.inputs.next == {} and engine.inputs.pending == ((), None)
     from model.mhc import find_mhc_modules
 
-    mhc_modules = find_mhc_modules(engine.denoiser)
+    mhc_modules = find_mhc_modules(server.app.state.service.sampler.denoiser)
     assert mhc_modules and all(m.last_h_res is None and not m.record for m in mhc_modules)  # nothing kept
     den = load_weights(weights).denoiser
     ref = reference_sample(den, [27, 27], [40, 41], 0.6)
@@ -217,7 +217,7 @@ def test_health_ready_info(server, weights):
 
 
 def test_compile_setting_picks_devices():
-    from service.warmup import compile_enabled
+    from model.sampler import compile_enabled
 
     cpu, gpu = torch.device("cpu"), torch.device("cuda", 0)
     assert [compile_enabled(s, cpu) for s in ("auto", "on", "off")] == [False, True, False]
@@ -290,7 +290,7 @@ def test_compiled_pair_stack_serves_the_same_backbones(weights):
     with serve_in_thread(tiny_settings(weights, compile="on")) as srv:
         info = httpx.get(srv.url + "/info", timeout=10).json()
         compiled = asyncio.run(_post_many(srv.url, bodies))
-        layers = srv.app.state.service.loaded.denoiser.pair_transform_net.layers
+        layers = srv.app.state.service.sampler.denoiser.pair_transform_net.layers
         assert all(layer._compiled_call_impl is not None for layer in layers)
     assert info["compiled"] == "pair_stack,point_rotations"
     with serve_in_thread(tiny_settings(weights, compile="off")) as srv:

@@ -101,18 +101,21 @@ def test_request_timeout_gives_504_and_drops_samples(weights):
     asyncio.run(run())
 
 
-class _FaultyDenoiser(torch.nn.Module):
-    """Wraps the real denoiser; raises an injected error when `fault(x, t, mask)` says so."""
+class _FaultyStep:
+    """Wraps the engine's step function (denoiser + reverse step); raises an injected error when
+    `fault(x, t, mask)` says so."""
 
     def __init__(self, inner, fault):
-        super().__init__()
-        self.inner, self.fault, self.config = inner, fault, inner.config
+        self.inner, self.fault = inner, fault
 
-    def forward(self, x, t, mask):  # x [B, L, 3], t [B], mask [B, L]
+    def __getattr__(self, name):  # graphed, stats: the real step's
+        return getattr(self.inner, name)
+
+    def __call__(self, x, t, mask, noise, noise_scale):  # x [B, L, 3], t [B], mask [B, L]
         err = self.fault(x, t, mask)
         if err is not None:
             raise err
-        return self.inner(x, t, mask)
+        return self.inner(x, t, mask, noise, noise_scale)
 
 
 def _coords(pdb_text):
@@ -129,7 +132,7 @@ def test_oom_splits_batch_and_keeps_results(weights):
             eng = _engine(app)
             if inject:  # "out of memory" whenever a step holds more than 2 samples
                 oom = torch.cuda.OutOfMemoryError("CUDA out of memory (injected)")
-                eng.denoiser = _FaultyDenoiser(eng.denoiser, lambda x, t, m: oom if x.shape[0] > 2 else None)
+                eng.step = _FaultyStep(eng.step, lambda x, t, m: oom if x.shape[0] > 2 else None)
             rs = await asyncio.gather(*[c.post("/sample", json=b) for b in bodies])
             return [r.status_code for r in rs], rs, eng, app
 
@@ -150,7 +153,7 @@ def test_oom_on_one_sample_fails_only_its_request(weights):
             eng = _engine(app)
             oom = torch.cuda.OutOfMemoryError("CUDA out of memory (injected)")
             # Any batch holding a real 40-residue chain runs out of memory.
-            eng.denoiser = _FaultyDenoiser(eng.denoiser, lambda x, t, m: oom if (m.sum(1) >= 40).any() else None)
+            eng.step = _FaultyStep(eng.step, lambda x, t, m: oom if (m.sum(1) >= 40).any() else None)
             big, small = await asyncio.gather(c.post("/sample", json={"length": 40}),
                                               c.post("/sample", json={"length": 13}))
             assert big.status_code == 503 and "out of GPU memory for length 40" in big.json()["detail"]
@@ -171,7 +174,7 @@ def test_step_error_fails_only_that_batch_and_server_keeps_serving(weights):
                 calls["n"] += 1
                 return RuntimeError("injected kernel failure /secret/path") if calls["n"] == 3 else None
 
-            eng.denoiser = _FaultyDenoiser(eng.denoiser, once)
+            eng.step = _FaultyStep(eng.step, once)
             r = await c.post("/sample", json={"length": 20})
             assert r.status_code == 503 and "error id" in r.json()["detail"]
             assert "secret" not in r.text and "Traceback" not in r.text
@@ -407,7 +410,7 @@ def test_failed_compile_falls_back_to_eager_and_serves(weights, monkeypatch, cap
     with caplog.at_level("WARNING", logger="mhcflash"), serve_in_thread(tiny_settings(weights, compile="on")) as srv:
         info = httpx.get(srv.url + "/info", timeout=10).json()
         r = httpx.post(srv.url + "/sample", json={"length": 12, "seed": 3}, timeout=60)
-        denoiser = srv.app.state.service.loaded.denoiser
+        denoiser = srv.app.state.service.sampler.denoiser
     assert info["compiled"] == "none"
     assert r.status_code == 200 and r.json()["samples"][0]["pdb"].startswith(("HEADER", "ATOM", "MODEL", "REMARK"))
     assert compiled_parts(denoiser) == []  # the pair stack and the point rotations are eager again
@@ -420,7 +423,7 @@ def test_compile_without_warm_up_serves_eagerly(weights, caplog):
     with caplog.at_level("WARNING", logger="mhcflash"), \
             serve_in_thread(tiny_settings(weights, compile="on", warmup=False)) as srv:
         info = httpx.get(srv.url + "/info", timeout=10).json()
-        layers = srv.app.state.service.loaded.denoiser.pair_transform_net.layers
+        layers = srv.app.state.service.sampler.denoiser.pair_transform_net.layers
     assert info["compiled"] == "none"
     assert all(layer._compiled_call_impl is None for layer in layers)
     assert any("MHCFLASH_COMPILE needs the warm-up" in rec.getMessage() for rec in caplog.records)

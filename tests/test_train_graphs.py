@@ -91,14 +91,14 @@ def test_a_failed_capture_warns_and_training_goes_on_eagerly(monkeypatch):
 def test_a_failed_capture_that_breaks_the_rng_stops_with_advice(monkeypatch):
     """If the failed capture left the CUDA generator unusable (simulated), the call raises an error that
     names the shape and graphTrainingStep instead of going on eagerly into a confusing RNG error."""
-    import model.train_graphs as tg
+    from model import cuda_graphs
 
     def failing_capture(*args, **kwargs):
         raise RuntimeError("INTERNAL ASSERT FAILED use_count > 0")
 
     _simulate_captures(monkeypatch, failing_capture)
-    real_check = tg._rng_broken
-    monkeypatch.setattr(tg, "_rng_broken", lambda device: True)
+    real_check = cuda_graphs.rng_broken
+    monkeypatch.setattr(cuda_graphs, "rng_broken", lambda device: True)
     x, t, mask = _batch(2, 12, 3, seed=3)
     with pytest.raises(RuntimeError, match=r"shape \[2, 12, 3\] failed .*use_count.*graphTrainingStep False"):
         TrainGraphs(_pair_free(), capture_after=1)(x, t, mask)
