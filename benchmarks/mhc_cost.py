@@ -39,7 +39,7 @@ from model.config import Config
 from model.mhc import MHCResidual
 from model.mhc.kernels import mix, pre, sinkhorn
 from model.mhc.reference import mhc_pre_reference, mix_out, sinkhorn_knopp
-from model.structure import PlainResidual
+from model.network.structure import PlainResidual
 
 REPEAT = 10  # calls captured per graph
 

@@ -256,7 +256,7 @@ def selfcheck(
     """
     import torch
 
-    from model.attention import available_backends, describe
+    from model.ipa.backends import available_backends, describe
 
     cfg = _load(config, [])
     dev = torch.device(_device(device))
@@ -276,7 +276,7 @@ def selfcheck(
     dtype = torch.bfloat16 if dev.type == "cuda" else torch.float32
     why, backend = None, None
     try:
-        from model.flash_ipa import FlashIPA
+        from model.ipa.flash import FlashIPA
 
         backend = FlashIPA.from_config(combined).backend(dev, dtype)
         typer.echo(f"useFlashAttn3 {cfg.useFlashAttn3} resolves to: {describe(backend)}")

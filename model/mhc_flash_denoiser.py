@@ -1,13 +1,13 @@
 """``mHCFlashDenoiser``: the combined mode under the name the user's document uses.
 
 The user's document imports ``genie.model.mhc_flash_denoiser.mHCFlashDenoiser``; in this package that
-is ``model.mhc_flash_denoiser.mHCFlashDenoiser``. It is the one ``model.denoiser.Denoiser`` with
+is ``model.mhc_flash_denoiser.mHCFlashDenoiser``. It is the one ``model.network.denoiser.Denoiser`` with
 ``useMHCMode`` and ``useFlashMode`` forced on (mHC-wrapped Flash-IPA structure layers), not a copy.
 """
 
 from __future__ import annotations
 
-from model.denoiser import Denoiser
+from model.network.denoiser import Denoiser
 
 __all__ = ["mHCFlashDenoiser"]
 

@@ -86,7 +86,7 @@ def attention_info(denoiser: torch.nn.Module, device: torch.device, dtype: torch
     if callable(choice):
         choice = choice()
     if choice is None:
-        from model.attention import resolve_backend
+        from model.ipa.backends import resolve_backend
 
         source = "resolve_backend (default head widths)"
         try:
@@ -120,7 +120,7 @@ async def lifespan(app: FastAPI):
             log.warning("MHCFLASH_COMPILE needs the warm-up (MHCFLASH_WARMUP=true); the model runs eagerly")
             compiled = False
         if compiled:
-            from model.denoiser import compile_denoiser
+            from model.network.compile import compile_denoiser
 
             compile_denoiser(loaded.denoiser)
         if settings.warmup:
@@ -133,7 +133,7 @@ async def lifespan(app: FastAPI):
         log.error("mhcflash service cannot start: %s", explain(exc))
         raise
     state.device, state.loaded, state.limits = device, loaded, limits
-    from model.denoiser import compiled_parts
+    from model.network.compile import compiled_parts
 
     state.compiled = ",".join(compiled_parts(loaded.denoiser)) or "none"
     state.precision = "bf16" if autocast is not None else "float32"

@@ -2,7 +2,7 @@
 
 Before ``/ready`` the service runs a few sampling steps through the engine's own step function
 (``service.graphs.eager_step``, the service's autocast), so the first request pays no first-call cost.
-With the model compiled (``model.denoiser.compile_denoiser``: the pair stack, the point rotations)
+With the model compiled (``model.network.compile.compile_denoiser``: the pair stack, the point rotations)
 those steps are where ``torch.compile`` builds its graphs; if that fails (no C compiler or Python
 headers for Triton, an inductor bug), the failure is logged, the model goes back to eager and the
 warm-up runs again.
@@ -55,7 +55,7 @@ def warm_up(denoiser: torch.nn.Module, schedule, device: torch.device, limits: L
 def warm_up_with_fallback(denoiser, schedule, device, limits, autocast, compiled: bool) -> bool:
     """Warm up; if compiling fails (no C compiler or Python headers for Triton, an
     inductor bug), log it, fall back to the eager model and warm up again. Returns whether the
-    model's compiled parts (``model.denoiser.compiled_parts``) are kept."""
+    model's compiled parts (``model.network.compile.compiled_parts``) are kept."""
     try:
         warm_up(denoiser, schedule, device, limits, autocast, compiled)
         return compiled
@@ -64,7 +64,7 @@ def warm_up_with_fallback(denoiser, schedule, device, limits, autocast, compiled
     except Exception as exc:
         if not compiled:
             raise
-        from model.denoiser import uncompile_denoiser
+        from model.network.compile import uncompile_denoiser
 
         root = exc  # dynamo wraps the compiler's error (BackendCompilerFailed.inner_exception): report that
         while (inner := root.__cause__ or getattr(root, "inner_exception", None)) is not None:

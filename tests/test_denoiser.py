@@ -1,4 +1,4 @@
-"""The composed denoiser (model.denoiser, model.build_denoiser, model.mhc_flash_denoiser), all modes.
+"""The composed denoiser (model.network.denoiser, model.build_denoiser, model.mhc_flash_denoiser), all modes.
 
 Property tests on tiny configs (dropout off via eval(), parameters perturbed away from the zero
 "final" init so outputs are not trivially zero):
@@ -26,12 +26,12 @@ from conftest import (
 
 from model import build_denoiser
 from model.config import Config
-from model.denoiser import Denoiser
 from model.geometry import random_rotation
 from model.mhc_flash_denoiser import mHCFlashDenoiser
+from model.network.denoiser import Denoiser
 
-HAS_FLASH_IPA = importlib.util.find_spec("model.flash_ipa") is not None
-needs_flash = pytest.mark.skipif(not HAS_FLASH_IPA, reason="model/flash_ipa.py not written yet")
+HAS_FLASH_IPA = importlib.util.find_spec("model.ipa.flash") is not None
+needs_flash = pytest.mark.skipif(not HAS_FLASH_IPA, reason="model/ipa/flash.py not written yet")
 
 MODES = {
     "standard": {},
@@ -95,7 +95,7 @@ def test_padding_invariance_and_per_sample_timesteps(overrides):
 
 
 def _plain_modes() -> list[dict]:
-    """The mode overrides runnable here (flash modes only once model/flash_ipa.py exists)."""
+    """The mode overrides runnable here (flash modes only once model/ipa/flash.py exists)."""
     return [v if isinstance(v, dict) else v.values[0] for v in MODES.values()
             if isinstance(v, dict) or HAS_FLASH_IPA]
 

@@ -150,7 +150,7 @@ def test_fused_policy_is_chosen_at_construction(monkeypatch):
 def test_structure_layer_takes_the_mean_from_the_residual(monkeypatch):
     """The structure layer asks an mHC residual for the streams and their mean together when its read-out
     is the mean (``contract`` or ``MeanReadout``), and calls the read-out itself otherwise."""
-    from model.structure import StructureLayer
+    from model.network.structure import StructureLayer
 
     assert is_mean_readout(contract) and is_mean_readout(MeanReadout())
     assert not is_mean_readout(GatedReadout(32, 4, cfg()))

@@ -78,7 +78,7 @@ def test_seeded_initialisation_is_pinned(pinned, mode):
 def test_shipped_weights_headers_match_the_built_network(name):
     from safetensors import safe_open
 
-    from model.flash_ipa import upgrade_legacy_state
+    from model.ipa.flash import upgrade_legacy_state
 
     with safe_open(str(WEIGHTS / name / "model.safetensors"), framework="pt") as f:
         header = {k: torch.empty(f.get_slice(k).get_shape(), device="meta") for k in f.keys()}  # noqa: SIM118 - not a dict

@@ -6,7 +6,7 @@ Sources: AlphaFold 2 supplement Algorithm 22 (IPA) as in OpenFold ``structure_mo
     a_ij = softmax_j( w_L * ( q_i.k_j / sqrt(C) + b_ij - (gamma_h / 2) * sum_p |T_i q_ip - T_j k_jp|^2 ) )
 
 with w_L = sqrt(1/3), gamma_h = softplus(theta_h) * sqrt(2 / (9 P)). Here the pair bias comes from
-the factors (model/factorizer.py): b_ij = sum_r bl[i, r, h] * br[j, r, h], bl / br = Linear(left /
+the factors (model/ipa/factorizer.py): b_ij = sum_r bl[i, r, h] * br[j, r, h], bl / br = Linear(left /
 right factor), and the pair values are z'_ij = sum_r pl[i, r] * pr[j, r] (C_pv = C_f // 4 channels).
 Expanding |Q - K|^2 = |Q|^2 + |K|^2 - 2 Q.K and dropping |Q_i|^2 (constant over j, it cancels in
 the softmax) gives widened rows (geometry in fp32, scalar and factor terms in the activation dtype,
@@ -16,7 +16,7 @@ all cast to the attention dtype once):
     k~_j = [ k_j               | w_L gamma K_j (3P)    | -w_L gamma / 2 |K_j|^2  | br_j (r)     ]
     v~_j = [ v_j (C)           | V_j (3 P_v, global)   | pr_j (r * C_pv)                         ]
 
-so ``packed_attention(q~, k~, v~, mask)`` (model/attention.py: FA3 / FA2 / SDPA / math) returns
+so ``packed_attention(q~, k~, v~, mask)`` (model/ipa/attention.py: FA3 / FA2 / SDPA / math) returns
 sum_j a_ij v~_j, from which the scalar, point (moved into the local frame of i, plus norms) and pair
 outputs (sum_r pl_ir * (sum_j a_ij pr_jr)) are read, concatenated and projected to C_s (AF2).
 
@@ -42,15 +42,12 @@ import math
 import torch
 from torch import nn
 
-from model.attention import BackendChoice, mask_value, packed_attention, resolve_backend
-from model.factorizer import PairFactorizer, PairFactors, PairFreeFactorizer, build_factorizer
 from model.geometry import Frames, rotate_points
-from model.knn import Neighbours, knn
+from model.ipa.attention import mask_value, packed_attention
+from model.ipa.backends import BackendChoice, resolve_backend
+from model.ipa.factorizer import PairFactors
 
-# The factorizers and the k-NN search live in model/factorizer.py and model/knn.py (one concept per
-# file); they are re-exported here because docs/ARCHITECTURE.md places them under flash_ipa.
-__all__ = ["FlashIPA", "Neighbours", "PairFactorizer", "PairFactors", "PairFreeFactorizer", "build_factorizer",
-           "flash_ipa_head_dims", "has_legacy_layout", "knn", "upgrade_legacy_state"]
+__all__ = ["FlashIPA", "flash_ipa_head_dims", "has_legacy_layout", "upgrade_legacy_state"]
 
 POINT_NORM_EPS = 1e-8  # inside sqrt of the output point norms (AF2 / OpenFold)
 
@@ -140,7 +137,7 @@ class FlashIPA(nn.Module):
         nn.init.zeros_(self.linear_out.bias)
         self._choices: dict[tuple, BackendChoice] = {}
         self.last_backend: BackendChoice | None = None
-        # points [*, M, 3] x frames' rotations; model.denoiser.compile_denoiser swaps in a compiled,
+        # points [*, M, 3] x frames' rotations; model.network.compile.compile_denoiser swaps in a compiled,
         # fused version of the same product (model.geometry.rotate_points_elementwise)
         self.rotate = rotate_points
 
@@ -233,7 +230,7 @@ class FlashIPA(nn.Module):
     def _flash_core(self, q, k, v, qg, kg, vg, bl, br, pl, pr, gamma, mask):
         """Widened q~ / k~ / v~ (module docstring) through one softmax attention.
 
-        The rows are packed exactly as the kernel takes them (model/attention.py ``packed_attention``):
+        The rows are packed exactly as the kernel takes them (model/ipa/attention.py ``packed_attention``):
         the folded key-padding column and the zero padding to the kernel's width are part of the same
         ``cat``, so each of q~ / k~ / v~ is built by one copy kernel.
         """

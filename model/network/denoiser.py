@@ -31,13 +31,13 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from model.features import PairFeatureNet, SingleFeatureNet
 from model.geometry import Frames, frenet_serret_frames
-from model.ipa import InvariantPointAttention
-from model.pair_transform import PairTransformNet
-from model.structure import PlainResidual, StructureBranch, StructureLayer
+from model.ipa.dense import InvariantPointAttention
+from model.network.features import PairFeatureNet, SingleFeatureNet
+from model.network.pair_transform import PairTransformNet
+from model.network.structure import PlainResidual, StructureBranch, StructureLayer
 
-__all__ = ["Denoiser", "compile_denoiser", "compiled_parts", "uncompile_denoiser"]
+__all__ = ["Denoiser"]
 
 
 def _identity(x: torch.Tensor) -> torch.Tensor:
@@ -82,12 +82,12 @@ class Denoiser(nn.Module):
     def _build_ipa(self, config) -> nn.Module:
         if not self.use_flash:
             return InvariantPointAttention.from_config(config)
-        from model import flash_ipa
+        from model.ipa.flash import FlashIPA
 
-        return flash_ipa.FlashIPA.from_config(config)
+        return FlashIPA.from_config(config)
 
     def _build_factorizer(self, config) -> nn.Module:
-        from model.factorizer import build_factorizer
+        from model.ipa.factorizer import build_factorizer
 
         return build_factorizer(config)
 
@@ -175,67 +175,3 @@ class Denoiser(nn.Module):
                 else:
                     streams, rots, trans = self._structure_layer(i, last, streams, rots, trans, pair, mask)
         return (x_t - trans) * mask[..., None]  # [B, L, 3]
-
-
-def compile_denoiser(denoiser: nn.Module, *, dynamic: bool | None = True, mode: str | None = None,
-                     backend="inductor") -> nn.Module:
-    """``compileModel True``: ``torch.compile`` the denoiser's pair-transform layers, in place; returns it.
-
-    The parameters, ``state_dict`` names and call signature are unchanged (save and load the module as
-    before). ``dynamic=True`` compiles batch size and length as symbols on the first call, so later
-    shapes reuse that graph (torch still specialises a batch of 1: one more graph for B = 1);
-    ``dynamic``, ``mode`` and ``backend`` are passed to ``torch.compile``; :func:`uncompile_denoiser`
-    undoes it.
-
-    Why only the pair stack: it is where a step of a model with a pair stack spends its time, in
-    memory-bound kernels on [B, L, L, C_p] tensors that inductor fuses (``benchmarks/pair_stack.py``:
-    B = 64, L = 128 forward 119.9 -> 40.1 ms on an H100); it compiles in ~12 s. Compiling the whole
-    model (mHC + Flash-IPA structure layers included) did not finish in 200 s on an H100, and the
-    sampling step of those layers is CUDA-graphed by the service instead. Flash-IPA's point rotations
-    (many points x one 3 x 3 rotation per residue: a batched GEMM with K = 3, slow in cuBLAS) become one
-    fused kernel (``model.geometry.rotate_points_elementwise`` compiled); that is all a pair-free model
-    gets.
-    """
-    net = getattr(denoiser, "pair_transform_net", None)
-    if net is not None:
-        net.compile_layers(dynamic=dynamic, mode=mode, backend=backend)
-    flash = _flash_ipa_modules(denoiser)
-    if flash:
-        from model.geometry import rotate_points_elementwise
-
-        fused = torch.compile(rotate_points_elementwise, dynamic=dynamic, mode=mode, backend=backend)
-        for module in flash:
-            module.rotate = fused
-    return denoiser
-
-
-def compiled_parts(denoiser: nn.Module) -> list[str]:
-    """What :func:`compile_denoiser` compiled in ``denoiser``: ``pair_stack``, ``point_rotations``."""
-    from model.geometry import rotate_points
-
-    parts = []
-    net = getattr(denoiser, "pair_transform_net", None)
-    if net is not None and any(getattr(layer, "_compiled_call_impl", None) is not None for layer in net.layers):
-        parts.append("pair_stack")
-    if any(m.rotate is not rotate_points for m in _flash_ipa_modules(denoiser)):
-        parts.append("point_rotations")
-    return parts
-
-
-def _flash_ipa_modules(denoiser: nn.Module) -> list[nn.Module]:
-    """The Flash-IPA layers of ``denoiser`` (whose point rotations compile_denoiser swaps)."""
-    from model.flash_ipa import FlashIPA
-
-    return [m for m in denoiser.modules() if isinstance(m, FlashIPA)]
-
-
-def uncompile_denoiser(denoiser: nn.Module) -> nn.Module:
-    """Undo :func:`compile_denoiser` in place (the service's fallback when compiling fails); returns it."""
-    from model.geometry import rotate_points
-
-    net = getattr(denoiser, "pair_transform_net", None)
-    if net is not None:
-        net.eager_layers()
-    for module in _flash_ipa_modules(denoiser):
-        module.rotate = rotate_points
-    return denoiser
