@@ -38,9 +38,8 @@ from model.config import Config
 from model.geometry import Frames, frenet_serret_frames
 from model.ipa.attention import attention
 from model.ipa.backends import describe
-from model.ipa.dense import InvariantPointAttention
 from model.ipa.factorizer import PairFactors, PairFreeFactorizer
-from model.ipa.flash import FlashIPA
+from model.network.builder import build_ipa
 
 
 def chain(batch: int, length: int, device, generator) -> torch.Tensor:
@@ -167,9 +166,9 @@ def main() -> None:
     graphed = args.graphed and device.type == "cuda"
     gen = torch.Generator().manual_seed(0)
     torch.manual_seed(0)
-    flash = FlashIPA.from_config(config).to(device)
+    flash = build_ipa(config).to(device)
     torch.nn.init.normal_(flash.linear_out.weight, std=0.02)
-    dense = InvariantPointAttention.from_config(config).to(device)
+    dense = build_ipa(config.replace(useFlashMode=False)).to(device)
     torch.nn.init.normal_(dense.linear_out.weight, std=0.02)
     pair_free = PairFreeFactorizer(single_dim=config.singleFeatureDimension, rank=config.zFactorRank,
                                    channels=config.pairFeatureDimension, k=config.kNeighbors,

@@ -27,17 +27,20 @@ __all__ = ["build_denoiser", "compile_denoiser"]
 
 
 def build_denoiser(config):
-    """The denoiser for ``config``'s mode (one composed ``Denoiser`` class for all four modes).
+    """The denoiser for ``config``'s mode: one composed ``Denoiser`` class for all four modes.
 
-    Returns an ``nn.Module`` with ``.config`` set; the combined mode is an ``mHCFlashDenoiser``.
+    ``model.network.builder.denoiser_parts`` is the one place that reads the config's keys; the
+    layers take plain keyword arguments. Returns an ``nn.Module`` with ``.config`` set; the combined
+    mode is an ``mHCFlashDenoiser``.
     """
     if config.useMHCMode and config.useFlashMode:
         from model.mhc_flash_denoiser import mHCFlashDenoiser
 
         return mHCFlashDenoiser(config)
+    from model.network.builder import denoiser_parts
     from model.network.denoiser import Denoiser
 
-    return Denoiser(config)
+    return Denoiser(**denoiser_parts(config))
 
 
 def compile_denoiser(denoiser, **kwargs):

@@ -7,13 +7,14 @@ is ``model.mhc_flash_denoiser.mHCFlashDenoiser``. It is the one ``model.network.
 
 from __future__ import annotations
 
+from model.network.builder import denoiser_parts
 from model.network.denoiser import Denoiser
 
 __all__ = ["mHCFlashDenoiser"]
 
 
 class mHCFlashDenoiser(Denoiser):
-    """``Denoiser(config.replace(useMHCMode=True, useFlashMode=True))``.
+    """``Denoiser`` built from ``config.replace(useMHCMode=True, useFlashMode=True)``.
 
     ``denoiser.config`` is the forced config (so saving and reloading the weights gives the same mode).
     """
@@ -21,4 +22,4 @@ class mHCFlashDenoiser(Denoiser):
     def __init__(self, config) -> None:
         if not (config.useMHCMode and config.useFlashMode):
             config = config.replace(useMHCMode=True, useFlashMode=True)
-        super().__init__(config)
+        super().__init__(**denoiser_parts(config))

@@ -90,7 +90,7 @@ def attention_info(denoiser: torch.nn.Module, device: torch.device, dtype: torch
 
         source = "resolve_backend (default head widths)"
         try:
-            choice = resolve_backend(denoiser.config, device=device, dtype=dtype)
+            choice = resolve_backend(device=device, dtype=dtype, use_flash_attn3=denoiser.config.useFlashAttn3)
         except Exception as exc:  # noqa: BLE001 - reported, not fatal: the denoiser already ran
             return {"backend": "unknown", "flash_attn_version": "none", "reason": str(exc), "source": source}
     return {

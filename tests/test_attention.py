@@ -8,7 +8,6 @@ import sys
 
 import pytest
 import torch
-from conftest import tiny_config
 
 import model.ipa.attention as att
 import model.ipa.backends as bk
@@ -72,7 +71,7 @@ def test_packed_rows_fold_the_mask_and_pad_to_the_kernel_width(name):
 
 
 def test_cpu_resolves_to_math_and_attention_runs():
-    choice = bk.resolve_backend(tiny_config(), (300, 700), "cpu", torch.float32)
+    choice = bk.resolve_backend((300, 700), "cpu", torch.float32)
     assert choice.name == "math" and choice.flash_attn_version is None
     q, k, v, mask = make(dqk=300, dv=70)  # wide heads are fine for math
     out = att.attention(q, k, v, mask, backend=choice, scale=0.1)
@@ -141,8 +140,8 @@ def test_fa4_runs_packed_rows_at_unequal_widths_and_matches_math(fake_fa4):
 def test_fa4_is_preferred_under_use_flash_attn3_and_its_limits_hold(monkeypatch):
     _only(monkeypatch, "fa4", "fa3", "fa2")
     monkeypatch.setattr(bk, "_capability", lambda device: (9, 0))
-    assert bk.resolve_backend(tiny_config(useFlashAttn3=True), (60, 104), "cuda", torch.bfloat16).name == "fa4"
-    off = bk.resolve_backend(tiny_config(useFlashAttn3=False), (60, 104), "cuda", torch.bfloat16)
+    assert bk.resolve_backend((60, 104), "cuda", torch.bfloat16, use_flash_attn3=True).name == "fa4"
+    off = bk.resolve_backend((60, 104), "cuda", torch.bfloat16, use_flash_attn3=False)
     assert off.name == "fa2" and "fa4: useFlashAttn3 is False" in off.reason
     assert bk._kernel_accepts("fa4", 64, 256, torch.bfloat16, torch.device("cuda"))[0]
     monkeypatch.setattr(bk, "_capability", lambda device: (10, 0))  # Blackwell: each width <= 128
@@ -153,21 +152,21 @@ def test_fa4_is_preferred_under_use_flash_attn3_and_its_limits_hold(monkeypatch)
 
 def test_fa_only_wide_head_errors_clearly(monkeypatch):
     _only(monkeypatch, "fa2")
-    ok = bk.resolve_backend(tiny_config(), (60, 104), "cuda", torch.bfloat16)
+    ok = bk.resolve_backend((60, 104), "cuda", torch.bfloat16)
     assert ok.name == "fa2" and ok.flash_attn_version == "2.7.4"
     with pytest.raises(bk.AttentionBackendError) as err:
-        bk.resolve_backend(tiny_config(), (60, 300), "cuda", torch.bfloat16)
+        bk.resolve_backend((60, 300), "cuda", torch.bfloat16)
     msg = str(err.value)
     for needle in ("300", "256", "zFactorRank", "ipaHiddenDimension", "ipaNumQkPoints", "ipaNumVPoints"):
         assert needle in msg
     with pytest.raises(bk.AttentionBackendError, match="fp16/bf16"):  # FA has no fp32
-        bk.resolve_backend(tiny_config(), (60, 100), "cuda", torch.float32)
+        bk.resolve_backend((60, 100), "cuda", torch.float32)
 
 
 def test_use_flash_attn3_flag_is_respected(monkeypatch):
     _only(monkeypatch, "fa3", "fa2")
-    assert bk.resolve_backend(tiny_config(useFlashAttn3=True), (60, 100), "cuda", torch.bfloat16).name == "fa3"
-    choice = bk.resolve_backend(tiny_config(useFlashAttn3=False), (60, 100), "cuda", torch.bfloat16)
+    assert bk.resolve_backend((60, 100), "cuda", torch.bfloat16, use_flash_attn3=True).name == "fa3"
+    choice = bk.resolve_backend((60, 100), "cuda", torch.bfloat16, use_flash_attn3=False)
     assert choice.name == "fa2" and "useFlashAttn3 is False" in choice.reason
 
 

@@ -17,8 +17,8 @@ import model.ipa.backends as bk
 import model.ipa.factorizer as fac_mod
 import model.ipa.knn as knn_mod
 from model.geometry import frenet_serret_frames, random_rotation
-from model.ipa.factorizer import PairFactorizer, PairFreeFactorizer, build_factorizer
-from model.ipa.flash import FlashIPA
+from model.ipa.factorizer import PairFactorizer, PairFreeFactorizer
+from model.network.builder import build_factorizer, build_ipa
 
 ATOL_FWD = 2e-5  # fp32 flash vs dense reference, outputs O(1)
 ATOL_GRAD = 1e-4  # fp32 gradients, flash vs dense reference
@@ -35,7 +35,7 @@ def setup(config, *, batch=2, length=23, seed=0, pair_free=True, perturb_out=Tru
     """Layer + factorizer + inputs with a real padding tail; linear_out made non-zero (else y == 0)."""
     torch.manual_seed(seed)
     g = torch.Generator().manual_seed(seed)
-    layer = FlashIPA.from_config(config)
+    layer = build_ipa(config)
     if perturb_out:
         torch.nn.init.normal_(layer.linear_out.weight, std=0.2)
     with torch.no_grad():
@@ -194,9 +194,9 @@ def test_impossible_rank_on_fa_only_errors_clearly(monkeypatch):
     monkeypatch.setattr(bk, "available_backends", fa_only)
     config = tiny_config(useFlashMode=True)
     # Genie's default widths: v = 16 + 3 * 8 + rank * 32 -> rank 2 fits 256, rank 8 does not
-    ok = FlashIPA.from_config(config.replace(ipaHiddenDimension=16, ipaNumVPoints=8, pairFeatureDimension=128))
+    ok = build_ipa(config.replace(ipaHiddenDimension=16, ipaNumVPoints=8, pairFeatureDimension=128))
     assert ok.backend("cuda", torch.bfloat16).name == "fa2"
-    wide = FlashIPA.from_config(config.replace(ipaHiddenDimension=16, ipaNumVPoints=8,
+    wide = build_ipa(config.replace(ipaHiddenDimension=16, ipaNumVPoints=8,
                                                pairFeatureDimension=128, zFactorRank=8))
     with pytest.raises(bk.AttentionBackendError, match="zFactorRank") as err:
         wide.backend("cuda", torch.bfloat16)
@@ -384,7 +384,7 @@ def test_legacy_separate_projections_load_into_the_fused_layer():
     assert set(upgrade_legacy_state({f"ipa.{k}": v for k, v in state.items()})) == {
         f"ipa.{k}" for k in layer.state_dict()}
     assert has_legacy_layout(state) and not has_legacy_layout(layer.state_dict())
-    fresh = FlashIPA.from_config(config)
+    fresh = build_ipa(config)
     fresh.load_state_dict(state, strict=True)
     with torch.no_grad():
         expected = run(layer, fac, x, ca, mask, pair)

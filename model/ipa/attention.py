@@ -199,13 +199,14 @@ def _run_fused(name: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> 
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_padding_mask: torch.Tensor | None = None,
               *, backend: BackendChoice | str | None = None, scale: float | None = None,
-              config=None) -> torch.Tensor:
+              use_flash_attn3: bool = True) -> torch.Tensor:
     """Softmax attention ``softmax(scale * q.k) v`` with key padding, on the chosen backend.
 
     Args:
         q, k: [B, L, H, D_qk]; v: [B, L, H, D_v] (self-attention lengths).
         key_padding_mask: [B, L] 1 / True for real residues, or None.
-        backend: a BackendChoice, a name of BACKEND_ORDER, or None to resolve now from ``config``.
+        backend: a BackendChoice, a name of BACKEND_ORDER, or None to resolve it now
+            (``resolve_backend``, with ``use_flash_attn3``).
         scale: softmax scale (default 1 / sqrt(D_qk)).
     Returns:
         [B, L, H, D_v] in q's dtype (fp32 from math); zero on padded query rows.
@@ -213,7 +214,7 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_padding_mas
     dim_qk, dim_v = q.shape[-1], v.shape[-1]
     scale = dim_qk ** -0.5 if scale is None else scale
     if backend is None:
-        backend = resolve_backend(config, (dim_qk, dim_v), q.device, q.dtype)
+        backend = resolve_backend((dim_qk, dim_v), q.device, q.dtype, use_flash_attn3=use_flash_attn3)
     name = backend.name if isinstance(backend, BackendChoice) else str(backend)
     if name not in BACKEND_ORDER:
         raise ValueError(f"unknown attention backend {name!r}; one of {BACKEND_ORDER}")

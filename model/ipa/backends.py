@@ -223,11 +223,12 @@ def _kernel_accepts(name: str, dim_qk: int, dim_v: int, dtype: torch.dtype, devi
     return ok, "" if ok else f"{name} rejects head widths ({dq}, {dv}) in {dtype}"
 
 
-def resolve_backend(config=None, head_dims: tuple[int, int] = (64, 64), device: torch.device | str = "cpu",
-                    dtype: torch.dtype = torch.float32, *, allow_math_on_gpu: bool = True) -> BackendChoice:
+def resolve_backend(head_dims: tuple[int, int] = (64, 64), device: torch.device | str = "cpu",
+                    dtype: torch.dtype = torch.float32, *, use_flash_attn3: bool = True,
+                    allow_math_on_gpu: bool = True) -> BackendChoice:
     """Choose the attention kernel for q / k width ``head_dims[0]`` and v width ``head_dims[1]``.
 
-    ``config.useFlashAttn3`` (default True) allows FA3. On the CPU the answer is always ``math``. On
+    ``use_flash_attn3`` (the config's ``useFlashAttn3``) allows FA4 and FA3. On the CPU the answer is always ``math``. On
     CUDA: the first usable backend of BACKEND_ORDER that accepts the widths (+2 q / k columns: the
     folded mask and the row anchor) and dtype; ``math`` last (correct, O(chunk * L) memory, slow) unless
     ``allow_math_on_gpu`` is False. Raises AttentionBackendError naming the width, the limit and the
@@ -236,7 +237,6 @@ def resolve_backend(config=None, head_dims: tuple[int, int] = (64, 64), device: 
     device = torch.device(device)
     if device.type != "cuda":
         return BackendChoice("math", None, f"{device.type} device: explicit math attention")
-    use_fa3 = True if config is None else bool(config.useFlashAttn3)
     dim_qk, dim_v = int(head_dims[0]) + 2, int(head_dims[1])  # +2: the key-padding column and the row anchor
     status = available_backends(device)
     rejected = []
@@ -246,7 +246,7 @@ def resolve_backend(config=None, head_dims: tuple[int, int] = (64, 64), device: 
             if st is not None and name != "math":
                 rejected.append(f"{name}: {'not usable here' if st.found else 'not installed'}")
             continue
-        if name in ("fa4", "fa3") and not use_fa3:
+        if name in ("fa4", "fa3") and not use_flash_attn3:
             rejected.append(f"{name}: useFlashAttn3 is False")
             continue
         if name == "math" and not allow_math_on_gpu:

@@ -47,7 +47,7 @@ from model.geometry import Frames
 from model.ipa.knn import Neighbours, soft_knn
 from model.network.pair_transform import amp_layer_norm
 
-__all__ = ["PairFactorizer", "PairFactors", "PairFreeFactorizer", "build_factorizer"]
+__all__ = ["PairFactorizer", "PairFactors", "PairFreeFactorizer"]
 
 
 @dataclass(frozen=True)
@@ -191,14 +191,3 @@ class PairFreeFactorizer(nn.Module):
         edges = self.edge_features(s, frames, nb)  # [B, L, k, hidden]
         return PairFactors(self.left(edges, edges, nb.weight, mask), self.right(edges, edges, nb.weight, mask))
 
-
-def build_factorizer(config) -> nn.Module:
-    """The factorizer a flash-mode config asks for (``usePairFree`` picks the pair-free one).
-
-    Factor channels C_f = ``pairFeatureDimension``; rank = ``zFactorRank``; k = ``kNeighbors``.
-    """
-    common = {"rank": config.zFactorRank, "channels": config.pairFeatureDimension, "k": config.kNeighbors}
-    if config.usePairFree:
-        return PairFreeFactorizer(single_dim=config.singleFeatureDimension,
-                                  max_offset=config.relativePositionK, **common)
-    return PairFactorizer(pair_dim=config.pairFeatureDimension, **common)

@@ -113,26 +113,37 @@ def upgrade_legacy_state(state: dict[str, torch.Tensor]) -> dict[str, torch.Tens
 
 
 class FlashIPA(nn.Module):
-    """IPA over PairFactors: ``ipa(x [B, L, C_s], factors, frames [B, L], mask [B, L]) -> [B, L, C_s]``."""
+    """IPA over PairFactors: ``ipa(x [B, L, C_s], factors, frames [B, L], mask [B, L]) -> [B, L, C_s]``.
 
-    def __init__(self, *, single_dim: int, factor_dim: int, hidden: int, heads: int, qk_points: int,
-                 v_points: int, rank: int, config=None):
+    Args:
+        c_s: C_s, single channels.
+        c_f: C_f, channels of the pair factors (C_pv = max(1, C_f // 4) pair-value channels).
+        hidden: C, scalar channels per head.
+        heads: H.
+        qk_points: P, query / key points per head.
+        v_points: P_v, value points per head.
+        rank: r, the factors' rank.
+        use_flash_attn3: allow FlashAttention 4 / 3 where they run (``model.ipa.backends``).
+    """
+
+    def __init__(self, *, c_s: int, c_f: int, hidden: int, heads: int, qk_points: int, v_points: int,
+                 rank: int, use_flash_attn3: bool = True):
         super().__init__()
         self.hidden, self.heads, self.qk_points, self.v_points, self.rank = hidden, heads, qk_points, v_points, rank
-        self.pair_value_dim = max(1, factor_dim // 4)
-        self.config = config  # only useFlashAttn3 is read (backend choice)
+        self.pair_value_dim = max(1, c_f // 4)
+        self.use_flash_attn3 = bool(use_flash_attn3)
         h, c, p, pv = heads, hidden, qk_points, v_points
         # One projection of the single representation: scalar q (H C) | k, v (H 2C, per head [k | v]) |
         # local points q (H P 3) | k and v (H (P + P_v) 3); one projection per factor: pair bias (H) |
         # pair value (C_pv). NOTE (launch count): three Linears instead of six; `upgrade_legacy_state`
         # maps the older separate tensors (weights/mhc_flash_v1) onto these by concatenation.
         self.in_splits = (3 * h * c, h * p * 3, h * (p + pv) * 3)
-        self.linear_in = nn.Linear(single_dim, sum(self.in_splits))
-        self.factor_left = nn.Linear(factor_dim, h + self.pair_value_dim, bias=False)  # [bl (H) | pl (C_pv)]
-        self.factor_right = nn.Linear(factor_dim, h + self.pair_value_dim, bias=False)  # [br (H) | pr (C_pv)]
+        self.linear_in = nn.Linear(c_s, sum(self.in_splits))
+        self.factor_left = nn.Linear(c_f, h + self.pair_value_dim, bias=False)  # [bl (H) | pl (C_pv)]
+        self.factor_right = nn.Linear(c_f, h + self.pair_value_dim, bias=False)  # [br (H) | pr (C_pv)]
         # softplus^-1(1) so gamma starts at sqrt(2 / 9P) (AF2 / OpenFold initialisation)
         self.head_weights = nn.Parameter(torch.full((h,), math.log(math.e - 1.0)))
-        self.linear_out = nn.Linear(h * (c + 4 * pv + self.pair_value_dim), single_dim)
+        self.linear_out = nn.Linear(h * (c + 4 * pv + self.pair_value_dim), c_s)
         nn.init.zeros_(self.linear_out.weight)  # AF2 "final" init: the block starts as the identity
         nn.init.zeros_(self.linear_out.bias)
         self._choices: dict[tuple, BackendChoice] = {}
@@ -140,12 +151,6 @@ class FlashIPA(nn.Module):
         # points [*, M, 3] x frames' rotations; model.network.compile.compile_denoiser swaps in a compiled,
         # fused version of the same product (model.geometry.rotate_points_elementwise)
         self.rotate = rotate_points
-
-    @classmethod
-    def from_config(cls, config) -> FlashIPA:
-        return cls(single_dim=config.singleFeatureDimension, factor_dim=config.pairFeatureDimension,
-                   hidden=config.ipaHiddenDimension, heads=config.ipaNumHeads, qk_points=config.ipaNumQkPoints,
-                   v_points=config.ipaNumVPoints, rank=config.zFactorRank, config=config)
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         """Accept the earlier separate-projection tensors (see ``upgrade_legacy_state``)."""
@@ -165,7 +170,8 @@ class FlashIPA(nn.Module):
         device = torch.device(device)
         key = (device.type, device.index, dtype)
         if key not in self._choices:
-            self._choices[key] = resolve_backend(self.config, self.head_dims(dtype), device, dtype)
+            self._choices[key] = resolve_backend(self.head_dims(dtype), device, dtype,
+                                                 use_flash_attn3=self.use_flash_attn3)
         return self._choices[key]
 
     # ------------------------------------------------------------------------------------ shared

@@ -20,7 +20,7 @@ wrapper holds it (``PlainResidual`` or ``mhc.MHCResidual``); there is one code p
 NOTE: between layers the backbone update reads the stream mean ``mhc.contract(S)`` (SPEC.md); the
 last layer reads the configured read-out (``mhcReadout``: mean, or the learned gated sum), which is
 the only place the read-out enters eps_hat.
-NOTE: ``useGradientCheckpointing`` recomputes every structure layer and every pair-transform layer in
+NOTE: gradient checkpointing (``useGradientCheckpointing``) recomputes every structure layer and every pair-transform layer in
 the backward pass (``torch.utils.checkpoint``, non-reentrant, RNG state preserved so dropout masks
 match).
 """
@@ -32,10 +32,10 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from model.geometry import Frames, frenet_serret_frames
-from model.ipa.dense import InvariantPointAttention
+from model.mhc import MHCResidual, contract, expand
 from model.network.features import PairFeatureNet, SingleFeatureNet
 from model.network.pair_transform import PairTransformNet
-from model.network.structure import PlainResidual, StructureBranch, StructureLayer
+from model.network.structure import StructureLayer
 
 __all__ = ["Denoiser"]
 
@@ -47,63 +47,46 @@ def _identity(x: torch.Tensor) -> torch.Tensor:
 class Denoiser(nn.Module):
     """Genie-style noise predictor: ``denoiser(x_t [B, L, 3], t [B], mask [B, L]) -> eps_hat [B, L, 3]``.
 
-    ``config`` (a ``model.config.Config``) selects the mode; ``denoiser.config`` keeps it.
+    Composed from built parts (``model.build_denoiser(config)`` builds them, through
+    ``model.network.builder``); the mode follows from the parts:
+
+    Args:
+        single_feature_net: SingleFeatureNet, s [B, L, C_s].
+        pair_feature_net: PairFeatureNet, p [B, L, L, C_p]; None on the pair-free path.
+        pair_transform_net: PairTransformNet on p; None for no pair-transform layers (or pair-free).
+        factorizer: p (or s) -> PairFactors for Flash-IPA (flash modes); None for the dense IPA.
+        structure_layers: the StructureLayers, all with ``PlainResidual`` or all with ``MHCResidual``.
+        readout: the mHC read-out of the last layer (mHC modes: MeanReadout or GatedReadout);
+            None with plain residuals.
+        num_blocks: passes over the structure layers (shared weights, ``numStructureBlocks``).
+        checkpointing: recompute every structure layer in the backward pass.
+        config: the ``Config`` the parts were built from, kept as ``denoiser.config`` (weights files and
+            the sampler read it); the network itself never reads it.
     """
 
-    def __init__(self, config) -> None:
+    def __init__(self, *, single_feature_net: SingleFeatureNet, pair_feature_net: PairFeatureNet | None,
+                 pair_transform_net: PairTransformNet | None, factorizer: nn.Module | None,
+                 structure_layers: list[StructureLayer], readout: nn.Module | None, num_blocks: int = 1,
+                 checkpointing: bool = False, config=None) -> None:
         super().__init__()
         self.config = config
-        c_s, c_p = config.singleFeatureDimension, config.pairFeatureDimension
-        self.use_mhc, self.use_flash = bool(config.useMHCMode), bool(config.useFlashMode)
-        self.pair_free = bool(self.use_flash and config.usePairFree)
-        self.checkpointing = bool(config.useGradientCheckpointing)
-        self.num_blocks = config.numStructureBlocks
+        mhc_layers = [isinstance(layer.residual, MHCResidual) for layer in structure_layers]
+        if not structure_layers or len(set(mhc_layers)) != 1 or mhc_layers[0] != (readout is not None):
+            raise ValueError("Denoiser: the structure layers must be all plain (readout None) or all mHC "
+                             "(with a readout), and at least one")
+        if pair_feature_net is None and factorizer is None:
+            raise ValueError("Denoiser: without pair features (pair-free) a factorizer is needed")
+        self.use_mhc, self.use_flash = mhc_layers[0], factorizer is not None
+        self.pair_free = pair_feature_net is None
+        self.checkpointing = bool(checkpointing)
+        self.num_blocks = int(num_blocks)
 
-        self.single_feature_net = SingleFeatureNet(
-            c_s=c_s, c_pos_emb=config.positionalEmbeddingDimension,
-            c_timestep_emb=config.timestepEmbeddingDimension, num_timesteps=config.numTimesteps,
-            max_residues=config.maximumNumResidues)
-        self.pair_feature_net = self.pair_transform_net = None
-        if not self.pair_free:
-            self.pair_feature_net = PairFeatureNet(c_s=c_s, c_p=c_p, relpos_k=config.relativePositionK,
-                                                   template_type=config.templateType)
-            if config.numPairTransformLayers > 0:
-                self.pair_transform_net = PairTransformNet.from_config(config)
-        self.factorizer = self._build_factorizer(config) if self.use_flash else None
-
-        self.structure_layers = nn.ModuleList([self._build_layer(config) for _ in range(config.numStructureLayers)])
-        self.readout = None
-        if self.use_mhc:
-            from model import mhc
-
-            self.readout = mhc.build_readout(c_s, config)
-
-    # --------------------------------------------------------------------------------- building
-    def _build_ipa(self, config) -> nn.Module:
-        if not self.use_flash:
-            return InvariantPointAttention.from_config(config)
-        from model.ipa.flash import FlashIPA
-
-        return FlashIPA.from_config(config)
-
-    def _build_factorizer(self, config) -> nn.Module:
-        from model.ipa.factorizer import build_factorizer
-
-        return build_factorizer(config)
-
-    def _build_layer(self, config) -> StructureLayer:
-        c_s = config.singleFeatureDimension
-        branch = StructureBranch(ipa=self._build_ipa(config), c_s=c_s,
-                                 num_transition_layers=config.numStructureTransitionLayers,
-                                 ipa_dropout=config.ipaDropout,
-                                 transition_dropout=config.structureTransitionDropout)
-        if self.use_mhc:
-            from model import mhc
-
-            residual = mhc.MHCResidual(branch, c_s, config)
-        else:
-            residual = PlainResidual(branch)
-        return StructureLayer(residual=residual, c_s=c_s)
+        self.single_feature_net = single_feature_net
+        self.pair_feature_net = pair_feature_net
+        self.pair_transform_net = pair_transform_net
+        self.factorizer = factorizer
+        self.structure_layers = nn.ModuleList(structure_layers)
+        self.readout = readout
 
     # ---------------------------------------------------------------------------------- forward
     def _check_inputs(self, x_t: torch.Tensor, t: torch.Tensor, mask: torch.Tensor) -> None:
@@ -121,9 +104,7 @@ class Denoiser(nn.Module):
                          trans: torch.Tensor, pair, mask: torch.Tensor):
         """One structure layer on plain tensors (so it can be checkpointed)."""
         if self.use_mhc:
-            from model import mhc
-
-            readout = self.readout if last else mhc.contract
+            readout = self.readout if last else contract
         else:
             readout = _identity
         streams, frames = self.structure_layers[index](streams, pair, Frames(rots, trans), mask, readout)
@@ -158,9 +139,7 @@ class Denoiser(nn.Module):
         s = self.single_feature_net(t, mask)  # [B, L, C_s]
         pair = self.pair_features(s, x_t, frames, mask)
         if self.use_mhc:
-            from model import mhc
-
-            streams = mhc.expand(s, self.structure_layers[0].residual.n)  # [B, L, n, C_s]
+            streams = expand(s, self.structure_layers[0].residual.n)  # [B, L, n, C_s]
         else:
             streams = s  # [B, L, C_s]
 
