@@ -1,8 +1,9 @@
-"""``mHCFlashDenoiser``: the combined mode under the name the user's document uses.
+"""``mHCFlashDenoiser``: the combined mode (mHC + Flash-IPA) under its documented name.
 
-The user's document imports ``genie.model.mhc_flash_denoiser.mHCFlashDenoiser``; in this package that
-is ``model.mhc_flash_denoiser.mHCFlashDenoiser``. It is the one ``model.network.denoiser.Denoiser`` with
-``useMHCMode`` and ``useFlashMode`` forced on (mHC-wrapped Flash-IPA structure layers), not a copy.
+``from model.mhc_flash_denoiser import mHCFlashDenoiser`` (Genie's layout: ``genie.model.mhc_flash_denoiser``)
+is the entry point for the combined mode. It is the one ``model.network.denoiser.Denoiser``, built by
+``model.network.builder`` with ``useMHCMode`` and ``useFlashMode`` forced on (mHC-wrapped Flash-IPA
+structure layers), not a copy.
 """
 
 from __future__ import annotations

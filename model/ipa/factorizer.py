@@ -7,7 +7,7 @@ bias and the pair-value term of IPA become dot products between a row vector of 
 
 Two factorizers, one call signature ``factorizer(s, pair, frames, mask) -> PairFactors``:
 
-- :class:`PairFactorizer` (``useFlashMode True``, the user's document): residue i's left factor
+- :class:`PairFactorizer` (``useFlashMode True``, the reference configuration): residue i's left factor
   pools the pair row p[i, n] over its ``kNeighbors`` nearest neighbours n (by CA distance); its
   right factor pools the column p[n, i]. NOTE: the public flash_ipa ``LinearFactorizer``
   compresses the length axis with ``Linear(max_len, rank)``, tying a model to one padded length;

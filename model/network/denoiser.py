@@ -2,8 +2,7 @@
 
 Sources: Genie (Lin & AlQuraishi 2023, ``genie/model/model.py``): single features -> pair features ->
 pair transform -> structure layers from Frenet-Serret frames of x_t -> eps_hat = x_t - translations;
-the user's document (``seed/mhc_flash_ipa.zh.md``, forward pass steps 1-5) for the mHC and Flash-IPA
-modes; mHC (arXiv 2512.24880, Eq. 3); Flash-IPA (arXiv 2505.11580).
+mHC (arXiv 2512.24880, Eq. 3) and Flash-IPA (arXiv 2505.11580) for the other three modes.
 
     s      = SingleFeatureNet(t, mask)                             [B, L, C_s]
     p      = PairTransformNet(PairFeatureNet(s, x_t, mask))        [B, L, L, C_p]  (not pair-free)
