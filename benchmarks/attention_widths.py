@@ -1,7 +1,7 @@
 """Which padded head widths make the attention core fastest: PyTorch SDPA backends x (q / k, v) widths.
 
 Flash-IPA's attention rows are narrow and unequal (q / k 58 + 1 folded mask column, v 104 for the
-shipped widths, bf16); ``model.attention.pack_rows`` pads them to what the chosen kernel takes. This
+shipped widths, bf16); ``model.ipa.attention.pack_rows`` pads them to what the chosen kernel takes. This
 script asks each SDPA backend whether it accepts a pair of padded widths (PyTorch's own check), times
 the forward and forward + backward at those widths, and reports the achieved FLOP/s counted on the
 USEFUL widths (what the issue's "attention core" figure counts) against a bf16 matmul rate measured in
@@ -10,7 +10,7 @@ the same run.
     python benchmarks/attention_widths.py --out DIR                  # L = 4096, B = 8 and 32, H = 12
     python benchmarks/attention_widths.py --smoke --out DIR          # tiny sizes (any CUDA card)
 
-Inputs are [B, L, H, D] rows transposed to [B, H, L, D] as ``model.attention._run_fused`` passes them.
+Inputs are [B, L, H, D] rows transposed to [B, H, L, D] as ``model.ipa.attention._run_fused`` passes them.
 Three input sets are rotated so caches do not flatter. Times are CUDA-event means after warm-up.
 """
 

@@ -1,9 +1,9 @@
 """Flash-IPA vs dense IPA: time and peak memory, forward + backward, and the pair-free path.
 
 Compares, at Genie's default IPA sizes (C_s 128, 12 heads, C 16, 4 / 8 points, C_p 128, rank 2):
-- ``flash``: model/flash_ipa.py FlashIPA on given factors (the attention backend chosen once);
+- ``flash``: model/ipa/flash.py FlashIPA on given factors (the attention backend chosen once);
 - ``dense_ref``: the same module's dense reference (materialised L x L logits and pair values);
-- ``ipa``: the standard dense IPA of model/ipa.py on a dense pair tensor z [B, L, L, C_p];
+- ``ipa``: the standard dense IPA of model/ipa/dense.py on a dense pair tensor z [B, L, L, C_p];
 - ``flash_graphed`` / ``ipa_graphed`` (``--graphed``): the same two layers, forward and backward
   replayed from CUDA graphs, i.e. without the Python / launch overhead that dominates below L ~ 1024;
 - ``pairfree``: PairFreeFactorizer (k-NN, no L x L tensor) + FlashIPA, up to L = 16384.
@@ -34,12 +34,12 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from model.attention import attention, describe
 from model.config import Config
-from model.factorizer import PairFactors, PairFreeFactorizer
-from model.flash_ipa import FlashIPA
 from model.geometry import Frames, frenet_serret_frames
-from model.ipa import InvariantPointAttention
+from model.ipa.attention import attention
+from model.ipa.backends import describe
+from model.ipa.factorizer import PairFactors, PairFreeFactorizer
+from model.network.builder import build_ipa
 
 
 def chain(batch: int, length: int, device, generator) -> torch.Tensor:
@@ -166,9 +166,9 @@ def main() -> None:
     graphed = args.graphed and device.type == "cuda"
     gen = torch.Generator().manual_seed(0)
     torch.manual_seed(0)
-    flash = FlashIPA.from_config(config).to(device)
+    flash = build_ipa(config).to(device)
     torch.nn.init.normal_(flash.linear_out.weight, std=0.02)
-    dense = InvariantPointAttention.from_config(config).to(device)
+    dense = build_ipa(config.replace(useFlashMode=False)).to(device)
     torch.nn.init.normal_(dense.linear_out.weight, std=0.02)
     pair_free = PairFreeFactorizer(single_dim=config.singleFeatureDimension, rank=config.zFactorRank,
                                    channels=config.pairFeatureDimension, k=config.kNeighbors,

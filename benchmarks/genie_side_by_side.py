@@ -176,7 +176,7 @@ def main() -> None:
         rows.append({"kind": "train", "batch": batch, "length": length, "genie_precision": genie_precision, **res})
     loaded = load_weights(args.weights, device)
     if compile_ours:
-        from model.denoiser import compile_denoiser
+        from model.network.compile import compile_denoiser
 
         compile_denoiser(loaded.denoiser)
     for batch, length in shapes["sample"]:

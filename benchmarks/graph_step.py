@@ -28,9 +28,9 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from model.config import MODES
-from model.denoiser import compile_denoiser
 from model.diffusion import Schedule
 from model.mhc import find_mhc_modules
+from model.network.compile import compile_denoiser
 from model.sampling_step import SamplingStep, batch_bucket, eager_step
 from model.weights_io import load_weights
 from service.engine import SamplingEngine
@@ -100,7 +100,7 @@ def main() -> None:
                     help="time a randomly initialised denoiser of this config file instead of the weights "
                          "(e.g. configs/ship_pairfree.txt before its weights exist)")
     ap.add_argument("--compile-pair", action="store_true",
-                    help="torch.compile the pair-transform layers first (model.denoiser.compile_denoiser, as the service)")
+                    help="torch.compile the pair-transform layers first (model.network.compile.compile_denoiser, as the service)")
     ap.add_argument("--profile", default=None, metavar="BxL",
                     help="also profile eager steps at this shape: top CUDA kernels by total time")
     args = ap.parse_args()

@@ -39,7 +39,7 @@ from model.config import Config
 from model.mhc import MHCResidual
 from model.mhc.kernels import mix, pre, sinkhorn
 from model.mhc.reference import mhc_pre_reference, mix_out, sinkhorn_knopp
-from model.structure import PlainResidual
+from model.network.structure import PlainResidual
 
 REPEAT = 10  # calls captured per graph
 
@@ -131,8 +131,9 @@ def run_shape(batch: int, length: int, n: int, c: int) -> dict:
     s = torch.randn(batch, length, n, c, device=dev)  # [B, L, n, C] streams, float32
     flat = s[..., 0, :].contiguous()  # [B, L, C] the plain residual's stream
     branch = CheapBranch(c).to(dev)
-    fused_res = MHCResidual(branch, c, cfg, n=n, fused=True).to(dev)
-    ref_res = MHCResidual(branch, c, cfg, n=n, fused=False).to(dev)
+    maps_kw = {"n": n, "alpha_init": cfg.mhcAlphaInit, "sinkhorn_iters": iters}
+    fused_res = MHCResidual(branch, c, **maps_kw, fused=True).to(dev)
+    ref_res = MHCResidual(branch, c, **maps_kw, fused=False).to(dev)
     ref_res.load_state_dict(fused_res.state_dict())
     for m in (fused_res, ref_res):
         m.record = False

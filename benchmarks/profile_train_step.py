@@ -47,7 +47,7 @@ def _setup(args):
     model = build_denoiser(cfg).to(dev).train()
     fwd = model
     if args.compile:
-        from model.denoiser import compile_denoiser
+        from model.network.compile import compile_denoiser
 
         fwd = compile_denoiser(model)
     if getattr(args, "graph", False):  # the training forward + backward replayed from CUDA graphs

@@ -13,9 +13,11 @@ Symbols used in every shape comment of the package:
     C   channels (C_s single, C_p pair, C per-head hidden)
     *   any leading batch dimensions
 
-Modules: ``config`` (Config, load_config), ``geometry`` (Frames, Frenet-Serret, quaternions),
-``features``, ``pair_transform``, ``ipa``, ``flash_ipa``, ``attention``, ``mhc``, ``structure``,
-``denoiser``, ``mhc_flash_denoiser``, ``diffusion``, ``weights_io``, ``training``, ``cli``.
+Where each idea lives: ``config`` (Config, load_config), ``geometry`` (Frames, Frenet-Serret,
+quaternions), ``ipa/`` (attention backends, dense IPA, Flash-IPA, pair factorizers, k-NN), ``mhc/``
+(mHC: reference, fused kernels, residual wrapper), ``network/`` (features, pair transform, structure
+layers, the composed Denoiser, torch.compile), ``mhc_flash_denoiser``, ``diffusion``, ``weights_io``,
+``training``, ``data/``, ``evaluation/``, ``cli``.
 Heavy submodules are imported lazily, so ``import model.config`` stays cheap.
 """
 
@@ -25,21 +27,24 @@ __all__ = ["build_denoiser", "compile_denoiser"]
 
 
 def build_denoiser(config):
-    """The denoiser for ``config``'s mode (one composed ``Denoiser`` class for all four modes).
+    """The denoiser for ``config``'s mode: one composed ``Denoiser`` class for all four modes.
 
-    Returns an ``nn.Module`` with ``.config`` set; the combined mode is an ``mHCFlashDenoiser``.
+    ``model.network.builder.denoiser_parts`` is the one place that reads the config's keys; the
+    layers take plain keyword arguments. Returns an ``nn.Module`` with ``.config`` set; the combined
+    mode is an ``mHCFlashDenoiser``.
     """
     if config.useMHCMode and config.useFlashMode:
         from model.mhc_flash_denoiser import mHCFlashDenoiser
 
         return mHCFlashDenoiser(config)
-    from model.denoiser import Denoiser
+    from model.network.builder import denoiser_parts
+    from model.network.denoiser import Denoiser
 
-    return Denoiser(config)
+    return Denoiser(**denoiser_parts(config))
 
 
 def compile_denoiser(denoiser, **kwargs):
-    """``torch.compile`` of a denoiser's pair stack, in place (see :func:`model.denoiser.compile_denoiser`)."""
-    from model.denoiser import compile_denoiser as _compile
+    """``torch.compile`` of a denoiser's pair stack, in place (see :func:`model.network.compile.compile_denoiser`)."""
+    from model.network.compile import compile_denoiser as _compile
 
     return _compile(denoiser, **kwargs)

@@ -109,7 +109,7 @@ def atomic_torch_save(obj: Any, path: Path) -> None:
 def load_checkpoint_denoiser(path: str | Path, device: torch.device | str = "cpu") -> torch.nn.Module:
     """The denoiser of a training checkpoint (config from the checkpoint itself), eval mode."""
     from model import build_denoiser
-    from model.flash_ipa import upgrade_legacy_state
+    from model.ipa.flash import upgrade_legacy_state
 
     path = Path(path)
     ckpt = torch.load(path, map_location="cpu", weights_only=True)

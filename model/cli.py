@@ -257,7 +257,7 @@ def selfcheck(
     """
     import torch
 
-    from model.attention import available_backends, describe
+    from model.ipa.backends import available_backends, describe
 
     cfg = _load(config, [])
     dev = torch.device(_device(device))
@@ -277,9 +277,9 @@ def selfcheck(
     dtype = torch.bfloat16 if dev.type == "cuda" else torch.float32
     why, backend = None, None
     try:
-        from model.flash_ipa import FlashIPA
+        from model.network.builder import build_ipa
 
-        backend = FlashIPA.from_config(combined).backend(dev, dtype)
+        backend = build_ipa(combined).backend(dev, dtype)
         typer.echo(f"useFlashAttn3 {cfg.useFlashAttn3} resolves to: {describe(backend)}")
         _run_combined(combined, dev, dtype)
         typer.echo(f"combined denoiser (mHCFlashDenoiser): runs on {dev} ({dtype})")

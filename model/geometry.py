@@ -226,7 +226,7 @@ def rotate_points(points: torch.Tensor, rots: torch.Tensor, *, inverse: bool = F
 
 def rotate_points_elementwise(points: torch.Tensor, rots: torch.Tensor, *, inverse: bool = False) -> torch.Tensor:
     """:func:`rotate_points` as three broadcast multiply-adds, which ``torch.compile`` fuses into one
-    memory-bound kernel (``model.denoiser.compile_denoiser`` installs that in Flash-IPA)."""
+    memory-bound kernel (``model.network.compile.compile_denoiser`` installs that in Flash-IPA)."""
     r = rots if inverse else rots.transpose(-1, -2)  # [*, 3, 3]: out = points @ r
     return (points[..., 0:1] * r[..., None, 0, :] + points[..., 1:2] * r[..., None, 1, :]
             + points[..., 2:3] * r[..., None, 2, :])

@@ -141,7 +141,7 @@ class Sampler:
     @property
     def compiled(self) -> str:
         """What is compiled: "pair_stack,point_rotations", "point_rotations", ... or "none"."""
-        from model.denoiser import compiled_parts
+        from model.network.compile import compiled_parts
 
         return ",".join(compiled_parts(self.denoiser)) or "none"
 
@@ -152,7 +152,7 @@ class Sampler:
         (no C compiler or Python headers for Triton, an inductor bug), log it (``off_hint``: how the
         caller turns compiling off), go back to the eager model and warm up again. Returns whether the
         compiled parts are kept; WarmupError on non-finite output."""
-        import model.denoiser as denoiser_lib  # looked up at call time (tests replace compile_denoiser)
+        import model.network.compile as denoiser_lib  # looked up at call time (tests replace compile_denoiser)
 
         t0 = time.perf_counter()
         if compile:
@@ -239,7 +239,7 @@ class Sampler:
     # ------------------------------------------------------------------------------- report
     def attention(self) -> dict:
         """The attention backend the denoiser uses: its own report if it has one (after a forward), else
-        ``model.attention.resolve_backend`` for the default head widths. Computed once."""
+        ``model.ipa.backends.resolve_backend`` for the default head widths. Computed once."""
         if self._attention is None:
             self._attention = self._resolve_attention()
         return self._attention
@@ -250,11 +250,12 @@ class Sampler:
         if callable(choice):
             choice = choice()
         if choice is None:
-            from model.attention import resolve_backend
+            from model.ipa.backends import resolve_backend
 
             source = "resolve_backend (default head widths)"
             try:
-                choice = resolve_backend(self.config, device=self.device, dtype=self.autocast_dtype or torch.float32)
+                choice = resolve_backend(device=self.device, dtype=self.autocast_dtype or torch.float32,
+                                         use_flash_attn3=self.config.useFlashAttn3)
             except Exception as exc:  # noqa: BLE001 - reported, not fatal: the denoiser already ran
                 return {"backend": "unknown", "flash_attn_version": "none", "reason": str(exc), "source": source}
         return {"backend": str(choice.name), "flash_attn_version": str(choice.flash_attn_version or "none"),

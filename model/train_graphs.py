@@ -72,7 +72,7 @@ class TrainGraphs:
     from per-shape CUDA graphs where it can (see the module docstring for when it cannot).
 
     Args:
-        denoiser: the model (``model.denoiser.Denoiser``); its parameters are used in place.
+        denoiser: the model (``model.network.denoiser.Denoiser``); its parameters are used in place.
         max_graphs: shapes kept at once (least recently used dropped beyond that).
         capture_after: capture a shape on its n-th call (earlier calls run eagerly).
         warmup_iters: eager forward + backward passes before a capture (make_graphed_callables').

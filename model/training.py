@@ -49,7 +49,7 @@ from model.checkpoints import (
 from model.config import Config
 from model.diffusion import Schedule, q_sample
 from model.diffusion import loss as genie_loss
-from model.flash_ipa import has_legacy_layout
+from model.ipa.flash import has_legacy_layout
 
 __all__ = [
     "ARCH_KEYS",
@@ -122,7 +122,7 @@ class DiffusionModule(pl.LightningModule):
         self.config = config
         self.denoiser = build_denoiser(config)
         if config.compileModel:  # in place: parameter names, checkpoints and DDP see the same module tree
-            from model.denoiser import compile_denoiser
+            from model.network.compile import compile_denoiser
 
             compile_denoiser(self.denoiser)
         self.train_graphs = None

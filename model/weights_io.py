@@ -199,7 +199,7 @@ def load_weights(directory: str | Path, device: torch.device | str = "cpu",
     file (`.safetensors` / `.ckpt` / `.pt`) whose directory holds `config.txt`.
     """
     from model import build_denoiser
-    from model.flash_ipa import upgrade_legacy_state
+    from model.ipa.flash import upgrade_legacy_state
 
     path = Path(directory)
     explicit = path if path.is_file() else None

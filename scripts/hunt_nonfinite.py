@@ -103,8 +103,8 @@ def _anomaly(den, dump) -> str:
 
 @contextlib.contextmanager
 def _forced_backend(den: torch.nn.Module, name: str | None):
-    from model import flash_ipa
-    from model.attention import BackendChoice
+    from model.ipa import flash as flash_ipa
+    from model.ipa.backends import BackendChoice
 
     saved = flash_ipa.resolve_backend
     layers = [m for m in den.modules() if hasattr(m, "_choices")]

@@ -15,10 +15,11 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from model import attention, build_denoiser
+from model import build_denoiser
 from model.config import parse_config
 from model.diffusion import Schedule, q_sample
 from model.diffusion import loss as genie_loss
+from model.ipa import attention
 
 
 def record_calls(den, dump):

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# Set up (first run) and start the sampling service on the shipped weights, GPU if present.
+# Set up .venv (first run; see scripts/setup.sh) and start the sampling service on the shipped weights,
+# GPU if present. Arguments go to `mhcflash serve` (e.g. --port 8080). Ctrl-C / SIGTERM drains and stops.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
-exec "${PYTHON:-python3}" -m model.cli serve "$@"
+exec .venv/bin/python -m model.cli serve "$@"

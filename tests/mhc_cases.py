@@ -11,22 +11,19 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import tiny_config
 from torch import nn
 
 from model.mhc import MHCResidual, expand
 
 B, L, C = 2, 11, 13  # odd sizes for the reference tests, so broadcasting bugs cannot hide
 ITERS = 20  # the paper's t_max and our default mhcSinkhornIters
+ALPHA = 0.01  # the paper's alpha initialisation and our default mhcAlphaInit
+MAPS = {"alpha_init": ALPHA, "sinkhorn_iters": ITERS}  # MHCResidual's mapping arguments in the tests
 ATOL_RESIDUAL = 1e-5  # whole MHCResidual (two calls) fused vs reference: output and gradients, float32
 RTOL_RESIDUAL = 1e-4
 # the same under bf16 autocast, |a - b| / |b| per tensor: the branch rounds x to bf16, where mixing-order
 # differences can flip a rounding (measured <= 3e-7 on the CPU)
 REL_RESIDUAL_BF16 = 1e-3
-
-
-def cfg(**kw):
-    return tiny_config(**kw)
 
 
 class Branch(nn.Module):
@@ -65,7 +62,7 @@ def residual_case(seed: int, device: str, fused: bool | None = None):
     blocks), a mask with padding, output weights w [2, 5, 4, 32], and the generator for further draws."""
     torch.manual_seed(seed)
     g = torch.Generator().manual_seed(seed)
-    block = MHCResidual(Branch(32), 32, cfg(mhcExpansionRate=4), fused=fused)
+    block = MHCResidual(Branch(32), 32, n=4, **MAPS, fused=fused)
     randomize(block, seed)
     block.to(device)
     s = torch.randn(2, 5, 32, generator=g).to(device).requires_grad_()
@@ -77,7 +74,7 @@ def residual_case(seed: int, device: str, fused: bool | None = None):
 
 def twin(block: MHCResidual, fused: bool | None) -> MHCResidual:
     """A copy of ``residual_case``'s block (same parameters, same device) built with another ``fused``."""
-    other = MHCResidual(Branch(32), 32, cfg(mhcExpansionRate=4), fused=fused)
+    other = MHCResidual(Branch(32), 32, n=4, **MAPS, fused=fused)
     other.load_state_dict(block.state_dict())
     return other.to(block.mappings.phi.device)
 

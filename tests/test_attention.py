@@ -1,4 +1,5 @@
-"""Attention backends (model/attention.py): math reference, mask folding, backend choice and errors."""
+"""Attention (model/ipa/attention.py) and its backends (model/ipa/backends.py): math reference, mask folding,
+backend choice and errors."""
 
 from __future__ import annotations
 
@@ -7,9 +8,9 @@ import sys
 
 import pytest
 import torch
-from conftest import tiny_config
 
-import model.attention as att
+import model.ipa.attention as att
+import model.ipa.backends as bk
 
 ATOL_FP32 = 1e-5
 ATOL_HALF = 2e-2  # bf16 kernels vs fp32 math on O(1) inputs
@@ -52,7 +53,7 @@ def test_packed_rows_fold_the_mask_and_pad_to_the_kernel_width(name):
     dq, dv = q.shape[-1], v.shape[-1]
     qs, ks, vs = att.pack_rows([q[..., :5] * 0.25, q[..., 5:] * 0.25], [k[..., :5], k[..., 5:]],
                                [v[..., :3], v[..., 3:]], mask, name)
-    assert (qs.shape[-1], vs.shape[-1]) == att._padded_dims(name, dq + 2, dv)
+    assert (qs.shape[-1], vs.shape[-1]) == bk.padded_dims(name, dq + 2, dv)
     assert qs.is_contiguous() and ks.is_contiguous() and vs.is_contiguous()
     real = mask.bool()
     assert bool((qs[..., dq][real] == 1).all()) and bool((qs[..., dq + 2:] == 0).all())
@@ -70,21 +71,21 @@ def test_packed_rows_fold_the_mask_and_pad_to_the_kernel_width(name):
 
 
 def test_cpu_resolves_to_math_and_attention_runs():
-    choice = att.resolve_backend(tiny_config(), (300, 700), "cpu", torch.float32)
+    choice = bk.resolve_backend((300, 700), "cpu", torch.float32)
     assert choice.name == "math" and choice.flash_attn_version is None
     q, k, v, mask = make(dqk=300, dv=70)  # wide heads are fine for math
     out = att.attention(q, k, v, mask, backend=choice, scale=0.1)
     torch.testing.assert_close(out, naive(q, k, v, mask, 0.1), atol=ATOL_FP32, rtol=0)
-    status = att.available_backends("cpu")
-    assert set(status) == set(att.BACKEND_ORDER) and status["math"].usable
+    status = bk.available_backends("cpu")
+    assert set(status) == set(bk.BACKEND_ORDER) and status["math"].usable
 
 
 def _only(monkeypatch, *names):
     """Pretend only the named backends exist (the availability function, not the kernels)."""
     def fake(device=None):
-        return {n: att.BackendStatus(True, n in names, "simulated") for n in att.BACKEND_ORDER}
-    monkeypatch.setattr(att, "available_backends", fake)
-    monkeypatch.setattr(att, "_flash_attn_version", lambda name: "2.7.4" if name == "flash_attn" else "3.0.0")
+        return {n: bk.BackendStatus(True, n in names, "simulated") for n in bk.BACKEND_ORDER}
+    monkeypatch.setattr(bk, "available_backends", fake)
+    monkeypatch.setattr(bk, "_flash_attn_version", lambda name: "2.7.4" if name == "flash_attn" else "3.0.0")
 
 
 FAKE_FA4 = '''
@@ -109,26 +110,26 @@ def fake_fa4(tmp_path, monkeypatch):
     monkeypatch.syspath_prepend(str(tmp_path))
     for name in [m for m in sys.modules if m == "flash_attn" or m.startswith("flash_attn.")]:
         monkeypatch.delitem(sys.modules, name)
-    att._flash_attn_import.cache_clear()
-    att._flash_attn_version.cache_clear()
+    bk._flash_attn_import.cache_clear()
+    bk._flash_attn_version.cache_clear()
     yield importlib.import_module("flash_attn.cute")
-    att._flash_attn_import.cache_clear()
-    att._flash_attn_version.cache_clear()
+    bk._flash_attn_import.cache_clear()
+    bk._flash_attn_version.cache_clear()
 
 
 def test_fa4_is_found_by_its_function_and_its_namespace_is_not_fa2(fake_fa4):
     import flash_attn
 
     assert not hasattr(flash_attn, "flash_attn_func")  # `import flash_attn` succeeds: a namespace package
-    status = att.available_backends("cpu")
+    status = bk.available_backends("cpu")
     assert status["fa4"].found and not status["fa4"].usable  # installed, but no GPU here
     assert not status["fa2"].found and "no flash_attn_func" in status["fa2"].detail
-    assert att._flash_attn_version("flash_attn.cute") == "0.0.0"  # no distribution: the module's own
+    assert bk._flash_attn_version("flash_attn.cute") == "0.0.0"  # no distribution: the module's own
 
 
 def test_fa4_runs_packed_rows_at_unequal_widths_and_matches_math(fake_fa4):
     """fa4 gets q / k and v padded separately to multiples of 8, softmax scale 1, (out, lse) unwrapped."""
-    assert att._padded_dims("fa4", 59, 104) == (64, 104)
+    assert bk.padded_dims("fa4", 59, 104) == (64, 104)
     q, k, v, mask = make(seed=4, dqk=21, dv=10)
     out = att.packed_attention([q * 0.25], [k], [v], mask, backend="fa4") * mask[:, :, None, None]
     ref = att.packed_attention([q * 0.25], [k], [v], mask, backend="math") * mask[:, :, None, None]
@@ -138,34 +139,34 @@ def test_fa4_runs_packed_rows_at_unequal_widths_and_matches_math(fake_fa4):
 
 def test_fa4_is_preferred_under_use_flash_attn3_and_its_limits_hold(monkeypatch):
     _only(monkeypatch, "fa4", "fa3", "fa2")
-    monkeypatch.setattr(att, "_capability", lambda device: (9, 0))
-    assert att.resolve_backend(tiny_config(useFlashAttn3=True), (60, 104), "cuda", torch.bfloat16).name == "fa4"
-    off = att.resolve_backend(tiny_config(useFlashAttn3=False), (60, 104), "cuda", torch.bfloat16)
+    monkeypatch.setattr(bk, "_capability", lambda device: (9, 0))
+    assert bk.resolve_backend((60, 104), "cuda", torch.bfloat16, use_flash_attn3=True).name == "fa4"
+    off = bk.resolve_backend((60, 104), "cuda", torch.bfloat16, use_flash_attn3=False)
     assert off.name == "fa2" and "fa4: useFlashAttn3 is False" in off.reason
-    assert att._kernel_accepts("fa4", 64, 256, torch.bfloat16, torch.device("cuda"))[0]
-    monkeypatch.setattr(att, "_capability", lambda device: (10, 0))  # Blackwell: each width <= 128
-    ok, why = att._kernel_accepts("fa4", 64, 136, torch.bfloat16, torch.device("cuda"))
+    assert bk._kernel_accepts("fa4", 64, 256, torch.bfloat16, torch.device("cuda"))[0]
+    monkeypatch.setattr(bk, "_capability", lambda device: (10, 0))  # Blackwell: each width <= 128
+    ok, why = bk._kernel_accepts("fa4", 64, 136, torch.bfloat16, torch.device("cuda"))
     assert not ok and "136 > 128" in why
-    assert not att._kernel_accepts("fa4", 64, 104, torch.float32, torch.device("cuda"))[0]
+    assert not bk._kernel_accepts("fa4", 64, 104, torch.float32, torch.device("cuda"))[0]
 
 
 def test_fa_only_wide_head_errors_clearly(monkeypatch):
     _only(monkeypatch, "fa2")
-    ok = att.resolve_backend(tiny_config(), (60, 104), "cuda", torch.bfloat16)
+    ok = bk.resolve_backend((60, 104), "cuda", torch.bfloat16)
     assert ok.name == "fa2" and ok.flash_attn_version == "2.7.4"
-    with pytest.raises(att.AttentionBackendError) as err:
-        att.resolve_backend(tiny_config(), (60, 300), "cuda", torch.bfloat16)
+    with pytest.raises(bk.AttentionBackendError) as err:
+        bk.resolve_backend((60, 300), "cuda", torch.bfloat16)
     msg = str(err.value)
     for needle in ("300", "256", "zFactorRank", "ipaHiddenDimension", "ipaNumQkPoints", "ipaNumVPoints"):
         assert needle in msg
-    with pytest.raises(att.AttentionBackendError, match="fp16/bf16"):  # FA has no fp32
-        att.resolve_backend(tiny_config(), (60, 100), "cuda", torch.float32)
+    with pytest.raises(bk.AttentionBackendError, match="fp16/bf16"):  # FA has no fp32
+        bk.resolve_backend((60, 100), "cuda", torch.float32)
 
 
 def test_use_flash_attn3_flag_is_respected(monkeypatch):
     _only(monkeypatch, "fa3", "fa2")
-    assert att.resolve_backend(tiny_config(useFlashAttn3=True), (60, 100), "cuda", torch.bfloat16).name == "fa3"
-    choice = att.resolve_backend(tiny_config(useFlashAttn3=False), (60, 100), "cuda", torch.bfloat16)
+    assert bk.resolve_backend((60, 100), "cuda", torch.bfloat16, use_flash_attn3=True).name == "fa3"
+    choice = bk.resolve_backend((60, 100), "cuda", torch.bfloat16, use_flash_attn3=False)
     assert choice.name == "fa2" and "useFlashAttn3 is False" in choice.reason
 
 
@@ -225,8 +226,8 @@ def test_far_padded_queries_give_finite_gradients_on_every_gpu_backend(shift):
     q, k, v, mask, gout = far_padded_queries(shift=shift, device="cuda")
     _, ref = _packed_grads(q, k, v, mask, gout, "math", torch.float32)
     ran = []
-    for name, st in att.available_backends("cuda").items():
-        if name == "math" or not st.usable or not att._kernel_accepts(name, 60, 104, torch.bfloat16,
+    for name, st in bk.available_backends("cuda").items():
+        if name == "math" or not st.usable or not bk._kernel_accepts(name, 60, 104, torch.bfloat16,
                                                                      torch.device("cuda"))[0]:
             continue
         _, grads = _packed_grads(q, k, v, mask, gout, name, torch.bfloat16)
@@ -247,8 +248,8 @@ def test_every_gpu_backend_matches_math(dtype):
     mask[1, :60] = 1
     mask[0, 50:] = 0
     ran = []
-    for name, st in att.available_backends("cuda").items():
-        if not st.usable or not att._kernel_accepts(name, 42, 72, dtype, torch.device("cuda"))[0]:
+    for name, st in bk.available_backends("cuda").items():
+        if not st.usable or not bk._kernel_accepts(name, 42, 72, dtype, torch.device("cuda"))[0]:
             continue
         tensors = [t.to(dtype).requires_grad_() for t in (q, k, v)]
         ref_t = [t.detach().float().requires_grad_() for t in tensors]

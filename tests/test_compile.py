@@ -1,4 +1,4 @@
-"""``compileModel True``: ``model.denoiser.compile_denoiser`` compiles the pair-transform layers in place.
+"""``compileModel True``: ``model.network.compile.compile_denoiser`` compiles the pair-transform layers in place.
 
 The numerics of the compiled layers against eager (forward, gradients, a second shape with dynamic
 shapes) are tested in tests/test_pair_transform.py (CPU, slow) and on the GPU in bf16.
@@ -10,7 +10,7 @@ import torch
 from conftest import tiny_config, tiny_pair_free_denoiser
 
 from model import build_denoiser
-from model.denoiser import compile_denoiser
+from model.network.compile import compile_denoiser
 from model.training import DiffusionModule
 
 
@@ -75,8 +75,8 @@ def _tiny_pair_free(extra_keys: str = ""):
 def test_compile_denoiser_fuses_flash_ipa_point_rotations_and_uncompile_restores_them():
     """A pair-free model has no pair stack: compile_denoiser compiles its point rotations (inductor on
     CPU here), the output matches the eager model, and uncompile_denoiser puts the reference back."""
-    from model.denoiser import compiled_parts, uncompile_denoiser
     from model.geometry import rotate_points
+    from model.network.compile import compiled_parts, uncompile_denoiser
 
     den, x, t, mask = _tiny_pair_free()
     den.eval()

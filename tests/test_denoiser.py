@@ -1,4 +1,4 @@
-"""The composed denoiser (model.denoiser, model.build_denoiser, model.mhc_flash_denoiser), all modes.
+"""The composed denoiser (model.network.denoiser, model.build_denoiser, model.mhc_flash_denoiser), all modes.
 
 Property tests on tiny configs (dropout off via eval(), parameters perturbed away from the zero
 "final" init so outputs are not trivially zero):
@@ -10,7 +10,8 @@ Property tests on tiny configs (dropout off via eval(), parameters perturbed awa
 
 from __future__ import annotations
 
-import importlib.util
+import ast
+from pathlib import Path
 
 import pytest
 import torch
@@ -26,21 +27,17 @@ from conftest import (
 
 from model import build_denoiser
 from model.config import Config
-from model.denoiser import Denoiser
 from model.geometry import random_rotation
 from model.mhc_flash_denoiser import mHCFlashDenoiser
-
-HAS_FLASH_IPA = importlib.util.find_spec("model.flash_ipa") is not None
-needs_flash = pytest.mark.skipif(not HAS_FLASH_IPA, reason="model/flash_ipa.py not written yet")
+from model.network.denoiser import Denoiser
 
 MODES = {
     "standard": {},
     "mhc": {"useMHCMode": True},
-    "flash": pytest.param({"useFlashMode": True}, marks=needs_flash),
-    "mhc_flash": pytest.param({"useMHCMode": True, "useFlashMode": True}, marks=needs_flash),
-    "flash_pair_free": pytest.param({"useFlashMode": True, "usePairFree": True}, marks=needs_flash),
-    "mhc_flash_pair_free": pytest.param({"useMHCMode": True, "useFlashMode": True, "usePairFree": True},
-                                        marks=needs_flash),
+    "flash": {"useFlashMode": True},
+    "mhc_flash": {"useMHCMode": True, "useFlashMode": True},
+    "flash_pair_free": {"useFlashMode": True, "usePairFree": True},
+    "mhc_flash_pair_free": {"useMHCMode": True, "useFlashMode": True, "usePairFree": True},
 }
 LENGTHS = (23, 17, 13)  # odd, distinct: padding exercised for two of three chains
 
@@ -94,19 +91,13 @@ def test_padding_invariance_and_per_sample_timesteps(overrides):
     assert torch.equal(other[1:], batched[1:])
 
 
-def _plain_modes() -> list[dict]:
-    """The mode overrides runnable here (flash modes only once model/flash_ipa.py exists)."""
-    return [v if isinstance(v, dict) else v.values[0] for v in MODES.values()
-            if isinstance(v, dict) or HAS_FLASH_IPA]
-
-
 def test_real_chains_equivariance_and_padding(real_ca_chains):
     """The same properties on real CA traces (cgdms), every available mode."""
     x, mask = pad_batch(real_ca_chains)
     t = torch.arange(1, len(real_ca_chains) + 1) * 20
     gen = torch.Generator().manual_seed(9)
     rot = random_rotation(gen)
-    for overrides in _plain_modes():
+    for overrides in MODES.values():
         model = _model(overrides)
         with torch.no_grad():
             eps = model(x, t, mask)
@@ -181,11 +172,10 @@ def test_build_denoiser_modes_and_mhc_flash_name():
     for overrides, mode in (({}, "standard"), ({"useMHCMode": True}, "mhc")):
         model = build_denoiser(tiny_config(**overrides))
         assert type(model) is Denoiser and model.config.mode == mode
-    if HAS_FLASH_IPA:
-        model = build_denoiser(tiny_config(useMHCMode=True, useFlashMode=True))
-        assert isinstance(model, mHCFlashDenoiser) and model.config.mode == "mhc_flash"
-        forced = mHCFlashDenoiser(tiny_config())
-        assert forced.config.useMHCMode and forced.config.useFlashMode
+    model = build_denoiser(tiny_config(useMHCMode=True, useFlashMode=True))
+    assert isinstance(model, mHCFlashDenoiser) and model.config.mode == "mhc_flash"
+    forced = mHCFlashDenoiser(tiny_config())
+    assert forced.config.useMHCMode and forced.config.useFlashMode
     mhc_model = build_denoiser(tiny_config(useMHCMode=True))
     from model.mhc import MHCResidual
 
@@ -231,3 +221,20 @@ def test_bf16_autocast_runs_and_stays_close(overrides):
     assert out.dtype == torch.float32 and torch.isfinite(out).all()
     rel = ((out - ref).abs().max() / ref.abs().max()).item()
     assert rel < 0.05, rel
+
+
+def test_only_the_builder_reads_config():
+    """The layers of model/ipa, model/mhc and model/network take plain keyword arguments: no module
+    there but model/network/builder.py reads a config key (``config.someKey``) or imports model.config."""
+    root = Path(__file__).resolve().parents[1] / "model"
+    readers = []
+    for path in sorted([*root.glob("ipa/**/*.py"), *root.glob("mhc/**/*.py"), *root.glob("network/*.py")]):
+        if path.name == "builder.py":
+            continue
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            reads_key = (isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name)
+                         and node.value.id in ("config", "cfg") and node.attr[:1].islower())
+            imports_config = isinstance(node, ast.ImportFrom) and node.module == "model.config"
+            if reads_key or imports_config:
+                readers.append(f"{path.relative_to(root.parent)}:{node.lineno}")
+    assert not readers, readers

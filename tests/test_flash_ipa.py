@@ -1,4 +1,4 @@
-"""Flash-IPA (model/flash_ipa.py) and its factorizers (model/factorizer.py).
+"""Flash-IPA (model/ipa/flash.py) and its factorizers (model/ipa/factorizer.py).
 
 Fast path vs the dense reference with the same weights (forward and gradients), bf16 error bound,
 global rigid-motion invariance, padding, ranks 1..4 x kNeighbors 6..16, the FA-only width error,
@@ -12,12 +12,13 @@ import torch
 from conftest import ATOL_INVARIANCE, random_ca_trace, tiny_config
 from torch.utils._python_dispatch import TorchDispatchMode
 
-import model.attention as att
-import model.factorizer as fac_mod
-import model.knn as knn_mod
-from model.factorizer import PairFactorizer, PairFreeFactorizer, build_factorizer
-from model.flash_ipa import FlashIPA
+import model.ipa.attention as att
+import model.ipa.backends as bk
+import model.ipa.factorizer as fac_mod
+import model.ipa.knn as knn_mod
 from model.geometry import frenet_serret_frames, random_rotation
+from model.ipa.factorizer import PairFactorizer, PairFreeFactorizer
+from model.network.builder import build_factorizer, build_ipa
 
 ATOL_FWD = 2e-5  # fp32 flash vs dense reference, outputs O(1)
 ATOL_GRAD = 1e-4  # fp32 gradients, flash vs dense reference
@@ -34,7 +35,7 @@ def setup(config, *, batch=2, length=23, seed=0, pair_free=True, perturb_out=Tru
     """Layer + factorizer + inputs with a real padding tail; linear_out made non-zero (else y == 0)."""
     torch.manual_seed(seed)
     g = torch.Generator().manual_seed(seed)
-    layer = FlashIPA.from_config(config)
+    layer = build_ipa(config)
     if perturb_out:
         torch.nn.init.normal_(layer.linear_out.weight, std=0.2)
     with torch.no_grad():
@@ -108,7 +109,7 @@ def test_bf16_error_bound_and_hi_lo_split_helps(monkeypatch):
     fused kernel would) on a chain of ~60 A radius with sharp heads. Output within ATOL_BF16
     (relative) of the fp32 reference; logits (up to a per-row constant, which softmax ignores) within
     RTOL_LOGIT_BF16 (relative to max |logit|) of the exact ones with the hi/lo point split, and >= 5x worse without it."""
-    import model.flash_ipa as fi
+    import model.ipa.flash as fi
 
     config = tiny_config(useFlashMode=True)
     layer, fac, x, ca, mask, pair = setup(config, length=40, perturb_out=False)
@@ -189,15 +190,15 @@ def test_ranks_and_neighbours_run_and_match_reference(rank, k):
 
 def test_impossible_rank_on_fa_only_errors_clearly(monkeypatch):
     def fa_only(device=None):
-        return {n: att.BackendStatus(True, n == "fa2", "simulated") for n in att.BACKEND_ORDER}
-    monkeypatch.setattr(att, "available_backends", fa_only)
+        return {n: bk.BackendStatus(True, n == "fa2", "simulated") for n in bk.BACKEND_ORDER}
+    monkeypatch.setattr(bk, "available_backends", fa_only)
     config = tiny_config(useFlashMode=True)
     # Genie's default widths: v = 16 + 3 * 8 + rank * 32 -> rank 2 fits 256, rank 8 does not
-    ok = FlashIPA.from_config(config.replace(ipaHiddenDimension=16, ipaNumVPoints=8, pairFeatureDimension=128))
+    ok = build_ipa(config.replace(ipaHiddenDimension=16, ipaNumVPoints=8, pairFeatureDimension=128))
     assert ok.backend("cuda", torch.bfloat16).name == "fa2"
-    wide = FlashIPA.from_config(config.replace(ipaHiddenDimension=16, ipaNumVPoints=8,
+    wide = build_ipa(config.replace(ipaHiddenDimension=16, ipaNumVPoints=8,
                                                pairFeatureDimension=128, zFactorRank=8))
-    with pytest.raises(att.AttentionBackendError, match="zFactorRank") as err:
+    with pytest.raises(bk.AttentionBackendError, match="zFactorRank") as err:
         wide.backend("cuda", torch.bfloat16)
     assert "296" in str(err.value) and "256" in str(err.value)
 
@@ -366,7 +367,7 @@ def test_permuting_neighbour_slots_does_not_change_factors(pair_free, monkeypatc
 def test_legacy_separate_projections_load_into_the_fused_layer():
     """States saved before the fused projections (weights/mhc_flash_v1) load through load_state_dict
     and upgrade_legacy_state and give exactly the same layer; a fused state is left alone."""
-    from model.flash_ipa import has_legacy_layout, upgrade_legacy_state
+    from model.ipa.flash import has_legacy_layout, upgrade_legacy_state
 
     config = tiny_config(useFlashMode=True)
     layer, fac, x, ca, mask, pair = setup(config, seed=7)
@@ -383,7 +384,7 @@ def test_legacy_separate_projections_load_into_the_fused_layer():
     assert set(upgrade_legacy_state({f"ipa.{k}": v for k, v in state.items()})) == {
         f"ipa.{k}" for k in layer.state_dict()}
     assert has_legacy_layout(state) and not has_legacy_layout(layer.state_dict())
-    fresh = FlashIPA.from_config(config)
+    fresh = build_ipa(config)
     fresh.load_state_dict(state, strict=True)
     with torch.no_grad():
         expected = run(layer, fac, x, ca, mask, pair)

@@ -1,4 +1,4 @@
-"""Standard IPA (model.ipa): exact against a naive Algorithm 22, invariant, padding-proof, gradcheck."""
+"""Standard IPA (model.ipa.dense): exact against a naive Algorithm 22, invariant, padding-proof, gradcheck."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import torch
 from conftest import ATOL_INVARIANCE, ATOL_PADDING, random_ca_trace, randomize_parameters
 
 from model.geometry import Frames, frenet_serret_frames, random_rotation
-from model.ipa import InvariantPointAttention
+from model.ipa.dense import InvariantPointAttention
 
 C_S, C_P, C_H, HEADS, PQ, PV = 13, 7, 5, 3, 3, 2
 LENGTHS = (22, 15)

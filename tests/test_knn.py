@@ -1,11 +1,11 @@
-"""k-NN (model/knn.py) against a brute-force search: ties, masks, L < k, chunking, self in / out."""
+"""k-NN (model/ipa/knn.py) against a brute-force search: ties, masks, L < k, chunking, self in / out."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from model.knn import knn, soft_knn
+from model.ipa.knn import knn, soft_knn
 
 
 def brute_force(ca: torch.Tensor, mask: torch.Tensor, k: int, include_self: bool):

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from mhc_cases import ITERS, B, Branch, C, L, cfg, randomize
+from mhc_cases import ALPHA, ITERS, MAPS, B, Branch, C, L, randomize
 from torch import nn
 
 from model.mhc import (
@@ -51,7 +51,7 @@ def test_sinkhorn_doubly_stochastic(n):
     assert (h.sum(-2) - 1).abs().max() <= TOL_COL_RANDOM
     assert (sinkhorn_knopp(logits, 100).sum(-2) - 1).abs().max() <= TOL_COL_100
     # the bias init of MHCMappings converges fast: diagonal 0.9
-    m = MHCMappings(C, n, cfg())
+    m = MHCMappings(C, n, **MAPS)
     h0 = sinkhorn_knopp(m.b_res.detach() + 0.05 * torch.randn(64, n, n, generator=g), ITERS)
     assert (h0.sum(-2) - 1).abs().max() <= TOL_COL_INIT
     assert torch.allclose(h0.diagonal(dim1=-2, dim2=-1), torch.full((64, n), 0.9), atol=0.02)
@@ -144,7 +144,7 @@ def test_residual_matches_per_residue_reference_forward_and_grad():
     """The vectorised reference path against the per-residue loop reference, forward and parameter
     gradients."""
     torch.manual_seed(5)
-    block = MHCResidual(Branch(), C, cfg(), n=3, fused=False)
+    block = MHCResidual(Branch(), C, n=3, **MAPS, fused=False)
     randomize(block, 5)
     streams = torch.randn(B, L, 3, C)
     mask = torch.ones(B, L)
@@ -192,7 +192,7 @@ def test_init_close_to_plain_residual():
     fy = branch(s).norm().detach()
     for alpha, rel in ((0.01, REL_INIT), (1e-6, REL_INIT_TINY_ALPHA)):
         for n in (2, 3, 4):
-            block = MHCResidual(branch, C, cfg(mhcAlphaInit=alpha), n=n)
+            block = MHCResidual(branch, C, n=n, alpha_init=alpha, sinkhorn_iters=ITERS)
             with torch.no_grad():
                 out = contract(block(expand(s, n)))
             err = float((out - plain).norm() / fy)
@@ -202,7 +202,7 @@ def test_init_close_to_plain_residual():
     b1, b2 = Branch(), Branch()
     s1 = s + b1(s)
     plain2 = s1 + b2(s1)
-    layers = [MHCResidual(b1, C, cfg(), n=4), MHCResidual(b2, C, cfg(), n=4)]
+    layers = [MHCResidual(b1, C, n=4, **MAPS), MHCResidual(b2, C, n=4, **MAPS)]
     S = expand(s, 4)
     for layer in layers:
         S = layer(S)
@@ -215,18 +215,18 @@ def test_one_stream_is_exactly_plain_residual():
     s = torch.randn(B, L, C)
     mask = torch.ones(B, L)
     mask[0, 9:] = 0
-    block = MHCResidual(branch, C, cfg(mhcExpansionRate=1), n=None)
+    block = MHCResidual(branch, C, n=1, **MAPS)
     assert block.n == 1 and block.mappings is None and sum(p.numel() for p in block.parameters()) == sum(
         p.numel() for p in branch.parameters())
     out = contract(block(expand(s, 1), mask))
     assert torch.equal(out, s + branch(s, mask))
-    gated = GatedReadout(C, 1, cfg())
+    gated = GatedReadout(C, 1, alpha_init=ALPHA)
     assert torch.equal(gated(block(expand(s, 1), mask)), s + branch(s, mask))
 
 
 def test_padding_does_not_affect_real_residues():
     torch.manual_seed(9)
-    block = MHCResidual(Branch(), C, cfg(), n=3)
+    block = MHCResidual(Branch(), C, n=3, **MAPS)
     randomize(block, 9)
     mask = torch.ones(B, L)
     mask[0, 6:] = 0
@@ -246,7 +246,7 @@ def test_padding_does_not_affect_real_residues():
 
 def test_gradients_reach_alpha_phi_and_biases():
     torch.manual_seed(10)
-    block = MHCResidual(Branch(), C, cfg(), n=4)
+    block = MHCResidual(Branch(), C, n=4, **MAPS)
     s = torch.randn(B, L, C)
     # streams must differ for stream-dependent parameters to get a gradient: use two layers
     out = block(block(expand(s, 4)))
@@ -260,7 +260,7 @@ def test_gradients_reach_alpha_phi_and_biases():
 
 def test_bf16_autocast_keeps_streams_float32():
     torch.manual_seed(11)
-    block = MHCResidual(Branch(), C, cfg(), n=3)
+    block = MHCResidual(Branch(), C, n=3, **MAPS)
     s = torch.randn(B, L, C)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         out = block(expand(s, 3))
@@ -272,7 +272,7 @@ def test_bf16_autocast_keeps_streams_float32():
 
 
 def test_wrong_stream_shape_is_rejected():
-    block = MHCResidual(Branch(), C, cfg(), n=3)
+    block = MHCResidual(Branch(), C, n=3, **MAPS)
     with pytest.raises(ValueError, match="expected streams"):
         block(torch.randn(B, L, 4, C))
 
@@ -284,8 +284,8 @@ def test_readouts():
     torch.manual_seed(12)
     streams = torch.randn(B, L, 3, C)
     assert torch.equal(MeanReadout()(streams), streams.mean(-2))
-    assert isinstance(build_readout(C, cfg()), MeanReadout)
-    gated = build_readout(C, cfg(mhcReadout="gated"))
+    assert isinstance(build_readout("mean", C, n=3, alpha_init=ALPHA), MeanReadout)
+    gated = build_readout("gated", C, n=3, alpha_init=ALPHA)
     assert isinstance(gated, GatedReadout)
     out = gated(streams)
     mean = streams.mean(-2)
@@ -300,7 +300,7 @@ def test_readouts():
 class _Stack(nn.Module):
     def __init__(self, depth: int, n: int) -> None:
         super().__init__()
-        self.layers = nn.ModuleList(MHCResidual(Branch(), C, cfg(), n=n) for _ in range(depth))
+        self.layers = nn.ModuleList(MHCResidual(Branch(), C, n=n, **MAPS) for _ in range(depth))
 
     def forward(self, s: torch.Tensor) -> torch.Tensor:
         S = expand(s, self.layers[0].n)

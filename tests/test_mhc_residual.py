@@ -10,10 +10,11 @@ import contextlib
 import pytest
 import torch
 from mhc_cases import (
+    ALPHA,
     ATOL_RESIDUAL,
+    MAPS,
     Branch,
     assert_runs_match,
-    cfg,
     in_triton_interpreter,
     residual_case,
     residual_runs,
@@ -125,12 +126,12 @@ def test_fused_policy_is_chosen_at_construction(monkeypatch):
     tensors they cannot run on (at the call), None falls back to the reference, False never asks; the
     attribute cannot be reassigned. The device / dtype part is read from the tensors (no kernel launched)."""
     with pytest.raises(ValueError, match="fused=True.* n = 3"):
-        MHCResidual(Branch(32), 32, cfg(mhcExpansionRate=3), fused=True)
+        MHCResidual(Branch(32), 32, n=3, **MAPS, fused=True)
     with pytest.raises(ValueError, match="C = 24"):
-        MHCResidual(Branch(24), 24, cfg(mhcExpansionRate=4), fused=True)
+        MHCResidual(Branch(24), 24, n=4, **MAPS, fused=True)
     # n = 1: no mappings, nothing to fuse
-    assert MHCResidual(Branch(24), 24, cfg(mhcExpansionRate=1), fused=True).mappings is None
-    blocks = {f: MHCResidual(Branch(32), 32, cfg(mhcExpansionRate=4), fused=f) for f in (None, True, False)}
+    assert MHCResidual(Branch(24), 24, n=1, **MAPS, fused=True).mappings is None
+    blocks = {f: MHCResidual(Branch(32), 32, n=4, **MAPS, fused=f) for f in (None, True, False)}
     with pytest.raises(AttributeError):
         blocks[None].fused = False
     s = torch.zeros(2, 5, 4, 32)
@@ -150,17 +151,17 @@ def test_fused_policy_is_chosen_at_construction(monkeypatch):
 def test_structure_layer_takes_the_mean_from_the_residual(monkeypatch):
     """The structure layer asks an mHC residual for the streams and their mean together when its read-out
     is the mean (``contract`` or ``MeanReadout``), and calls the read-out itself otherwise."""
-    from model.structure import StructureLayer
+    from model.network.structure import StructureLayer
 
     assert is_mean_readout(contract) and is_mean_readout(MeanReadout())
-    assert not is_mean_readout(GatedReadout(32, 4, cfg()))
+    assert not is_mean_readout(GatedReadout(32, 4, alpha_init=ALPHA))
 
     class LayerBranch(Branch):  # the structure layer's branch signature (x, pair, frames, mask)
         def forward(self, x, pair, frames, mask):
             return super().forward(x, mask)
 
     calls = []
-    block = MHCResidual(LayerBranch(32), 32, cfg(mhcExpansionRate=4))
+    block = MHCResidual(LayerBranch(32), 32, n=4, **MAPS)
     original = block.forward_with_mean
     monkeypatch.setattr(block, "forward_with_mean", lambda *a, **k: calls.append(1) or original(*a, **k))
 
@@ -176,7 +177,7 @@ def test_structure_layer_takes_the_mean_from_the_residual(monkeypatch):
     out, _ = layer(streams, mask, None, mask, contract)
     assert calls[0] == 1 and torch.equal(calls[1], contract(out))
     calls.clear()
-    gated = GatedReadout(32, 4, cfg())
+    gated = GatedReadout(32, 4, alpha_init=ALPHA)
     out, _ = layer(streams, mask, None, mask, gated)
     assert len(calls) == 1 and torch.equal(calls[0], gated(out))
 
@@ -184,7 +185,7 @@ def test_structure_layer_takes_the_mean_from_the_residual(monkeypatch):
 def test_one_stream_forward_with_mean_is_the_plain_residual():
     """n = 1 (no mappings): the streams are s + f(s) and their mean is that one stream, exactly."""
     torch.manual_seed(41)
-    block = MHCResidual(Branch(32), 32, cfg(mhcExpansionRate=1))
+    block = MHCResidual(Branch(32), 32, n=1, **MAPS)
     s = torch.randn(2, 5, 32)
     mask = torch.ones(2, 5)
     mask[0, 4:] = 0

@@ -1,4 +1,4 @@
-"""The pair transform (``model.pair_transform``): triangle multiplication against AF2 Algorithms 11 / 12
+"""The pair transform (``model.network.pair_transform``): triangle multiplication against AF2 Algorithms 11 / 12
 written out with einsum (float64, forward and gradients), padding and permutation properties of a whole
 layer, and ``PairTransformNet.compile_layers`` (torch.compile) against eager.
 
@@ -19,7 +19,12 @@ import torch
 from conftest import randomize_parameters
 from torch.nn import functional as F
 
-from model.pair_transform import PairTransformLayer, PairTransformNet, TriangleMultiplication, linear_relu
+from model.network.pair_transform import (
+    PairTransformLayer,
+    PairTransformNet,
+    TriangleMultiplication,
+    linear_relu,
+)
 
 ATOL_F64 = 1e-10
 ATOL_LAYER = 1e-6  # a whole layer in float64: triangle attention computes its logits in float32 by design

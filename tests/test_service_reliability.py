@@ -398,15 +398,15 @@ def test_junk_input_is_always_4xx(weights):
 def test_failed_compile_falls_back_to_eager_and_serves(weights, monkeypatch, caplog):
     """MHCFLASH_COMPILE=on with a compiler that fails (as without gcc / Python headers for Triton):
     the warm-up logs it, the pair stack runs eagerly, /info says so and requests are served."""
-    import model.denoiser as denoiser_module
-    from model.denoiser import compiled_parts
+    import model.network.compile as compile_module
+    from model.network.compile import compiled_parts
 
-    real = denoiser_module.compile_denoiser
+    real = compile_module.compile_denoiser
 
     def broken_backend(graph_module, example_inputs):
         raise RuntimeError("injected: no C compiler for the generated kernels")
 
-    monkeypatch.setattr(denoiser_module, "compile_denoiser", lambda d: real(d, backend=broken_backend))
+    monkeypatch.setattr(compile_module, "compile_denoiser", lambda d: real(d, backend=broken_backend))
     with caplog.at_level("WARNING", logger="mhcflash"), serve_in_thread(tiny_settings(weights, compile="on")) as srv:
         info = httpx.get(srv.url + "/info", timeout=10).json()
         r = httpx.post(srv.url + "/sample", json={"length": 12, "seed": 3}, timeout=60)

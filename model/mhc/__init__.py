@@ -19,10 +19,11 @@ Symbols:
     s [B, L, C] single representation;  S [B, L, n, C] the residual streams
 
 The single representation s is copied into n streams (``expand``), every structure layer is an
-``MHCResidual(branch, dim, config)`` that applies Eq. (3) per residue, and the streams are averaged
-back at the end (``contract`` / ``MeanReadout``) or read out by a learned gate (``GatedReadout``,
-``mhcReadout gated``). ``mhc_diagnostics`` turns the recorded H_res of every layer into the paper's
-stability numbers (row / column sum errors, composite "Amax gain").
+``MHCResidual(branch, dim, n=..., alpha_init=..., sinkhorn_iters=...)`` that applies Eq. (3) per
+residue, and the streams are averaged back at the end (``contract`` / ``MeanReadout``) or read out
+by a learned gate (``GatedReadout``, ``mhcReadout gated``). ``mhc_diagnostics`` turns the recorded
+H_res of every layer into the paper's stability numbers (row / column sum errors, composite "Amax
+gain"). The layers take plain keyword arguments; ``model.network.builder`` reads them from a Config.
 
 Modules (each imports only those above it; none imports this package's ``__init__``):
     reference.py    the paper's math in PyTorch (Sinkhorn, mappings, expand / mixing / contract):

@@ -22,7 +22,8 @@ class MHCMappings(nn.Module):
     Args:
         dim: C, channels per stream.
         n: number of streams (>= 2; n = 1 needs no mappings, see ``MHCResidual``).
-        config: reads ``mhcAlphaInit`` and ``mhcSinkhornIters``.
+        alpha_init: the initial alpha_pre / alpha_post / alpha_res (``mhcAlphaInit``; the paper: 0.01).
+        sinkhorn_iters: t_max of Eq. (9) (``mhcSinkhornIters``).
     forward(streams [B, L, n, C]) -> (h_pre [B, L, n], h_post [B, L, n], h_res [B, L, n, n]),
     all float32 (at least), by the reference (``reference.mappings``).
     Parameters: phi [nC, 2n + n^2], alpha_pre / alpha_post / alpha_res [], b_pre [n], b_post [n],
@@ -30,13 +31,13 @@ class MHCMappings(nn.Module):
     NOTE: phi_pre | phi_post | phi_res are stored as one [nC, 2n + n^2] matrix: one GEMM (Eq. 14).
     """
 
-    def __init__(self, dim: int, n: int, config) -> None:
+    def __init__(self, dim: int, n: int, *, alpha_init: float, sinkhorn_iters: int) -> None:
         super().__init__()
         if n < 2:
             raise ValueError(f"MHCMappings needs n >= 2 streams, got {n} (n = 1 is the plain residual)")
         self.dim, self.n = dim, n
-        self.alpha_init = float(config.mhcAlphaInit)
-        self.sinkhorn_iters = int(config.mhcSinkhornIters)
+        self.alpha_init = float(alpha_init)
+        self.sinkhorn_iters = int(sinkhorn_iters)
         self.phi = nn.Parameter(torch.empty(n * dim, 2 * n + n * n))
         self.alpha_pre = nn.Parameter(torch.empty(()))
         self.alpha_post = nn.Parameter(torch.empty(()))

@@ -1,7 +1,7 @@
 """Read-outs after the last mHC layer: the streams [B, L, n, C] back to one representation [B, L, C].
 
 ``MeanReadout`` (the reference configuration's, ``mhcReadout mean``) and ``GatedReadout`` (a learned
-gate, ``mhcReadout gated``); ``build_readout`` picks by config.
+gate, ``mhcReadout gated``); ``build_readout`` picks one by name.
 """
 
 from __future__ import annotations
@@ -39,10 +39,10 @@ class GatedReadout(nn.Module):
     Parameters: phi_out [nC, n], alpha_out [], b_out [n] (state-dict keys of shipped weights).
     """
 
-    def __init__(self, dim: int, n: int, config) -> None:
+    def __init__(self, dim: int, n: int, *, alpha_init: float) -> None:
         super().__init__()
         self.dim, self.n = dim, n
-        self.alpha_init = float(config.mhcAlphaInit)
+        self.alpha_init = float(alpha_init)
         self.phi_out = nn.Parameter(torch.empty(n * dim, n))
         self.alpha_out = nn.Parameter(torch.empty(()))
         self.b_out = nn.Parameter(torch.empty(n))
@@ -65,12 +65,10 @@ class GatedReadout(nn.Module):
             return (w.to(dt).unsqueeze(-1) * streams).sum(dim=-2)  # [B, L, C]
 
 
-def build_readout(dim: int, config, *, n: int | None = None) -> nn.Module:
-    """``config.mhcReadout`` "mean" (default) -> MeanReadout, "gated" -> GatedReadout."""
-    n = int(config.mhcExpansionRate if n is None else n)
-    kind = getattr(config, "mhcReadout", "mean")
+def build_readout(kind: str, dim: int, *, n: int, alpha_init: float) -> nn.Module:
+    """The read-out named ``kind`` (``mhcReadout``): "mean" -> MeanReadout, "gated" -> GatedReadout(dim, n)."""
     if kind == "mean":
         return MeanReadout()
     if kind == "gated":
-        return GatedReadout(dim, n, config)
+        return GatedReadout(dim, n, alpha_init=alpha_init)
     raise ValueError(f"mhcReadout must be 'mean' or 'gated', got {kind!r}")

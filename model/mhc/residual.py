@@ -28,9 +28,10 @@ class MHCResidual(nn.Module):
         branch: any module y = f(x, ...) with x, y [B, L, C]; extra arguments (pair tensor or
             factors, frames, mask, ...) are passed through untouched.
         dim: C.
-        config: reads ``mhcExpansionRate`` (n), ``mhcAlphaInit``, ``mhcSinkhornIters``.
-        n: overrides ``config.mhcExpansionRate`` (keyword only).
-        fused: reference or fused kernels (keyword only, fixed for the module's life):
+        n: the number of streams (``mhcExpansionRate``); n = 1 is the plain residual.
+        alpha_init: the mappings' initial alpha (``mhcAlphaInit``).
+        sinkhorn_iters: Sinkhorn-Knopp iterations, t_max of Eq. (9) (``mhcSinkhornIters``).
+        fused: reference or fused kernels (fixed for the module's life):
             None (default): the fused kernels wherever they can run for the call's tensors
                 (``kernels.pre.available``: CUDA or Triton's interpreter, float32 / bf16 / fp16 streams,
                 float32 phi, n in 2, 4, 8, ..., C a power of two >= 16, not inside torch.compile),
@@ -52,20 +53,21 @@ class MHCResidual(nn.Module):
     residual stream is never rounded to bf16 (the plain residual s + y promotes the same way).
     """
 
-    def __init__(self, branch: nn.Module, dim: int, config, *, n: int | None = None,
+    def __init__(self, branch: nn.Module, dim: int, *, n: int, alpha_init: float, sinkhorn_iters: int,
                  fused: bool | None = None) -> None:
         super().__init__()
         self.branch = branch
         self.dim = dim
-        self.n = int(config.mhcExpansionRate if n is None else n)
+        self.n = int(n)
         if self.n < 1:
-            raise ValueError(f"MHCResidual: mhcExpansionRate must be >= 1, got {self.n}")
+            raise ValueError(f"MHCResidual: n (mhcExpansionRate) must be >= 1, got {self.n}")
         if fused and self.n > 1 and not pre.supports(self.n, dim):
             raise ValueError(f"MHCResidual(fused=True): the fused kernels take n in 2, 4, 8, ... and C a "
                              f"power of two >= 16, got n = {self.n} (mhcExpansionRate), C = {dim}; pass "
                              f"fused=None to use the reference for this shape")
         self._fused = None if fused is None else bool(fused)
-        self.mappings = MHCMappings(dim, self.n, config) if self.n > 1 else None
+        self.mappings = (MHCMappings(dim, self.n, alpha_init=alpha_init, sinkhorn_iters=sinkhorn_iters)
+                         if self.n > 1 else None)
         self.record = True
         self.last_h_res: torch.Tensor | None = None
 

@@ -253,16 +253,6 @@ class PairTransformNet(nn.Module):
             for _ in range(num_layers)
         ])
 
-    @classmethod
-    def from_config(cls, config) -> PairTransformNet:
-        return cls(c_p=config.pairFeatureDimension, num_layers=config.numPairTransformLayers,
-                   include_mul_update=config.includeTriangularMultiplicativeUpdate,
-                   include_tri_att=config.includeTriangularAttention,
-                   c_hidden_mul=config.triangularMultiplicativeHiddenDimension,
-                   c_hidden_att=config.triangularAttentionHiddenDimension,
-                   num_heads_att=config.triangularAttentionNumHeads, dropout=config.triangularDropout,
-                   transition_n=config.pairTransitionN, checkpointing=config.useGradientCheckpointing)
-
     def compile_layers(self, *, dynamic: bool | None = None, mode: str | None = None,
                        backend: str | Callable = "inductor") -> None:
         """``torch.compile`` every layer in place (``nn.Module.compile``; parameters and state_dict unchanged).

@@ -7,7 +7,7 @@ bias and the pair-value term of IPA become dot products between a row vector of 
 
 Two factorizers, one call signature ``factorizer(s, pair, frames, mask) -> PairFactors``:
 
-- :class:`PairFactorizer` (``useFlashMode True``, the user's document): residue i's left factor
+- :class:`PairFactorizer` (``useFlashMode True``, the reference configuration): residue i's left factor
   pools the pair row p[i, n] over its ``kNeighbors`` nearest neighbours n (by CA distance); its
   right factor pools the column p[n, i]. NOTE: the public flash_ipa ``LinearFactorizer``
   compresses the length axis with ``Linear(max_len, rank)``, tying a model to one padded length;
@@ -16,7 +16,7 @@ Two factorizers, one call signature ``factorizer(s, pair, frames, mask) -> PairF
 - :class:`PairFreeFactorizer` (``usePairFree True``, our long-chain path): per-edge features from
   the single representation of both ends, the CA distance (radial basis), the neighbour's direction
   in the residue's local frame and the clipped sequence offset, pooled over the k neighbours. No
-  L x L tensor exists anywhere; memory is O(L * k) (the k-NN search is chunked, model/knn.py).
+  L x L tensor exists anywhere; memory is O(L * k) (the k-NN search is chunked, model/ipa/knn.py).
   No maximum length beyond memory (the offsets are clipped to +-relativePositionK).
 
 Pooling (both) is permutation-invariant over the neighbour set, so exact distance ties (whose order
@@ -26,7 +26,7 @@ fp32 rounding decides after a global rotation) cannot change a factor:
 
 a softmax over the valid neighbours n of a learned per-edge, per-rank gate g (a linear map of the
 edge's own features, zero-initialised: a plain cutoff-weighted mean at the start), times the smooth
-cutoff weight c_in of model/knn.py ``soft_knn`` (1 at the residue itself, 0 at the distance of the
+cutoff weight c_in of model/ipa/knn.py ``soft_knn`` (1 at the residue itself, 0 at the distance of the
 (k+1)-th neighbour), so the k-th-neighbour boundary is continuous too. Invalid slots (padding,
 chains shorter than k) have c = 0 and contribute nothing. NOTE: the first version weighted neighbour
 *slots* (ordered by distance) with learned per-slot weights; two tied neighbours swapping slots then
@@ -44,10 +44,10 @@ import torch
 from torch import nn
 
 from model.geometry import Frames
-from model.knn import Neighbours, soft_knn
-from model.pair_transform import amp_layer_norm
+from model.ipa.knn import Neighbours, soft_knn
+from model.network.pair_transform import amp_layer_norm
 
-__all__ = ["PairFactorizer", "PairFactors", "PairFreeFactorizer", "build_factorizer"]
+__all__ = ["PairFactorizer", "PairFactors", "PairFreeFactorizer"]
 
 
 @dataclass(frozen=True)
@@ -145,7 +145,7 @@ class PairFactorizer(nn.Module):
         nb = soft_knn(frames.trans, mask, self.k)  # [B, L, k]
         batch, length, k = nb.index.shape
         idx = nb.index[..., None].expand(batch, length, k, pair.shape[-1])  # [B, L, k, C_p]
-        # NOTE: LayerNorm in the autocast dtype (model/pair_transform.py ``amp_layer_norm``).
+        # NOTE: LayerNorm in the autocast dtype (model/network/pair_transform.py ``amp_layer_norm``).
         rows = amp_layer_norm(self.norm, torch.gather(pair, 2, idx))  # [B, L, k, C_p]   p[i, n_i]
         cols = amp_layer_norm(self.norm, torch.gather(pair.transpose(1, 2), 2, idx))  # [B, L, k, C_p]   p[n_i, i]
         rbf = self.rbf(nb.sq_dist).to(rows.dtype)  # [B, L, k, R]
@@ -191,14 +191,3 @@ class PairFreeFactorizer(nn.Module):
         edges = self.edge_features(s, frames, nb)  # [B, L, k, hidden]
         return PairFactors(self.left(edges, edges, nb.weight, mask), self.right(edges, edges, nb.weight, mask))
 
-
-def build_factorizer(config) -> nn.Module:
-    """The factorizer a flash-mode config asks for (``usePairFree`` picks the pair-free one).
-
-    Factor channels C_f = ``pairFeatureDimension``; rank = ``zFactorRank``; k = ``kNeighbors``.
-    """
-    common = {"rank": config.zFactorRank, "channels": config.pairFeatureDimension, "k": config.kNeighbors}
-    if config.usePairFree:
-        return PairFreeFactorizer(single_dim=config.singleFeatureDimension,
-                                  max_offset=config.relativePositionK, **common)
-    return PairFactorizer(pair_dim=config.pairFeatureDimension, **common)

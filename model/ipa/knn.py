@@ -23,7 +23,7 @@ must not matter either. :func:`soft_knn` provides that: the k nearest neighbours
 cutoff weight ``(1 - d^2 / R^2)^2`` per slot, R = the distance of the (k+1)-th nearest residue
 (the first one left out), so a neighbour that crosses the boundary (d = R, exactly where it can swap
 with the one outside) enters and leaves with weight 0. NOTE (our addition; Flash-IPA uses the hard
-top-k). Consumers pool the slots with permutation-invariant weights (model/factorizer.py).
+top-k). Consumers pool the slots with permutation-invariant weights (model/ipa/factorizer.py).
 """
 
 from __future__ import annotations

@@ -6,7 +6,7 @@ Sources: AlphaFold 2 supplement Algorithm 22 (IPA) as in OpenFold ``structure_mo
     a_ij = softmax_j( w_L * ( q_i.k_j / sqrt(C) + b_ij - (gamma_h / 2) * sum_p |T_i q_ip - T_j k_jp|^2 ) )
 
 with w_L = sqrt(1/3), gamma_h = softplus(theta_h) * sqrt(2 / (9 P)). Here the pair bias comes from
-the factors (model/factorizer.py): b_ij = sum_r bl[i, r, h] * br[j, r, h], bl / br = Linear(left /
+the factors (model/ipa/factorizer.py): b_ij = sum_r bl[i, r, h] * br[j, r, h], bl / br = Linear(left /
 right factor), and the pair values are z'_ij = sum_r pl[i, r] * pr[j, r] (C_pv = C_f // 4 channels).
 Expanding |Q - K|^2 = |Q|^2 + |K|^2 - 2 Q.K and dropping |Q_i|^2 (constant over j, it cancels in
 the softmax) gives widened rows (geometry in fp32, scalar and factor terms in the activation dtype,
@@ -16,7 +16,7 @@ all cast to the attention dtype once):
     k~_j = [ k_j               | w_L gamma K_j (3P)    | -w_L gamma / 2 |K_j|^2  | br_j (r)     ]
     v~_j = [ v_j (C)           | V_j (3 P_v, global)   | pr_j (r * C_pv)                         ]
 
-so ``packed_attention(q~, k~, v~, mask)`` (model/attention.py: FA3 / FA2 / SDPA / math) returns
+so ``packed_attention(q~, k~, v~, mask)`` (model/ipa/attention.py: FA3 / FA2 / SDPA / math) returns
 sum_j a_ij v~_j, from which the scalar, point (moved into the local frame of i, plus norms) and pair
 outputs (sum_r pl_ir * (sum_j a_ij pr_jr)) are read, concatenated and projected to C_s (AF2).
 
@@ -42,15 +42,12 @@ import math
 import torch
 from torch import nn
 
-from model.attention import BackendChoice, mask_value, packed_attention, resolve_backend
-from model.factorizer import PairFactorizer, PairFactors, PairFreeFactorizer, build_factorizer
 from model.geometry import Frames, rotate_points
-from model.knn import Neighbours, knn
+from model.ipa.attention import mask_value, packed_attention
+from model.ipa.backends import BackendChoice, resolve_backend
+from model.ipa.factorizer import PairFactors
 
-# The factorizers and the k-NN search live in model/factorizer.py and model/knn.py (one concept per
-# file); they are re-exported here because docs/ARCHITECTURE.md places them under flash_ipa.
-__all__ = ["FlashIPA", "Neighbours", "PairFactorizer", "PairFactors", "PairFreeFactorizer", "build_factorizer",
-           "flash_ipa_head_dims", "has_legacy_layout", "knn", "upgrade_legacy_state"]
+__all__ = ["FlashIPA", "flash_ipa_head_dims", "has_legacy_layout", "upgrade_legacy_state"]
 
 POINT_NORM_EPS = 1e-8  # inside sqrt of the output point norms (AF2 / OpenFold)
 
@@ -116,39 +113,44 @@ def upgrade_legacy_state(state: dict[str, torch.Tensor]) -> dict[str, torch.Tens
 
 
 class FlashIPA(nn.Module):
-    """IPA over PairFactors: ``ipa(x [B, L, C_s], factors, frames [B, L], mask [B, L]) -> [B, L, C_s]``."""
+    """IPA over PairFactors: ``ipa(x [B, L, C_s], factors, frames [B, L], mask [B, L]) -> [B, L, C_s]``.
 
-    def __init__(self, *, single_dim: int, factor_dim: int, hidden: int, heads: int, qk_points: int,
-                 v_points: int, rank: int, config=None):
+    Args:
+        c_s: C_s, single channels.
+        c_f: C_f, channels of the pair factors (C_pv = max(1, C_f // 4) pair-value channels).
+        hidden: C, scalar channels per head.
+        heads: H.
+        qk_points: P, query / key points per head.
+        v_points: P_v, value points per head.
+        rank: r, the factors' rank.
+        use_flash_attn3: allow FlashAttention 4 / 3 where they run (``model.ipa.backends``).
+    """
+
+    def __init__(self, *, c_s: int, c_f: int, hidden: int, heads: int, qk_points: int, v_points: int,
+                 rank: int, use_flash_attn3: bool = True):
         super().__init__()
         self.hidden, self.heads, self.qk_points, self.v_points, self.rank = hidden, heads, qk_points, v_points, rank
-        self.pair_value_dim = max(1, factor_dim // 4)
-        self.config = config  # only useFlashAttn3 is read (backend choice)
+        self.pair_value_dim = max(1, c_f // 4)
+        self.use_flash_attn3 = bool(use_flash_attn3)
         h, c, p, pv = heads, hidden, qk_points, v_points
         # One projection of the single representation: scalar q (H C) | k, v (H 2C, per head [k | v]) |
         # local points q (H P 3) | k and v (H (P + P_v) 3); one projection per factor: pair bias (H) |
         # pair value (C_pv). NOTE (launch count): three Linears instead of six; `upgrade_legacy_state`
         # maps the older separate tensors (weights/mhc_flash_v1) onto these by concatenation.
         self.in_splits = (3 * h * c, h * p * 3, h * (p + pv) * 3)
-        self.linear_in = nn.Linear(single_dim, sum(self.in_splits))
-        self.factor_left = nn.Linear(factor_dim, h + self.pair_value_dim, bias=False)  # [bl (H) | pl (C_pv)]
-        self.factor_right = nn.Linear(factor_dim, h + self.pair_value_dim, bias=False)  # [br (H) | pr (C_pv)]
+        self.linear_in = nn.Linear(c_s, sum(self.in_splits))
+        self.factor_left = nn.Linear(c_f, h + self.pair_value_dim, bias=False)  # [bl (H) | pl (C_pv)]
+        self.factor_right = nn.Linear(c_f, h + self.pair_value_dim, bias=False)  # [br (H) | pr (C_pv)]
         # softplus^-1(1) so gamma starts at sqrt(2 / 9P) (AF2 / OpenFold initialisation)
         self.head_weights = nn.Parameter(torch.full((h,), math.log(math.e - 1.0)))
-        self.linear_out = nn.Linear(h * (c + 4 * pv + self.pair_value_dim), single_dim)
+        self.linear_out = nn.Linear(h * (c + 4 * pv + self.pair_value_dim), c_s)
         nn.init.zeros_(self.linear_out.weight)  # AF2 "final" init: the block starts as the identity
         nn.init.zeros_(self.linear_out.bias)
         self._choices: dict[tuple, BackendChoice] = {}
         self.last_backend: BackendChoice | None = None
-        # points [*, M, 3] x frames' rotations; model.denoiser.compile_denoiser swaps in a compiled,
+        # points [*, M, 3] x frames' rotations; model.network.compile.compile_denoiser swaps in a compiled,
         # fused version of the same product (model.geometry.rotate_points_elementwise)
         self.rotate = rotate_points
-
-    @classmethod
-    def from_config(cls, config) -> FlashIPA:
-        return cls(single_dim=config.singleFeatureDimension, factor_dim=config.pairFeatureDimension,
-                   hidden=config.ipaHiddenDimension, heads=config.ipaNumHeads, qk_points=config.ipaNumQkPoints,
-                   v_points=config.ipaNumVPoints, rank=config.zFactorRank, config=config)
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         """Accept the earlier separate-projection tensors (see ``upgrade_legacy_state``)."""
@@ -168,7 +170,8 @@ class FlashIPA(nn.Module):
         device = torch.device(device)
         key = (device.type, device.index, dtype)
         if key not in self._choices:
-            self._choices[key] = resolve_backend(self.config, self.head_dims(dtype), device, dtype)
+            self._choices[key] = resolve_backend(self.head_dims(dtype), device, dtype,
+                                                 use_flash_attn3=self.use_flash_attn3)
         return self._choices[key]
 
     # ------------------------------------------------------------------------------------ shared
@@ -233,7 +236,7 @@ class FlashIPA(nn.Module):
     def _flash_core(self, q, k, v, qg, kg, vg, bl, br, pl, pr, gamma, mask):
         """Widened q~ / k~ / v~ (module docstring) through one softmax attention.
 
-        The rows are packed exactly as the kernel takes them (model/attention.py ``packed_attention``):
+        The rows are packed exactly as the kernel takes them (model/ipa/attention.py ``packed_attention``):
         the folded key-padding column and the zero padding to the kernel's width are part of the same
         ``cat``, so each of q~ / k~ / v~ is built by one copy kernel.
         """

@@ -68,12 +68,6 @@ class InvariantPointAttention(nn.Module):
         nn.init.zeros_(self.linear_out.weight)  # OpenFold "final" init: the block starts as identity
         nn.init.zeros_(self.linear_out.bias)
 
-    @classmethod
-    def from_config(cls, config) -> InvariantPointAttention:
-        return cls(c_s=config.singleFeatureDimension, c_p=config.pairFeatureDimension,
-                   c_hidden=config.ipaHiddenDimension, num_heads=config.ipaNumHeads,
-                   num_qk_points=config.ipaNumQkPoints, num_v_points=config.ipaNumVPoints)
-
     def _points(self, linear: nn.Linear, s: torch.Tensor, frames: Frames, num_points: int) -> torch.Tensor:
         """Project local points and move them to the global frame: [B, L, C_s] -> [B, L, H, P, 3]."""
         pts = rearrange(linear(s), "b l (h p x) -> b l h p x", h=self.num_heads, p=num_points, x=3)

@@ -15,8 +15,8 @@ with the branch (``StructureBranch``)
     h = x + a;   for each transition layer: h <- h + Dropout(MLP(LN(h)))
     f(x) = h - x          (so a plain layer gives exactly h)
 
-The IPA is pluggable: ``model.ipa.InvariantPointAttention`` (dense pair tensor z [B, L, L, C_p]) or
-Flash-IPA from ``model.flash_ipa`` (``PairFactors``); the branch only passes ``pair`` through.
+The IPA is pluggable: ``model.ipa.dense.InvariantPointAttention`` (dense pair tensor z [B, L, L, C_p]) or
+Flash-IPA from ``model.ipa.flash`` (``PairFactors``); the branch only passes ``pair`` through.
 
 Shapes: B batch, L residues, n mHC streams, C_s single channels.
 
