@@ -134,6 +134,16 @@ def test_evaluate_with_baseline_on_tiny_weights(tiny_weights, monkeypatch):
     assert ("**A beats B at every length.**" in md) == cmp["a_beats_b_everywhere"]
     assert "| target | L 24 | L 40 |" in res.output and "Against the baseline" in res.output
     assert (out / "pdb" / "L0040" / "sample_001.pdb").is_file() and (out / "pdb" / "trajectory_000.pdb").is_file()
+    assert data["settings"]["counts"] == {"24": 2, "40": 2} and data["settings"]["seed"] == 0
+    # B evaluated now against A's finished report: its lengths and counts, the mirror-image verdicts
+    res = CliRunner().invoke(cli.evaluate_app, [str(b), "--baseline", str(out), "--no-proxy", "--workers", "1",
+                                                "--trajectories", "0", "--out", str(tmp / "rev")])
+    assert res.exit_code == 0, res.output
+    rev = json.loads((tmp / "rev" / "metrics.json").read_text())["comparison"]
+    flip = {"A": "B", "B": "A", "tie": "tie"}
+    assert [flip[x["verdict"]] for x in rev["lengths"]] == [x["verdict"] for x in cmp["lengths"]]
+    assert rev["settings_differ"] == {} and rev["real_chains_differ_at"] == []
+    assert rev["B"] == data["label"]
     # same seeds: A against itself ties every metric at every length
     res = CliRunner().invoke(cli.evaluate_app, [str(a), "--baseline", str(a), "-l", "24", "-n", "2", "--no-proxy",
                                                 "--workers", "1", "--trajectories", "0", "--out", str(tmp / "same")])
