@@ -122,7 +122,7 @@ def test_evaluate_with_baseline_on_tiny_weights(tiny_weights, monkeypatch):
     assert res.exit_code == 0, res.output
     data = json.loads((out / "metrics.json").read_text())
     assert sorted(data["lengths"]) == ["24", "40"] and data["lengths"]["24"]["samples"]["n"] == 2
-    assert any("training_index.csv (the weights' own)" in n for n in data["notes"])
+    assert any("training_index.csv (the model's own)" in n for n in data["notes"])
     real24 = data["lengths"]["24"]["real_chains"]
     assert real24["widened"] == (real24["within_tolerance"] < 10) == ("nearest lengths" in real24["note"])
     assert real24["count"] == (10 if real24["widened"] else real24["within_tolerance"])
@@ -181,3 +181,17 @@ def test_proxy_tiny_real_run(real_ca_chains):
     assert nll.shape == (3,) and np.isfinite(nll).all() and (nll > 0).all() and (nll < np.log(21)).all()
     assert np.array_equal(nll, proxy.score(real + [walk], seed=0))
     assert nll[:2].mean() < nll[2]
+
+
+def test_a_checkpoint_takes_its_run_directory_index(tmp_path):
+    run = tmp_path / "run"
+    (run / "checkpoints").mkdir(parents=True)
+    (run / "config.txt").write_text(f"datasetNames cgdms,{tmp_path / 'pdbs'}\n")
+    (run / "training_index.csv").write_text("id,split,length\n")
+    (run / "checkpoints" / "last.ckpt").write_bytes(b"")
+    sources, index, note = cli.default_real_and_index(run / "checkpoints" / "last.ckpt", None, None)
+    assert index == run / "training_index.csv" and sources == ["cgdms", str(tmp_path / "pdbs")]
+    assert "the model's own" in note
+    assert cli.default_real_and_index(run / "checkpoints" / "last.ckpt", ["x"], tmp_path / "i.csv")[:2] == (
+        ["x"], tmp_path / "i.csv")
+    assert cli.is_report(tmp_path / "m.json") and not cli.is_report(run)

@@ -67,10 +67,14 @@ def is_report(path: Path) -> bool:
 
 
 def default_real_and_index(weights: Path | None, real: list[str] | None, index: Path | None):
-    """(sources, index, note): --real / --index as given, else from the weights directory."""
+    """(sources, index, note): --real / --index as given, else from the weights directory (for a
+    ``<run>/checkpoints/*.ckpt``: the run directory, where ``mhcflash data build`` writes the index)."""
     note = ""
     wdir = None
-    if weights is not None and not (weights.is_file() and weights.suffix == ".ckpt"):
+    if weights is not None and weights.is_file() and weights.suffix == ".ckpt":
+        run_dir = weights.parent.parent  # <run>/checkpoints/x.ckpt: the run's config and index
+        wdir = run_dir if (run_dir / "config.txt").is_file() else None
+    elif weights is not None:
         from model.weights_io import WeightsError, resolve_weights_dir
 
         try:
@@ -78,7 +82,7 @@ def default_real_and_index(weights: Path | None, real: list[str] | None, index: 
         except WeightsError as err:
             _fail(str(err))
     if index is None and wdir is not None and (wdir / INDEX_FILE).is_file():
-        index, note = wdir / INDEX_FILE, f"index: {wdir / INDEX_FILE} (the weights' own)"
+        index, note = wdir / INDEX_FILE, f"index: {wdir / INDEX_FILE} (the model's own)"
     if not real and wdir is not None and index is not None:
         from model.config import load_config
         from model.data.sources import sources_from_config
