@@ -122,7 +122,7 @@ def test_evaluate_with_baseline_on_tiny_weights(tiny_weights, monkeypatch):
     assert res.exit_code == 0, res.output
     data = json.loads((out / "metrics.json").read_text())
     assert sorted(data["lengths"]) == ["24", "40"] and data["lengths"]["24"]["samples"]["n"] == 2
-    assert any("training_index.csv (the weights' own)" in n for n in data["notes"])
+    assert any("training_index.csv (the model's own)" in n for n in data["notes"])
     real24 = data["lengths"]["24"]["real_chains"]
     assert real24["widened"] == (real24["within_tolerance"] < 10) == ("nearest lengths" in real24["note"])
     assert real24["count"] == (10 if real24["widened"] else real24["within_tolerance"])
@@ -134,6 +134,16 @@ def test_evaluate_with_baseline_on_tiny_weights(tiny_weights, monkeypatch):
     assert ("**A beats B at every length.**" in md) == cmp["a_beats_b_everywhere"]
     assert "| target | L 24 | L 40 |" in res.output and "Against the baseline" in res.output
     assert (out / "pdb" / "L0040" / "sample_001.pdb").is_file() and (out / "pdb" / "trajectory_000.pdb").is_file()
+    assert data["settings"]["counts"] == {"24": 2, "40": 2} and data["settings"]["seed"] == 0
+    # B evaluated now against A's finished report: its lengths and counts, the mirror-image verdicts
+    res = CliRunner().invoke(cli.evaluate_app, [str(b), "--baseline", str(out), "--no-proxy", "--workers", "1",
+                                                "--trajectories", "0", "--out", str(tmp / "rev")])
+    assert res.exit_code == 0, res.output
+    rev = json.loads((tmp / "rev" / "metrics.json").read_text())["comparison"]
+    flip = {"A": "B", "B": "A", "tie": "tie"}
+    assert [flip[x["verdict"]] for x in rev["lengths"]] == [x["verdict"] for x in cmp["lengths"]]
+    assert rev["settings_differ"] == {} and rev["real_chains_differ_at"] == []
+    assert rev["B"] == data["label"]
     # same seeds: A against itself ties every metric at every length
     res = CliRunner().invoke(cli.evaluate_app, [str(a), "--baseline", str(a), "-l", "24", "-n", "2", "--no-proxy",
                                                 "--workers", "1", "--trajectories", "0", "--out", str(tmp / "same")])
@@ -171,3 +181,17 @@ def test_proxy_tiny_real_run(real_ca_chains):
     assert nll.shape == (3,) and np.isfinite(nll).all() and (nll > 0).all() and (nll < np.log(21)).all()
     assert np.array_equal(nll, proxy.score(real + [walk], seed=0))
     assert nll[:2].mean() < nll[2]
+
+
+def test_a_checkpoint_takes_its_run_directory_index(tmp_path):
+    run = tmp_path / "run"
+    (run / "checkpoints").mkdir(parents=True)
+    (run / "config.txt").write_text(f"datasetNames cgdms,{tmp_path / 'pdbs'}\n")
+    (run / "training_index.csv").write_text("id,split,length\n")
+    (run / "checkpoints" / "last.ckpt").write_bytes(b"")
+    sources, index, note = cli.default_real_and_index(run / "checkpoints" / "last.ckpt", None, None)
+    assert index == run / "training_index.csv" and sources == ["cgdms", str(tmp_path / "pdbs")]
+    assert "the model's own" in note
+    assert cli.default_real_and_index(run / "checkpoints" / "last.ckpt", ["x"], tmp_path / "i.csv")[:2] == (
+        ["x"], tmp_path / "i.csv")
+    assert cli.is_report(tmp_path / "m.json") and not cli.is_report(run)

@@ -1,4 +1,4 @@
-"""Evaluation metrics, TM-score / clustering / novelty, and designability math (issue 7).
+"""Evaluation metrics, TM-score / clustering / novelty, and designability math.
 
 Known answers: ideal lines, helices and strands built here; real chains from ``cgdms`` (their own
 H/E/C string checks the CA-only P-SEA numbers); Kabsch on rotated / scaled copies.

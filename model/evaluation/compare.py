@@ -1,7 +1,10 @@
 """Two models side by side: which is better at every length, metric by metric (``--baseline``).
 
-Both models are sampled with the same seeds and compared with the same real chains. Per metric the
-better one is:
+Both models are sampled with the same seeds and compared with the same real chains; B may also be a
+finished evaluation (its ``metrics.json``), so an old model is evaluated once and each new one is
+compared with it (the real chains used for each length are checked to be the same ids, and a
+difference is named in the comparison). Models are compared through their ``metrics.json`` form
+(`suite.SuiteResult.to_dict`). Per metric the better one is:
 
 | metric | better |
 |---|---|
@@ -19,9 +22,11 @@ the model meeting more targets wins; with as many targets met, the one that wins
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 from model.evaluation import targets as tg
 from model.evaluation.metrics import IDEAL_CA_CA, fmt
-from model.evaluation.suite import SuiteResult
 
 TIE = 5e-4
 LOWER = ("frac_long_step", "clashes_per_residue", "mean_pairwise_tm", "mpnn_nll")
@@ -30,6 +35,7 @@ TO_REAL = ("rg_ratio", "helix", "strand", "helix_strand", "coil")
 SHOWN = ("novelty", "clusters_05")
 METRICS = ("ca_ca_median", "frac_ca_ca_ok", *LOWER[:2], *TO_REAL, LOWER[2], LOWER[3], *SHOWN)
 DECISIVE = (*tg.TARGET_METRICS, "mpnn_nll")
+SETTINGS = ("seed", "noise_scale", "counts", "real_cap", "tm_cap", "novelty_cap", "reference_cap")
 
 
 def better(metric: str, a: float | None, b: float | None, real: float | None = None) -> str:
@@ -53,18 +59,22 @@ def better(metric: str, a: float | None, b: float | None, real: float | None = N
     return "A" if da < db else "B"
 
 
-def compare_length(a: SuiteResult, b: SuiteResult, length: int) -> dict:
-    """Rows (metric, A, B, real, better) and the verdict for one length present in both."""
-    ra, rb = a.lengths[length], b.lengths[length]
-    sa, sb, real = ra.comparison.samples.summary(), rb.comparison.samples.summary(), ra.comparison.real.summary()
+def _count(targets: list[dict]) -> tuple[int, int]:
+    checked = [t for t in targets if t["passed"] is not None]
+    return sum(bool(t["passed"]) for t in checked), len(checked)
+
+
+def compare_length(a: dict, b: dict, length: int) -> dict:
+    """Rows (metric, A, B, real, better) and the verdict for one length of two ``metrics.json`` dicts."""
+    ra, rb = a["lengths"][str(length)], b["lengths"][str(length)]
+    sa, sb, real = ra["samples"], rb["samples"], ra["real"]
     rows = []
     for m in METRICS:
         if m not in sa and m not in sb:
             continue
         rows.append({"metric": m, "A": sa.get(m), "B": sb.get(m), "real": real.get(m),
                      "better": better(m, sa.get(m), sb.get(m), real.get(m))})
-    met_a, checked_a = tg.count_met(ra.targets)
-    met_b, checked_b = tg.count_met(rb.targets)
+    (met_a, checked_a), (met_b, checked_b) = _count(ra["targets"]), _count(rb["targets"])
     wins = {"A": 0, "B": 0}
     for row in rows:
         if row["metric"] in DECISIVE and row["better"] in wins:
@@ -75,28 +85,56 @@ def compare_length(a: SuiteResult, b: SuiteResult, length: int) -> dict:
         verdict = "A" if wins["A"] > wins["B"] else "B"
     else:
         verdict = "tie"
+    same_real = ra["real_chains"]["ids"] == rb["real_chains"]["ids"]
     return {"length": length, "rows": rows, "targets_met": {"A": f"{met_a}/{checked_a}", "B": f"{met_b}/{checked_b}"},
-            "decisive_wins": wins, "verdict": verdict}
+            "decisive_wins": wins, "verdict": verdict, "same_real_chains": same_real}
 
 
-def compare_suites(a: SuiteResult, b: SuiteResult) -> dict:
-    """Every common length; ``a_beats_b_everywhere`` is the default-weights rule."""
-    lengths = [n for n in a.lengths if n in b.lengths]
+def compare_suites(a, b) -> dict:
+    """Every common length of A and B (`SuiteResult` or ``metrics.json`` dicts); ``a_beats_b_everywhere``
+    is the default-weights rule; lengths only one of them has are listed, not judged."""
+    a = a if isinstance(a, dict) else a.to_dict()
+    b = b if isinstance(b, dict) else b.to_dict()
+    lengths = [int(n) for n in a["lengths"] if n in b["lengths"]]
     per_length = [compare_length(a, b, n) for n in lengths]
-    return {"A": a.label, "B": b.label, "lengths": per_length,
-            "a_beats_b_everywhere": bool(per_length) and all(x["verdict"] == "A" for x in per_length),
-            "lengths_not_won_by_A": [x["length"] for x in per_length if x["verdict"] != "A"]}
+    only = sorted({int(n) for n in a["lengths"]} ^ {int(n) for n in b["lengths"]})
+    sa, sb = a.get("settings", {}), b.get("settings", {})
+    differ = sorted(k for k in set(sa) | set(sb) if k in SETTINGS and sa.get(k) != sb.get(k))
+    return {"A": a["label"], "B": b["label"], "lengths": per_length, "lengths_not_in_both": only,
+            "settings_differ": {k: [sa.get(k), sb.get(k)] for k in differ},
+            "a_beats_b_everywhere": bool(per_length) and not only and all(x["verdict"] == "A" for x in per_length),
+            "lengths_not_won_by_A": [x["length"] for x in per_length if x["verdict"] != "A"] + only,
+            "real_chains_differ_at": [x["length"] for x in per_length if not x["same_real_chains"]]}
+
+
+def load_report(path: Path) -> dict:
+    """A finished evaluation: ``metrics.json`` or the report directory holding it."""
+    path = Path(path)
+    path = path / "metrics.json" if path.is_dir() else path
+    data = json.loads(path.read_text())
+    if "lengths" not in data or "label" not in data:
+        raise ValueError(f"{path} is not a per-length evaluation (no 'lengths' / 'label'): re-run mhcflash evaluate")
+    return data
 
 
 def to_markdown(cmp: dict) -> str:
     """Per-length tables "A vs B, which is better per metric" and the overall verdict."""
-    lines = [f"A = {cmp['A']}", f"B = {cmp['B']}", ""]
+    lines = [f"A = {cmp['A'].removeprefix('A: ')}", f"B = {cmp['B'].removeprefix('B: ')}", ""]
     for x in cmp["lengths"]:
         lines += [f"### L {x['length']}: {verdict_text(x)}", "",
                   "| metric | A | B | real | better |", "|---|---:|---:|---:|:---:|"]
         lines += [f"| {r['metric']} | {fmt(r['A'])} | {fmt(r['B'])} | {fmt(r['real'])} | {r['better']} |"
                   for r in x["rows"]]
         lines.append("")
+    if cmp["real_chains_differ_at"]:
+        lines += [(f"NOTE: A and B were compared with different real chains at L "
+                  f"{', '.join(map(str, cmp['real_chains_differ_at']))} (different index or caps)."), ""]
+    if cmp["settings_differ"]:
+        lines += ["NOTE: settings differ (A, B): " + "; ".join(f"{k} {v[0]} vs {v[1]}" for k, v in
+                                                            cmp["settings_differ"].items()), ""]
+    if cmp["lengths_not_in_both"]:
+        lines += [(f"Lengths evaluated for only one model (counted as not won by A): "
+                  f"{', '.join(map(str, cmp['lengths_not_in_both']))}."), ""]
     if cmp["a_beats_b_everywhere"]:
         lines.append("**A beats B at every length.**")
     else:

@@ -4,13 +4,15 @@ The index (``training_index.csv`` written by `model.data.split.write_index`, CSV
 every training example with ``id``, ``source``, ``length`` and ``split`` (``train`` / ``val``); the
 coordinates come from building the same sources (`model.data.build.build_dataset`, cached).
 
-Examples are found in the built set by id. Ids the build does not return as such are resolved from
-their parent chain, so an index of segments still works when the build returns whole chains:
-- ``<chain id>/seg<k>``: segment k (counted from 0 in chain order) of the chain cut at every
-  consecutive CA-CA step longer than 4.2 A;
+The sources are built as whole parsed chains where the builder can (``chain_breaks=None``) and each
+index id is cut from them as the data pipeline cuts examples (`model.data.segments`):
+- ``<chain id>/seg<k>``: segment k (counted from 0 in chain order) of a chain cut at every
+  consecutive CA-CA step longer than 4.2 A (an unbroken chain has no segments: it keeps its id);
+- a plain id: that chain's longest unbroken segment (ties: the first), i.e. the whole chain when
+  it is unbroken;
 - optional columns ``start`` and ``end`` (or ``stop``): residues ``start:end`` (0-based, end
   exclusive) of the parent chain (column ``parent``, else the id without its ``/seg<k>``);
-- any other columns are ignored.
+- any other columns are ignored. An id the build returns as such (a builder that cuts) is used.
 An example is used only if its coordinates have the length the index gives; ids that cannot be
 resolved are counted and named in the note, never silently dropped.
 
@@ -21,6 +23,7 @@ with the length range and count actually used.
 
 from __future__ import annotations
 
+import inspect
 import itertools
 import re
 from dataclasses import dataclass, field
@@ -96,25 +99,26 @@ def resolve(row: dict, by_id: dict[str, np.ndarray]) -> np.ndarray | None:
     ex_id = str(row["id"])
     start, end = _int_or_none(row.get("start")), _int_or_none(row.get("end", row.get("stop")))
     match = _SEGMENT.match(ex_id)
-    ca = by_id.get(ex_id)
-    if ca is None:
-        parent = by_id.get(str(row.get("parent") or (match["parent"] if match else "")))
-        if parent is None:
-            return None
-        if start is not None and end is not None:
-            ca = parent[start:end]
-        elif match is not None:
-            bounds = segment_bounds(parent)
+    parent_id = str(row.get("parent") or (match["parent"] if match else ex_id))
+    if start is not None and end is not None:
+        whole = by_id.get(parent_id)
+        ca = whole[start:end] if whole is not None and len(whole) >= end else by_id.get(ex_id)
+    elif match is not None:
+        ca = by_id.get(ex_id)  # the build returned segments under their own ids
+        whole = by_id.get(parent_id)
+        if ca is None and whole is not None:
+            bounds = segment_bounds(whole)
             k = int(match["k"])
-            if k >= len(bounds):
-                return None
-            ca = parent[bounds[k][0]:bounds[k][1]]
-        else:
-            return None
-    elif start is not None and end is not None and len(ca) > end - start and len(ca) >= end:
-        ca = ca[start:end]  # the build returned the whole chain under the example's id
+            if len(bounds) >= 2 and k < len(bounds):  # an unbroken chain keeps its own id
+                ca = whole[bounds[k][0]:bounds[k][1]]
+    else:
+        ca = by_id.get(ex_id)
+        if ca is not None:  # a whole parsed chain: its longest unbroken segment (ties: the first)
+            bounds = segment_bounds(ca)
+            lo, hi = max(bounds, key=lambda b: b[1] - b[0])
+            ca = ca[lo:hi]
     want = _int_or_none(row.get("length"))
-    return ca if want is None or len(ca) == want else None
+    return ca if ca is not None and (want is None or len(ca) == want) else None
 
 
 def read_rows(index: Path) -> list[dict]:
@@ -171,11 +175,14 @@ def load_pool(sources: list[str], index: Path | None) -> RealPool:
     from model.data.build import build_dataset
 
     rows = read_rows(index) if index is not None else None
+    kwargs = {"verbose": False}
+    if "chain_breaks" in inspect.signature(build_dataset).parameters:
+        kwargs["chain_breaks"] = None  # whole parsed chains: every index id is cut from them
     try:
-        built, _ = build_dataset(sources, verbose=False)
+        built, _ = build_dataset(sources, **kwargs)
     except FileNotFoundError as err:
         raise RealChainsError(f"--real: {err}") from None
-    chains = {c.id: np.asarray(c.ca, dtype=np.float64) for c in built}
+    chains = {c.id: c.ca for c in built}  # float32 as stored: breaks found as the data pipeline finds them
     label = ", ".join(str(s) for s in sources) + (f" split by {Path(index).name}" if index is not None else "")
     return pool_from_chains(chains, rows, label=label)
 

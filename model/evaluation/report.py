@@ -163,7 +163,7 @@ def _targets_html(result) -> str:
 def _comparison_html(cmp: dict) -> str:
     from model.evaluation.compare import verdict_text
 
-    parts = [f"<p class='meta'>A = {html.escape(cmp['A'])}<br>B = {html.escape(cmp['B'])}</p>"]
+    parts = [f"<p class='meta'>A = {html.escape(cmp['A'].removeprefix('A: '))}<br>B = {html.escape(cmp['B'].removeprefix('B: '))}</p>"]
     verdict = ("A beats B at every length" if cmp["a_beats_b_everywhere"] else
                "A does not beat B at every length (not won at L "
                + ", ".join(map(str, cmp["lengths_not_won_by_A"])) + ")")

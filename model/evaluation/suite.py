@@ -42,12 +42,13 @@ class SuiteResult:
     label: str
     lengths: dict[int, LengthResult]
     notes: list[str] = field(default_factory=list)
+    settings: dict = field(default_factory=dict)  # seed, counts, caps, ... (what a comparison must match)
 
     def targets_met(self) -> bool:
         return all(tg.met(r.targets) for r in self.lengths.values())
 
     def to_dict(self) -> dict:
-        return {"label": self.label, "notes": self.notes, "targets_met": self.targets_met(),
+        return {"label": self.label, "notes": self.notes, "settings": self.settings, "targets_met": self.targets_met(),
                 "target_table": self.target_table(),
                 "lengths": {str(k): v.to_dict() for k, v in self.lengths.items()}}
 
@@ -84,7 +85,7 @@ class LengthSuite:
     """Collects real chains and samples per length; TM-score jobs run in ``runner`` meanwhile."""
 
     def __init__(self, pool: RealPool, runner: TMRunner, *, seed: int = 0, real_cap: int | None = 64,
-                 tm_cap: int | None = 32, novelty_cap: int | None = 16, reference_cap: int | None = 32,
+                 tm_cap: int | None = 32, novelty_cap: int | None = 16, reference_cap: int | None = 16,
                  proxy=None):
         self.pool, self.runner, self.seed = pool, runner, seed
         self.real_cap, self.tm_cap, self.novelty_cap, self.reference_cap = real_cap, tm_cap, novelty_cap, reference_cap
@@ -109,7 +110,7 @@ class LengthSuite:
                                  novelty_cap=self.novelty_cap)
         self._samples.setdefault(label, {})[length] = (samples, job, seconds)
 
-    def finish(self, notes: list[str] | None = None) -> dict[str, SuiteResult]:
+    def finish(self, notes: list[str] | None = None, settings: dict | None = None) -> dict[str, SuiteResult]:
         """Wait for every alignment; metrics, targets and the proxy per model and length."""
         real_sets = {n: set_metrics(m.chains, label="real", tm=self._real_tm[n]()) for n, m in self.real.items()}
         if self.proxy is not None:
@@ -123,5 +124,6 @@ class LengthSuite:
                 if self.proxy is not None:
                     sset.extra["mpnn_nll"] = float(np.mean(self.proxy.score(samples, seed=self.seed)))
                 lengths[n] = LengthResult(n, Comparison(sset, real_sets[n]), self.real[n], seconds)
-            results[label] = SuiteResult(label, lengths, list(notes or []))
+            counts = {str(n): len(v[0]) for n, v in sorted(by_length.items())}
+            results[label] = SuiteResult(label, lengths, list(notes or []), {**(settings or {}), "counts": counts})
         return results

@@ -29,7 +29,8 @@ def markdown_summary(result, *, title: str, plots=(), design_summary: dict | Non
         won = ("**A beats B at every length.**" if comparison["a_beats_b_everywhere"] else
                "**A does not beat B at every length** (not won at L "
                + ", ".join(map(str, comparison["lengths_not_won_by_A"])) + ").")
-        lines += ["## Against the baseline", "", f"A = {comparison['A']}", f"B = {comparison['B']}", "",
+        lines += ["## Against the baseline", "", f"A = {comparison['A'].removeprefix('A: ')}",
+                  f"B = {comparison['B'].removeprefix('B: ')}", "",
                   summary_table(comparison), "", won, "", "Per metric: comparison.md.", ""]
     for n, res in result.lengths.items():
         secs = "" if res.seconds is None else f", sampled in {res.seconds:.1f} s"

@@ -118,6 +118,13 @@ def max_tm_to_reference(samples, reference) -> np.ndarray:
 
 
 # ------------------------------------------------------------------------------- parallel runner
+def _lower_priority() -> None:
+    """Worker start-up: nice 10, so the process launching the sampler's GPU kernels keeps its core."""
+    import os
+
+    os.nice(10)
+
+
 def _tm_pair(a: np.ndarray, b: np.ndarray) -> tuple[float, float]:
     """Worker job: (TM normalised by a, by b) of two float64 CA traces."""
     res = _tm_align(a, b)
@@ -141,7 +148,8 @@ class TMRunner:
         self.workers = max(1, int(workers))
         self._pool: Executor | None = None
         if self.workers > 1:  # forkserver: workers never inherit the parent's CUDA context
-            self._pool = ProcessPoolExecutor(self.workers, mp_context=multiprocessing.get_context("forkserver"))
+            self._pool = ProcessPoolExecutor(self.workers, mp_context=multiprocessing.get_context("forkserver"),
+                                             initializer=_lower_priority)
 
     def __enter__(self) -> Self:
         return self
