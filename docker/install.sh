@@ -4,6 +4,8 @@
 #
 #   bash docker/install.sh              install into the active Python environment (the image: /opt/venv)
 #   VENV=/opt/mhcflash bash docker/install.sh    create that virtual environment first and install into it
+#   VENV=... VENV_SYSTEM_SITE_PACKAGES=1 bash docker/install.sh    the venv sees the host's packages
+#                                       (a host whose Python already has the pinned torch keeps it)
 #   WHEELHOUSE=/path bash docker/install.sh      offline: every package from that folder of wheels
 #   bash docker/install.sh --check      validate the pins and the project install; changes nothing (CI)
 #
@@ -48,7 +50,9 @@ check() {
 
 install() {
   if [[ -n "${VENV:-}" ]]; then
-    [[ -x "$VENV/bin/python" ]] || "$PY" -m venv "$VENV"
+    local venv_args=()
+    [[ "${VENV_SYSTEM_SITE_PACKAGES:-0}" == 1 ]] && venv_args+=(--system-site-packages)
+    [[ -x "$VENV/bin/python" ]] || "$PY" -m venv "${venv_args[@]}" "$VENV"
     PY="$VENV/bin/python"
   fi
   local want="${TORCH_VERSION}+${TORCH_CUDA}" have
@@ -61,9 +65,17 @@ install() {
   else
     "$PY" -m pip install --no-cache-dir "torch==${TORCH_VERSION}" --index-url "$TORCH_INDEX"
   fi
+  # FlashAttention 4 and its CuTe-DSL stack, exactly the pinned set (--no-deps: nvidia-cutlass-dsl would
+  # also pull its CUDA 12 libraries), then their plain dependencies, then the project.
   # shellcheck disable=SC2046
-  "$PY" -m pip install --no-cache-dir $(pip_args) "flash-attn-4==${FLASH_ATTN_4_VERSION}" \
-    "nvidia-cutlass-dsl[cu13]==${CUTLASS_DSL_VERSION}" "$PROJECT_DIR"
+  "$PY" -m pip install --no-cache-dir $(pip_args) --no-deps "flash-attn-4==${FLASH_ATTN_4_VERSION}" \
+    "nvidia-cutlass-dsl==${CUTLASS_DSL_VERSION}" "nvidia-cutlass-dsl-libs-base==${CUTLASS_DSL_VERSION}" \
+    "nvidia-cutlass-dsl-libs-core==${CUTLASS_DSL_VERSION}" "nvidia-cutlass-dsl-libs-cu13==${CUTLASS_DSL_VERSION}" \
+    "apache-tvm-ffi==${APACHE_TVM_FFI_VERSION}" "torch-c-dlpack-ext==${TORCH_C_DLPACK_EXT_VERSION}" \
+    "quack-kernels==${QUACK_KERNELS_VERSION}"
+  # shellcheck disable=SC2046
+  "$PY" -m pip install --no-cache-dir $(pip_args) einops "typing-extensions>=4.13" "cuda-bindings>=12.8" \
+    "protobuf>=4.21.12" "$PROJECT_DIR"
   "$PY" - <<'PYCHECK'
 import importlib.metadata as md
 import torch

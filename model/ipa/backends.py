@@ -32,6 +32,7 @@ from __future__ import annotations
 import functools
 import importlib
 import importlib.metadata
+import os
 from typing import NamedTuple
 
 import torch
@@ -49,6 +50,8 @@ __all__ = [
     "resolve_backend",
 ]
 
+# Environment variable that forces one backend (auto: the order below); benchmarks compare backends with it.
+FORCE_ENV = "MHCFLASH_ATTENTION_BACKEND"
 BACKEND_ORDER = ("fa4", "fa3", "fa2", "sdpa_cudnn", "sdpa_flash", "sdpa_efficient", "math")
 FA_MAX_HEAD_DIM = 256  # FlashAttention 2, 3 and 4 on Hopper (forward and backward)
 FA4_BLACKWELL_MAX_HEAD_DIM = 128  # FlashAttention 4 on sm 10.x / 11.x (besides a few fixed shapes)
@@ -240,7 +243,14 @@ def resolve_backend(head_dims: tuple[int, int] = (64, 64), device: torch.device 
     dim_qk, dim_v = int(head_dims[0]) + 2, int(head_dims[1])  # +2: the key-padding column and the row anchor
     status = available_backends(device)
     rejected = []
-    for name in BACKEND_ORDER:
+    order = BACKEND_ORDER
+    forced = os.environ.get(FORCE_ENV, "").strip()
+    if forced and forced != "auto":  # an operator's or a benchmark's choice: that backend or an error
+        if forced not in BACKEND_ORDER:
+            raise AttentionBackendError(f"{FORCE_ENV}={forced!r} is not a backend: use auto or one of "
+                                        f"{', '.join(BACKEND_ORDER)}")
+        order = (forced,)
+    for name in order:
         st = status.get(name)
         if st is None or not st.usable:
             if st is not None and name != "math":
@@ -260,6 +270,10 @@ def resolve_backend(head_dims: tuple[int, int] = (64, 64), device: torch.device 
         if rejected:
             reason += " (skipped: " + "; ".join(rejected) + ")"
         return BackendChoice(name, version, reason)
+    if order != BACKEND_ORDER:
+        raise AttentionBackendError(f"{FORCE_ENV}={order[0]} cannot run head widths q/k {dim_qk}, v {dim_v} "
+                                    f"({dtype}) on {device}: {'; '.join(rejected) or 'not accepted'}. Unset it "
+                                    "(auto) or name another backend.")
     raise AttentionBackendError(
         f"No attention backend accepts head widths q/k {dim_qk}, v {dim_v} ({dtype}) on {device}: "
         + "; ".join(rejected)
