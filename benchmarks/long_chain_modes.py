@@ -1,10 +1,10 @@
-"""Long-chain training per mode on one GPU (issue 5): for each mode at L = 512 and 1024, with gradient
+"""Long-chain training per mode on one GPU: for each mode at L = 512 and 1024, with gradient
 checkpointing and bf16: batch 1, then the largest batch of --batches that fits (predicted from batch 1's
 peak memory, stepping down on out-of-memory), each with its step time and peak memory.
 
     python benchmarks/long_chain_modes.py --out DIR [--lengths 512 1024] [--budget-s 200]
 
-Modes: standard, mhc, flash, mhc_flash (Genie widths, the user's example settings), and mhc_flash with
+Modes: standard, mhc, flash, mhc_flash (Genie widths, the reference configuration's settings), and mhc_flash with
 usePairFree. Time-bounded: stops starting new runs after --budget-s seconds.
 """
 

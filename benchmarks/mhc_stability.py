@@ -1,4 +1,4 @@
-"""Evidence for mHC (issue 3): plain vs mHC denoiser on the same real data, seed and steps.
+"""Evidence for mHC: plain vs mHC denoiser on the same real data, seed and steps.
 
 Trains a tiny Genie-style denoiser twice per learning rate (``useMHCMode`` False / True), at a
 normal and at a deliberately too-high learning rate, on real CA traces from the ``cgdms`` package,

@@ -10,7 +10,7 @@
 Errors a user can fix (bad config, missing file, mismatched checkpoint) print one message and exit
 with status 2, without a traceback. Training stops: NaN/Inf -> 3, CUDA out of memory -> 4.
 
-Source: Genie's ``train.py`` / ``sample.py`` scripts, gathered into one command (SPEC.md).
+Source: Genie's ``train.py`` / ``sample.py`` scripts, gathered into one command.
 """
 
 from __future__ import annotations
@@ -83,6 +83,15 @@ def _load(config_path: Path | None, overrides: list[str]):
     return load_config_with_overrides(config_path, overrides)
 
 
+def _check_sources(cfg, config_path: Path | None, overrides: list[str]) -> None:
+    """Every folder in datasetNames exists under dataDirectory, before any work starts; else one message
+    naming the file, line and key, and ``--set dataDirectory=/path/to/data``."""
+    from model.config import key_location
+    from model.data.sources import sources_from_config
+
+    sources_from_config(cfg, where=key_location(config_path, "datasetNames", overrides))
+
+
 ConfigOpt = Annotated[Path | None, typer.Option("--config", "-c", help="Genie-style config file "
                                                    "(`key value` lines). Default: built-in defaults.")]
 SetOpt = Annotated[list[str] | None, typer.Option("--set", metavar="<key=value>", help="Override a config "
@@ -94,7 +103,8 @@ SetOpt = Annotated[list[str] | None, typer.Option("--set", metavar="<key=value>"
 @_user_errors
 def data_build(
     sources: Annotated[list[str] | None, typer.Argument(help="Directories of PDB/mmCIF files (plain or "
-                                                           ".gz), or 'cgdms'. Default: datasetNames.")] = None,
+                                                           ".gz), or 'cgdms'. Default: datasetNames "
+                                                           "under dataDirectory.")] = None,
     config: ConfigOpt = None,
     overrides: SetOpt = None,
     cache_dir: Annotated[Path | None, typer.Option(help="Cache directory (default $MHCFLASH_CACHE or "
@@ -108,6 +118,8 @@ def data_build(
     from model.data.split import TRAIN, VAL, training_set, write_index
 
     cfg = _load(config, overrides or [])
+    if not sources:
+        _check_sources(cfg, config, overrides or [])
     chains, assignment, _ = training_set(cfg, sources=sources or None, cache_dir=cache_dir, verbose=True)
     counts = Counter(assignment.values())
     typer.echo(f"split (validationFraction {cfg.validationFraction}, seed {cfg.seed}): "
@@ -151,6 +163,7 @@ def train(
     cfg = _load(config, overrides or [])
     if profiler is not None and profiler not in PROFILERS:
         _fail(f"--profiler {profiler!r}: choose one of {', '.join(PROFILERS)}")
+    _check_sources(cfg, config, overrides or [])
     try:
         fault = FaultInjection.parse(inject_fault) if inject_fault else None
     except ValueError as exc:

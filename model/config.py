@@ -21,9 +21,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-__all__ = ["KEY_DOCS", "MODES", "Config", "ConfigError", "load_config", "parse_config"]
+__all__ = ["KEY_DOCS", "MODES", "Config", "ConfigError", "key_location", "load_config", "parse_config"]
 
-# SPEC.md's four modes: name -> (useMHCMode, useFlashMode).
+# The four modes: name -> (useMHCMode, useFlashMode).
 MODES = {"standard": (False, False), "mhc": (True, False), "flash": (False, True), "mhc_flash": (True, True)}
 
 
@@ -56,9 +56,12 @@ class Config:
                                    lo=4, hi=65536)
     minimumNumResidues: int = _key(20, "Shortest chain used for training.", lo=4, hi=65536)
     logDirectory: str = _key("runs", "Where training runs (logs, checkpoints) are written.")
-    dataDirectory: str = _key("data", "Root directory that relative dataset paths are resolved against.")
+    dataDirectory: str = _key("data", "Folder that holds the sources named in datasetNames (relative: from the "
+                              "working directory); set it per machine: --set dataDirectory=/path/to/data.")
     datasetNames: str = _key("cgdms", "Comma-separated data sources: 'cgdms' (chains shipped in the cgdms "
-                             "package) and/or directories of PDB/mmCIF files (plain or .gz).")
+                             "package) and/or folders of PDB/mmCIF files (plain or .gz): a name (pdb20) is "
+                             "that folder under dataDirectory, a path is used as written (relative: from "
+                             "dataDirectory).")
     datasetSize: int | None = _key(None, "Use at most this many chains (None = all).", lo=1, optional=True)
     datasetClasses: str | None = _key(None, "Genie's SCOPe class filter (comma-separated), unused for "
                                       "directory sources.", optional=True)
@@ -120,7 +123,7 @@ class Config:
     numStructureTransitionLayers: int = _key(1, "Layers in the structure transition MLP.", lo=1, hi=16)
     structureTransitionDropout: float = _key(0.1, "Dropout in the structure transition.", lo=0.0, hi=0.99)
 
-    # --- training (Genie + the user's document) ---
+    # --- training (Genie + the reference configuration) ---
     seed: int = _key(100, "Random seed (data split, init, noise).", lo=0, hi=2**63 - 1)
     numEpoches: int = _key(1, "Training epochs (Genie's spelling).", lo=1, hi=10**9)
     batchSize: int = _key(32, "Chains per batch (per device).", lo=1, hi=65536)
@@ -132,7 +135,7 @@ class Config:
     validationEverySteps: int = _key(0, "Validate every N training batches, across epochs (0 = at the end of "
                                      "every epoch).", lo=0, hi=10**9)
     learningRate: float = _key(1e-4, "AdamW learning rate after warm-up.", lo=0.0, hi=1.0, lo_open=True)
-    warmupEpoches: int = _key(10, "Linear learning-rate warm-up, in epochs (the user's spelling).",
+    warmupEpoches: int = _key(10, "Linear learning-rate warm-up, in epochs (spelled like Genie's numEpoches).",
                               lo=0, hi=10**9)
     gradientClipVal: float = _key(1.0, "Gradient-norm clipping (0 = off).", lo=0.0, hi=1e6)
     useGradientCheckpointing: bool = _key(False, "Recompute structure and pair-transform layers in backward.")
@@ -144,20 +147,20 @@ class Config:
     graphTrainingStep: bool = _key(False, "Replay the training forward + backward from CUDA graphs, one per batch shape "
                                    "(GPU; lengths padded to a multiple of 16; host-bound small models train faster).")
 
-    # --- modes (the user's document) ---
+    # --- modes (the reference configuration) ---
     useMHCMode: bool = _key(False, "Wrap structure layers in manifold-constrained hyper-connections.")
     useFlashMode: bool = _key(False, "Flash-IPA over factorized pair features instead of dense IPA.")
     usePairFree: bool = _key(False, "Flash mode only: build the factors from single features and k-NN "
                              "geometry, no L x L tensor anywhere (long chains).")
 
-    # --- Flash-IPA (the user's document) ---
+    # --- Flash-IPA (the reference configuration) ---
     zFactorRank: int = _key(2, "Rank of the factorized pair features (1: longest chains; 2: balanced).",
                             lo=1, hi=64)
     kNeighbors: int = _key(10, "Nearest neighbours (by CA distance) feeding the factorizer.", lo=1, hi=256)
     useFlashAttn3: bool = _key(True, "Prefer the FlashAttention built for this GPU (FA4 on Hopper / Blackwell, "
                                      "else FA3 on Hopper); else FA2, else PyTorch SDPA.")
 
-    # --- mHC (the user's document) ---
+    # --- mHC (the reference configuration) ---
     mhcExpansionRate: int = _key(4, "n, residual streams (2: cheapest, 4: standard, 6-8: more capacity).",
                                  lo=1, hi=16)
     mhcSinkhornIters: int = _key(20, "Sinkhorn-Knopp iterations for H_res.", lo=1, hi=1000)
@@ -180,7 +183,7 @@ class Config:
     # -- derived -----------------------------------------------------------------------------
     @property
     def mode(self) -> str:
-        """One of 'standard', 'mhc', 'flash', 'mhc_flash' (SPEC.md's table of four modes)."""
+        """One of the four modes: 'standard', 'mhc', 'flash', 'mhc_flash'."""
         return next(name for name, flags in MODES.items() if flags == (self.useMHCMode, self.useFlashMode))
 
     def with_mode(self, mode: str) -> Config:
@@ -339,6 +342,26 @@ def load_config(path: str | Path) -> Config:
     except UnicodeDecodeError as e:
         raise ConfigError(f"{p}: not a UTF-8 text file ({e.reason} at byte {e.start})") from None
     return parse_config(text, source=str(p))
+
+
+def key_location(path: str | Path | None, key: str, overrides: list[str] | tuple[str, ...] = ()) -> str:
+    """Where ``key`` was set, for an error about its value: ``--set key=...`` when an override sets it,
+    else ``FILE, line N, key 'key'`` (``FILE, key 'key'`` when the file leaves it at its default), else
+    ``the default config, key 'key'``."""
+    for item in overrides:
+        if item.partition("=")[0].strip() == key:
+            return f"--set {item}, key '{key}'"
+    if not path:
+        return f"the default config, key '{key}'"
+    try:
+        lines = Path(path).read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError):
+        lines = []
+    for lineno, line in enumerate(lines, start=1):
+        parts = line.split("#", 1)[0].split()
+        if parts and parts[0] == key:
+            return f"{path}, line {lineno}, key '{key}'"
+    return f"{path}, key '{key}'"
 
 
 def load_config_with_overrides(path: str | Path | None, overrides: list[str]) -> Config:

@@ -1,7 +1,11 @@
 """Pack a config's training examples into one small .npz (ids, split, CA traces) for a GPU machine
 that has neither the cgdms package, the PDB files nor biotite.
 
-    python scripts/pack_chains.py configs/ship_pairfree_v2.txt .gpu_data/chains.npz [--index FILE.csv]
+    python scripts/pack_chains.py configs/ship_pairfree_v2.txt .gpu_data/chains.npz [--index FILE.csv] \
+        [--set dataDirectory=/path/to/data]
+
+The sources are the config's ``datasetNames`` under its ``dataDirectory`` (``--set`` changes a key, as
+``mhcflash train --set``).
 
 The examples are packed as the recipe made them (cut at chain breaks, length-filtered, split by
 band); `unpack` gives them back as `Chain`s and ``ProteinDataModule(config, chains=unpack(path))``
@@ -17,7 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
-from model.config import load_config
+from model.config import ConfigError, key_location, load_config_with_overrides
 from model.data.parse import Chain
 from model.data.split import TRAIN, VAL, split_table, training_set, write_index
 
@@ -75,9 +79,17 @@ def main() -> None:
     ap.add_argument("config")
     ap.add_argument("out", type=Path)
     ap.add_argument("--index", type=Path, help="also write the training-set index (CSV) here")
+    ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                    help="override a config key, e.g. --set dataDirectory=/path/to/data (repeatable)")
     args = ap.parse_args()
-    cfg = load_config(args.config)
-    chains, assignment, _ = training_set(cfg)
+    from model.data.sources import sources_from_config
+
+    try:
+        cfg = load_config_with_overrides(args.config, args.overrides)
+        sources = sources_from_config(cfg, where=key_location(args.config, "datasetNames", args.overrides))
+    except ConfigError as err:
+        ap.exit(2, f"error: {err}\n")
+    chains, assignment, _ = training_set(cfg, sources=sources)
     pack(chains, assignment, args.out)
     if args.index:
         write_index(args.index, chains, assignment)

@@ -1,12 +1,14 @@
-"""One stretch of training on a lent GPU: resume from checkpoint parts, train for N minutes, hand the
-checkpoint back in parts of at most 15 MB (the device tool returns files of <= 16 MB).
+"""One stretch of training on a remote GPU machine reached by file transfer: resume from checkpoint parts,
+train for N minutes, hand the checkpoint back in parts of at most 15 MB (for transfers of <= 16 MB a file).
+The examples come packed (`scripts/pack_chains.py`), so that machine needs neither the sources nor biotite.
 
     python scripts/train_stretch.py configs/ship_mhc_flash.txt --chains .gpu_data/chains.npz \
         --state .gpu_state --minutes 8 --out "$OUT"
 
-The run directory (runs/<name>/) is reused when the machine is still warm; otherwise the checkpoint
+The run directory (runs/<name>/) is reused when the machine still holds it; otherwise the checkpoint
 is rebuilt from <state>/last.ckpt.part*. Weights are exported afterwards on the workstation
-(`python scripts/export_weights.py`), so nothing large but the checkpoint comes back.
+(`model.checkpoints.load_checkpoint_denoiser`, then `model.weights_io.save_weights`), so nothing large
+but the checkpoint comes back.
 """
 
 from __future__ import annotations

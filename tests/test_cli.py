@@ -19,7 +19,6 @@ from model.config import load_config
 from model.training import EXIT_NAN
 
 ROOT = Path(__file__).resolve().parent.parent
-SEED = Path(__file__).resolve().parents[2] / "shared" / "seed" / "mhc_flash_ipa.zh.md"
 runner = CliRunner()
 
 
@@ -152,10 +151,10 @@ def test_config_errors_exit_2_without_traceback(tmp_path):
 
 
 def test_example_configs():
-    user_block = SEED.read_text().split("```txt\n", 1)[1].split("```", 1)[0] if SEED.is_file() else None
+    from test_config import REFERENCE_BLOCK
+
     mf = ROOT / "configs" / "mhc_flash.txt"
-    if user_block is not None:
-        assert mf.read_text() == user_block  # exactly the user's example block
+    assert mf.read_text(encoding="utf-8") == REFERENCE_BLOCK  # exactly the reference configuration
     cfg = load_config(mf)
     assert (cfg.useMHCMode, cfg.useFlashMode, cfg.zFactorRank, cfg.kNeighbors, cfg.useFlashAttn3,
             cfg.mhcExpansionRate, cfg.mhcSinkhornIters, cfg.mhcAlphaInit) == (True, True, 2, 10, True, 4, 20, 0.01)

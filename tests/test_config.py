@@ -7,8 +7,8 @@ import pytest
 
 from model.config import KEY_DOCS, Config, ConfigError, load_config, parse_config
 
-# The user's example block from ../shared/seed/mhc_flash_ipa.zh.md ("基本配置"), verbatim.
-USER_BLOCK = """\
+# The reference configuration ("基本配置"), verbatim: configs/mhc_flash.txt is exactly this block.
+REFERENCE_BLOCK = """\
 # 同时启用 mHC 和 Flash-IPA
 useMHCMode True
 useFlashMode True
@@ -61,9 +61,9 @@ def test_every_key_documented():
     assert all(len(doc) > 5 for doc in KEY_DOCS.values())
 
 
-def test_user_example_block_parses_to_documented_values(tmp_path: Path):
-    path = tmp_path / "user.txt"
-    path.write_text(USER_BLOCK, encoding="utf-8")
+def test_reference_configuration_parses_to_documented_values(tmp_path: Path):
+    path = tmp_path / "reference.txt"
+    path.write_text(REFERENCE_BLOCK, encoding="utf-8")
     cfg = load_config(path)
     assert (cfg.useMHCMode, cfg.useFlashMode, cfg.useFlashAttn3) == (True, True, True)
     assert (cfg.zFactorRank, cfg.kNeighbors) == (2, 10)

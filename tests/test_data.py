@@ -33,7 +33,11 @@ from model.data.segments import cut_chain
 from model.data.sources import cgdms_chain_dir
 
 REPO = Path(__file__).resolve().parents[1]
-PDB20 = Path(os.environ.get("MHCFLASH_PDB20", REPO.parent / "shared" / "data" / "pdb20"))
+# The folder that holds the real sets the shipped configs name (pdb20/, reseek/): the configs' default
+# dataDirectory (``data`` in the repository, a folder or a link), or $MHCFLASH_TEST_DATA. The tests that
+# read the real sets skip without them.
+DATA_DIR = Path(os.environ.get("MHCFLASH_TEST_DATA", REPO / "data"))
+PDB20 = DATA_DIR / "pdb20"
 ATOL_PDB = 1e-3  # PDB coordinate precision (3 decimals)
 ATOL_CENTRE = 1e-4  # |mean of centred coordinates|, Angstrom, float32
 

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from test_data import PDB20, REPO, atom, write
+from test_data import DATA_DIR, PDB20, REPO, atom, write
 
 from model.data import Chain, build_dataset, parse_structure_file, read_index, resolve_example
 from model.data.cache import MANIFEST, load_manifest
@@ -19,7 +19,7 @@ from model.data.segments import cut_chain, cut_chains, parent_id, segment_bounds
 from model.data.sources import cgdms_chain_dir
 from model.data.split import index_rows, training_set
 
-RESEEK = Path(os.environ.get("MHCFLASH_RESEEK", REPO.parent / "shared" / "data" / "reseek"))
+RESEEK = DATA_DIR / "reseek"
 SHIPPED_INDEX = REPO / "weights" / "mhc_flash_pairfree_v1" / "training_index.csv"
 
 
@@ -172,13 +172,11 @@ def test_real_reseek_chains_parse_whole_and_cut_cleanly(tmp_path):
 
 # ----------------------------------------------------------------------------- shipped index
 @pytest.mark.skipif(not PDB20.is_dir() or cgdms_chain_dir() is None, reason="cgdms or pdb20 chains not found")
-def test_longest_mode_reproduces_the_shipped_training_index(tmp_path, monkeypatch):
+def test_longest_mode_reproduces_the_shipped_training_index(tmp_path):
     from model.config import load_config
 
-    monkeypatch.chdir(REPO)  # the config's sources are relative to the repository
-    config = load_config(REPO / "configs" / "ship_pairfree.txt").replace(
-        datasetNames=f"cgdms,{PDB20}"
-    )
+    config = load_config(REPO / "configs" / "ship_pairfree.txt").replace(dataDirectory=str(DATA_DIR))
+    assert config.datasetNames == "cgdms,pdb20"  # names, found under dataDirectory
     chains, assignment, _ = training_set(config, cache_dir=tmp_path, verbose=False)
     rows = [{k: str(v) for k, v in row.items()} for row in index_rows(chains, assignment)]
     shipped = [{k: str(v) for k, v in row.items()} for row in read_index(SHIPPED_INDEX)]

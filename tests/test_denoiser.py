@@ -196,7 +196,7 @@ def test_denoiser_input_validation():
 
 
 def test_parameter_count_at_genie_defaults():
-    """Genie: 4.09M total, pair transform 1.66M, structure 2.36M (SPEC.md). Exact counts pinned."""
+    """Genie: 4.09M total, pair transform 1.66M, structure 2.36M (Genie's default widths). Exact counts pinned."""
     model = build_denoiser(Config())
     count = {name: sum(p.numel() for p in child.parameters()) for name, child in model.named_children()}
     total = sum(p.numel() for p in model.parameters())

@@ -187,6 +187,7 @@ def test_a_checkpoint_takes_its_run_directory_index(tmp_path):
     run = tmp_path / "run"
     (run / "checkpoints").mkdir(parents=True)
     (run / "config.txt").write_text(f"datasetNames cgdms,{tmp_path / 'pdbs'}\n")
+    (tmp_path / "pdbs").mkdir()
     (run / "training_index.csv").write_text("id,split,length\n")
     (run / "checkpoints" / "last.ckpt").write_bytes(b"")
     sources, index, note = cli.default_real_and_index(run / "checkpoints" / "last.ckpt", None, None)

@@ -2,8 +2,10 @@
 
 Two checks over tracked files (``git ls-files``):
 
-- ``PRODUCT_FILES``: no history words (numbered work sessions or tickets, "the user's document", paths
-  into a folder beside the repository). Raw measurement data under ``benchmarks/results/`` is exempt.
+- every tracked text file: no history words (numbered work sessions or tickets, "the user's document",
+  a design document kept outside the repository, paths into a folder beside the repository). Raw
+  measurement data under ``benchmarks/results/`` is exempt, and so is this file (it holds the words as
+  examples); binary files are skipped.
 - ``BENCHMARKS.md`` cites every file kept under ``benchmarks/results/``, and every results file it cites
   exists, so the folder holds exactly the data behind the document.
 """
@@ -19,19 +21,27 @@ import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 
-# The files already cleaned. NOTE: the lead extends this list to every tracked file (["*"]) once README,
-# docs, configs and code comments are cleaned too; RAW_DATA stays exempt.
-PRODUCT_FILES = ["BENCHMARKS.md", "RELIABILITY.md", "weights/**/*.md"]
+PRODUCT_FILES = ["*"]
 RAW_DATA = ["benchmarks/results/*"]
 EXEMPT = ["tests/test_product_text.py"]  # this file: it holds the words as examples
+# NOTE: files being rewritten on other branches, exempt only until those branches are merged. This list
+# must be emptied then: the check covers them like every other file.
+IN_PROGRESS = [
+    "README.md",
+    "docs/*",
+    "model/training.py",
+    "model/checkpoints.py",
+    "model/train_graphs.py",
+]
 
 HISTORY_WORDS = [
     r"session ?[0-9]+",
     r"sessions? [0-9]",
     r"issue ?#?[0-9]+",
-    r"the user'?s (document|card|example|design)",
+    r"\buser'?s (document|card|example|design|keys|settings|spelling|block)",
+    r"\bSPEC\.md\b",
     r"\.\./shared",
-    r"\bshared/data\b",
+    r"\bshared/(data|seed)\b",
 ]
 HISTORY = re.compile("|".join(f"(?:{p})" for p in HISTORY_WORDS), re.IGNORECASE)
 
@@ -56,17 +66,37 @@ def history_hits(text: str) -> list[tuple[int, str]]:
     return [(i, m.group(0)) for i, line in enumerate(text.splitlines(), 1) for m in HISTORY.finditer(line)]
 
 
+def is_text(path: Path) -> bool:
+    """False for binary files (a NUL byte in the first 8 KiB: images, weights, fonts)."""
+    with path.open("rb") as f:
+        return b"\0" not in f.read(8192)
+
+
 def test_history_words_are_found_and_product_words_are_not():
     found = history_hits("since Session 8; see issue #23\nthe user's example block\n"
-                         "datasetNames ../shared/data/pdb20\nsessions 4-6, cgdms + shared/data/pdb20")
-    assert found == [(1, "Session 8"), (1, "issue #23"), (2, "the user's example"), (3, "../shared"),
-                     (4, "sessions 4"), (4, "shared/data")]
-    assert history_hits("the reference configuration; 2026-11-26; the pdb20 set of 186 chains; 64 x 128") == []
+                         "datasetNames ../shared/data/pdb20\nsessions 4-6, cgdms + shared/data/pdb20\n"
+                         "(SPEC.md) with the user's keys; shared/seed/x.md")
+    assert found == [(1, "Session 8"), (1, "issue #23"), (2, "user's example"), (3, "../shared"),
+                     (4, "sessions 4"), (4, "shared/data"), (5, "SPEC.md"), (5, "user's keys"),
+                     (5, "shared/seed")]
+    assert history_hits("the reference configuration; 2026-11-26; the pdb20 set of 186 chains; 64 x 128; "
+                        "datasetNames cgdms,pdb20; --set dataDirectory=/path/to/data; shared weights; "
+                        "the shared memory pool") == []
+
+
+def product_files() -> list[str]:
+    """Tracked text files the check covers (every one but raw data, this file and IN_PROGRESS)."""
+    return [f for f in tracked_files()
+            if matches(f, PRODUCT_FILES) and not matches(f, RAW_DATA + EXEMPT + IN_PROGRESS)
+            and (ROOT / f).is_file() and is_text(ROOT / f)]
 
 
 def test_product_files_have_no_history_words():
-    files = [f for f in tracked_files() if matches(f, PRODUCT_FILES) and not matches(f, RAW_DATA + EXEMPT)]
-    assert "BENCHMARKS.md" in files and "RELIABILITY.md" in files, files
+    files = product_files()
+    for wanted in ("BENCHMARKS.md", "RELIABILITY.md", "configs/ship_pairfree.txt", "model/config.py",
+                   "weights/mhc_flash_v1/config.txt", "tests/test_config.py"):
+        assert wanted in files, wanted
+    assert "weights/mhc_flash_v1/model.safetensors" not in files  # binary: skipped
     bad = [f"{f}:{line}: {words!r}" for f in files
            for line, words in history_hits((ROOT / f).read_text(encoding="utf-8", errors="replace"))]
     assert not bad, ("history words in product files (say what the product does, with dates; the history "

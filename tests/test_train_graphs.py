@@ -179,7 +179,7 @@ def test_a_replay_points_each_mhc_module_at_its_shapes_recorded_h_res(monkeypatc
 
 # |g_graphed - g_eager| / |g_eager| over all parameters under bf16 autocast, the same parameters: measured
 # 0.24-0.40 % per graphed step on the H100 (two eager runs: 0.02-0.07 %; why the captured step differs more
-# was not found), session 8, both with the Sinkhorn split from the pre-branch kernel and inside it
+# was not found; 2026-11-26), both with the Sinkhorn split from the pre-branch kernel and inside it
 BF16_GRAD_REL = 1e-2
 
 

@@ -2,11 +2,11 @@
 
 Examples::
 
-    python -m model.data cgdms ../shared/data/pdb20                # summary only
-    python -m model.data --config run.txt --index weights/training_index/index.csv
+    python -m model.data cgdms /path/to/data/pdb20                 # summary only
+    python -m model.data --config run.txt --set dataDirectory=/path/to/data --index runs/x/training_index.csv
 
-Without source arguments the sources come from the config's ``datasetNames`` /
-``dataDirectory``; the length filter, ``datasetSize``, ``validationFraction`` and ``seed`` also
+Without source arguments the sources come from the config's ``datasetNames`` under its
+``dataDirectory`` (``--set`` changes a key, as ``mhcflash train --set``); the length filter, ``datasetSize``, ``validationFraction`` and ``seed`` also
 come from the config (defaults if no ``--config``). The console command (``model/cli.py``) may
 wrap `main`.
 """
@@ -23,6 +23,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m model.data", description=__doc__.split("\n")[0])
     parser.add_argument("sources", nargs="*", help="directories of PDB/mmCIF files, or 'cgdms'")
     parser.add_argument("--config", help="Genie-style config file (default: built-in defaults)")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a config key, e.g. --set dataDirectory=/path/to/data (repeatable)")
     parser.add_argument(
         "--cache-dir", help="cache directory (default: $MHCFLASH_CACHE or ~/.cache/mhcflash/data)"
     )
@@ -31,9 +33,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-length", type=int, help="override maximumNumResidues")
     args = parser.parse_args(argv)
 
-    from model.config import Config, load_config
+    from model.config import ConfigError, key_location, load_config_with_overrides
+    from model.data.sources import sources_from_config
 
-    config = load_config(args.config) if args.config else Config()
+    try:
+        config = load_config_with_overrides(args.config, args.overrides)
+        sources = args.sources or sources_from_config(
+            config, where=key_location(args.config, "datasetNames", args.overrides))
+    except ConfigError as err:
+        parser.exit(2, f"error: {err}\n")
     overrides = {}
     if args.min_length is not None:
         overrides["minimumNumResidues"] = args.min_length
@@ -41,7 +49,7 @@ def main(argv: list[str] | None = None) -> int:
         overrides["maximumNumResidues"] = args.max_length
     if overrides:
         config = config.replace(**overrides)
-    chains, assignment, _ = training_set(config, sources=args.sources or None, cache_dir=args.cache_dir)
+    chains, assignment, _ = training_set(config, sources=sources, cache_dir=args.cache_dir)
     counts = Counter(assignment.values())
     print(
         f"split (validationFraction {config.validationFraction}, seed {config.seed}): "

@@ -103,7 +103,8 @@ class ProteinDataModule(LightningDataModule):
         super().__init__()
         self.config = config
         self._given = chains
-        self.sources = sources if sources is not None else sources_from_config(config)
+        # given chains need no sources (a packed set on a machine without them)
+        self.sources = sources if sources is not None or chains is not None else sources_from_config(config)
         self.cache_dir = cache_dir
         self.max_residues_per_batch = (
             max_residues_per_batch if max_residues_per_batch is not None else config.maxResiduesPerBatch
@@ -133,7 +134,8 @@ class ProteinDataModule(LightningDataModule):
         if not chains:
             raise ValueError(
                 f"no chains between minimumNumResidues={cfg.minimumNumResidues} and "
-                f"maximumNumResidues={cfg.maximumNumResidues} in {self.sources}"
+                f"maximumNumResidues={cfg.maximumNumResidues} in "
+                + (str(self.sources) if self._given is None else "the given chains")
             )
         pad = self.pad_to_multiple
         self.train_set = ChainDataset(

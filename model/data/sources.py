@@ -6,17 +6,33 @@ lists under ``<package>/datasets/{train,val}.txt``. We locate the package with
 ``importlib.util.find_spec`` and never import it (importing pulls in its heavy dependencies).
 
 A source spec is a `Source`, a directory path, or the word ``"cgdms"``.
+
+A config names its sources in ``datasetNames`` and says where they live in ``dataDirectory``
+(`sources_from_config`): ``cgdms`` is the package; a bare name (``pdb20``) is the folder of that name
+under ``dataDirectory``; a path (``/data/pdb20``, ``~/pdb20``, ``more/pdb20``) is used as written, a
+relative one starting at ``dataDirectory``. A source's name (the ``source`` column of the training-set
+index, the ``source:`` prefix of example ids) is its folder's name, so ``pdb20`` and
+``/anywhere/pdb20`` give the same examples. The recipe (``datasetNames``) travels with a model; the
+folder (``dataDirectory``) is the machine's: ``--set dataDirectory=/path/to/data``.
 """
 
 from __future__ import annotations
 
 import importlib.util
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
+from model.config import ConfigError
 from model.data.parse import STRUCTURE_SUFFIXES
 
 CGDMS = "cgdms"
+DATA_DIRECTORY_HINT = "--set dataDirectory=/path/to/data"
+
+
+class DataSourceError(ConfigError, FileNotFoundError):
+    """A ``datasetNames`` entry that is no folder on this machine; the message names the config key,
+    where the folder was looked for, and what to do."""
 
 
 @dataclass(frozen=True)
@@ -112,15 +128,54 @@ def resolve_sources(specs) -> list[Source]:
     return sources
 
 
-def sources_from_config(config) -> list[str]:
-    """config.datasetNames (comma-separated) -> source specs; relative dirs under dataDirectory."""
+def source_path(entry: str, data_directory: str | Path) -> Path:
+    """Where a ``datasetNames`` entry (not ``cgdms``) lives: a bare name or a relative path under
+    ``data_directory``, an absolute or ``~`` path as written."""
+    path = Path(entry).expanduser()
+    return path if path.is_absolute() else Path(data_directory).expanduser() / path
+
+
+def is_bare_name(entry: str) -> bool:
+    """True for a folder name (``pdb20``), False for a path (``../pdb20``, ``/data/pdb20``, ``~/pdb20``)."""
+    return not entry.startswith("~") and len(Path(entry).parts) == 1 and entry not in (".", "..")
+
+
+def sources_from_config(config, *, where: str | None = None, hint: str = DATA_DIRECTORY_HINT) -> list[str]:
+    """``config.datasetNames`` (comma-separated) -> source specs for `resolve_sources` (module doc).
+
+    Every folder entry is checked here: one that is missing raises `DataSourceError` naming ``where``
+    (e.g. ``configs/x.txt, line 9, key 'datasetNames'``; default: the key alone), the entry, the folder
+    looked for, and ``hint`` (how to point ``dataDirectory`` elsewhere in the calling command).
+    """
+    where = where or "key 'datasetNames'"
     specs = []
-    for name in (n.strip() for n in str(config.datasetNames).split(",")):
-        if not name:
+    for entry in (n.strip() for n in str(config.datasetNames).split(",")):
+        if not entry:
             continue
-        if name == CGDMS:
+        if entry == CGDMS:
             specs.append(CGDMS)
-        else:
-            path = Path(name).expanduser()
-            specs.append(str(path if path.is_absolute() else Path(config.dataDirectory) / path))
+            continue
+        path = source_path(entry, config.dataDirectory)
+        if not path.is_dir():
+            raise DataSourceError(_missing_source(entry, path, str(config.dataDirectory), where, hint))
+        specs.append(str(path))
     return specs
+
+
+def _missing_source(entry: str, path: Path, data_directory: str, where: str, hint: str) -> str:
+    """The one-line message for a ``datasetNames`` entry whose folder is missing."""
+    root = Path(data_directory).expanduser()
+    if Path(entry).expanduser().is_absolute():
+        return f"{where}: source {entry!r} is not a folder; give the path of a folder of PDB/mmCIF files"
+    if not root.is_dir():
+        what = (f"source {entry!r} is looked up under dataDirectory {data_directory!r}, which is not a "
+                f"folder ({os.path.abspath(root)})")
+    else:
+        what = (f"source {entry!r} is not a folder under dataDirectory {data_directory!r} "
+                f"(looked for {os.path.abspath(path)})")
+    if is_bare_name(entry):
+        todo = (f"put the {entry} folder (PDB/mmCIF files) there, or point dataDirectory at the folder "
+                f"that holds {entry}/: {hint}")
+    else:
+        todo = f"point dataDirectory at the folder this path starts from: {hint}"
+    return f"{where}: {what}; {todo}"

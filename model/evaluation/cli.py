@@ -7,7 +7,8 @@ command as a standalone typer app (``python -m model.evaluation.cli``, tests).
 Defaults make the full evaluation one command: lengths 64, 100, 128, 256, 384, 512; 64 samples per
 length (32 at 384 and above); real chains from the weights' own ``training_index.csv`` (held-out
 ``val`` chains; novelty against ``train``) and the sources in its ``config.txt``
-(``datasetNames``, resolved like training does, relative to the working directory).
+(``datasetNames``, resolved like training does: a bare name is a folder under ``dataDirectory``, which
+``--data-dir /path/to/data`` replaces on this machine).
 """
 
 from __future__ import annotations
@@ -66,9 +67,14 @@ def is_report(path: Path) -> bool:
     return path.is_dir() and (path / "metrics.json").is_file() and not (path / "config.txt").is_file()
 
 
-def default_real_and_index(weights: Path | None, real: list[str] | None, index: Path | None):
+def default_real_and_index(weights: Path | None, real: list[str] | None, index: Path | None,
+                           data_dir: Path | None = None):
     """(sources, index, note): --real / --index as given, else from the weights directory (for a
-    ``<run>/checkpoints/*.ckpt``: the run directory, where ``mhcflash data build`` writes the index)."""
+    ``<run>/checkpoints/*.ckpt``: the run directory, where ``mhcflash data build`` writes the index);
+    its ``datasetNames`` under ``data_dir`` (--data-dir) when given, else under its ``dataDirectory``."""
+    if data_dir is not None and real:
+        _fail(f"--data-dir {data_dir} with --real: --real names the sources itself ('cgdms' or folder "
+              "paths); give one of the two")
     note = ""
     wdir = None
     if weights is not None and weights.is_file() and weights.suffix == ".ckpt":
@@ -84,11 +90,20 @@ def default_real_and_index(weights: Path | None, real: list[str] | None, index: 
     if index is None and wdir is not None and (wdir / INDEX_FILE).is_file():
         index, note = wdir / INDEX_FILE, f"index: {wdir / INDEX_FILE} (the model's own)"
     if not real and wdir is not None and index is not None:
-        from model.config import load_config
+        from model.config import ConfigError, key_location, load_config
         from model.data.sources import sources_from_config
 
-        real = sources_from_config(load_config(wdir / "config.txt"))
-        note += f"; real sources from {wdir / 'config.txt'}: {', '.join(real)}"
+        config_path = wdir / "config.txt"
+        where = key_location(config_path, "datasetNames")
+        try:
+            config = load_config(config_path)
+            if data_dir is not None:
+                config, where = config.replace(dataDirectory=str(data_dir)), f"{where} with --data-dir {data_dir}"
+            real = sources_from_config(config, where=where, hint="--data-dir /path/to/data (or name the "
+                                                                 "sources with --real)")
+        except ConfigError as err:
+            _fail(str(err))
+        note += f"; real sources from {config_path}: {', '.join(real)}"
     return real or ["cgdms"], index, note.lstrip("; ")
 
 
@@ -117,6 +132,9 @@ def evaluate(
     real: Annotated[list[str] | None, typer.Option("--real", help="Sources of real chains: 'cgdms' or "
                                                       "PDB/mmCIF directories (repeatable; default: the "
                                                       "weights' datasetNames).")] = None,
+    data_dir: Annotated[Path | None, typer.Option("--data-dir", help="Folder that holds the sources the "
+                                                     "weights' datasetNames name (pdb20, ...): replaces its "
+                                                     "dataDirectory on this machine.")] = None,
     index: Annotated[Path | None, typer.Option(help="Training-set index (CSV/JSON, split column): real = "
                                                   "'val', novelty against 'train'. Default: "
                                                   "WEIGHTS/training_index.csv when present.")] = None,
@@ -160,7 +178,7 @@ def evaluate(
 
     if precision not in PRECISIONS:
         _fail(f"--precision {precision!r}: use one of {', '.join(PRECISIONS)}")
-    sources, index, src_note = default_real_and_index(weights, real, index)
+    sources, index, src_note = default_real_and_index(weights, real, index, data_dir)
     try:
         pool = load_pool(sources, index)
     except RealChainsError as err:

@@ -16,7 +16,7 @@ mHC (arXiv 2512.24880, Eq. 3) and Flash-IPA (arXiv 2505.11580) for the other thr
 The four modes differ only in which IPA sits in the branch (dense or Flash) and which residual
 wrapper holds it (``PlainResidual`` or ``mhc.MHCResidual``); there is one code path.
 
-NOTE: between layers the backbone update reads the stream mean ``mhc.contract(S)`` (SPEC.md); the
+NOTE: between layers the backbone update reads the stream mean ``mhc.contract(S)``; the
 last layer reads the configured read-out (``mhcReadout``: mean, or the learned gated sum), which is
 the only place the read-out enters eps_hat.
 NOTE: gradient checkpointing (``useGradientCheckpointing``) recomputes every structure layer and every pair-transform layer in
