@@ -51,7 +51,7 @@ def _setup(args):
 
         fwd = compile_denoiser(model)
     if getattr(args, "graph", False):  # the training forward + backward replayed from CUDA graphs
-        from model.train_graphs import TrainGraphs
+        from model.training.graphed_step import TrainGraphs
 
         fwd = TrainGraphs(fwd, capture_after=1)
     if getattr(args, "compile_structure", False):  # experiment: each structure layer compiled too
@@ -214,7 +214,8 @@ def main() -> None:
     ap.add_argument("--table", action="store_true", help="print the top operators by (CUDA) time")
     ap.add_argument("--compile", action="store_true", help="model.compile_denoiser (torch.compile)")
     ap.add_argument("--graph", action="store_true",
-                    help="replay the forward + backward from CUDA graphs (model.train_graphs, graphTrainingStep)")
+                    help="replay the forward + backward from CUDA graphs (model.training.graphed_step, "
+                         "graphTrainingStep)")
     ap.add_argument("--compile-structure", action="store_true",
                     help="also torch.compile each structure layer (an experiment; not what compileModel does)")
     ap.add_argument("--kernels", action="store_true",

@@ -71,7 +71,7 @@ def _fixable(exc: Exception) -> bool:
     from model.limits import LimitsError
 
     kinds: list[type] = [ConfigError, LimitsError, FileNotFoundError, NotADirectoryError]
-    for module, name in (("model.checkpoints", "CheckpointMismatchError"), ("model.weights_io", "WeightsError")):
+    for module, name in (("model.training.checkpoints", "CheckpointMismatchError"), ("model.weights_io", "WeightsError")):
         if module in sys.modules:
             kinds.append(getattr(sys.modules[module], name))
     return isinstance(exc, tuple(kinds))

@@ -5,7 +5,7 @@ static input / output tensors, then copy inputs in and ``replay()``; several gra
 private memory pool); the per-shape graph cache with a bounded size follows vLLM's captured batch sizes.
 
 Two owners keep one graph (or graph pair) per input shape:
-- ``model.train_graphs.TrainGraphs``: the training forward + backward (``make_graphed_callables``);
+- ``model.training.graphed_step.TrainGraphs``: the training forward + backward (``make_graphed_callables``);
 - ``model.sampling_step.SamplingStep``: the sampling step, denoiser + reverse step (:func:`capture_graph`).
 
 :class:`GraphCache` is what they share:

@@ -184,7 +184,7 @@ def replay(path: Path, out: Path) -> dict:
             print(key, [(r["loss"], r["grad_norm"], r["first_bad_modules"][:2], r["bad_params"][:2]) for r in runs],
                   flush=True)
     if torch.cuda.is_available():  # the training path: forward + backward replayed from CUDA graphs
-        from model.train_graphs import TrainGraphs
+        from model.training.graphed_step import TrainGraphs
 
         graphs = TrainGraphs(den, capture_after=1)
         results["bf16_graphed"] = [_step(den, dump, "bf16", call=graphs) for _ in range(4)]

@@ -1,4 +1,4 @@
-"""CUDA-graphed training forward + backward (model/train_graphs.py, ``graphTrainingStep``).
+"""CUDA-graphed training forward + backward (model/training/graphed_step.py, ``graphTrainingStep``).
 
 CPU: the eager fallback and its reasons, and the Lightning wiring (lengths padded, diagnostics steps
 eager). GPU: graphed vs eager losses and gradients over alternating shapes while the parameters
@@ -14,7 +14,7 @@ import torch
 from conftest import random_ca_trace, tiny_pair_free_denoiser
 
 from model.diffusion import loss as genie_loss
-from model.train_graphs import TrainGraphs
+from model.training.graphed_step import TrainGraphs
 
 
 def _pair_free(extra: str = ""):
@@ -130,7 +130,8 @@ def test_graph_training_pads_lengths_and_runs_eagerly_on_the_cpu():
     """On the CPU the key changes no numbers: every step runs eagerly."""
     from conftest import tiny_config
 
-    from model.training import GRAPH_LENGTH_MULTIPLE, DiffusionModule
+    from model.training import DiffusionModule
+    from model.training.trainer import GRAPH_LENGTH_MULTIPLE
 
     cfg = tiny_config(useMHCMode=True, useFlashMode=True, graphTrainingStep=True, logEverySteps=3)
     module = DiffusionModule(cfg)
@@ -285,7 +286,8 @@ def test_gpu_steps_between_log_intervals_never_wait_for_the_gpu(tmp_path):
 
     from model.data.datamodule import ProteinDataModule
     from model.data.parse import parse_cgdms_file
-    from model.training import NAN_CHECK_EVERY_CUDA, TrainOptions, run_training
+    from model.training import TrainOptions, run_training
+    from model.training.diffusion_module import NAN_CHECK_EVERY_CUDA
 
     root = cgdms_data_dir()
     if root is None:

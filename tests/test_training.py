@@ -18,8 +18,6 @@ from model.diffusion import loss, q_sample
 from model.training import (
     EXIT_NAN,
     EXIT_OOM,
-    NAN_KNOBS,
-    OOM_KNOBS,
     AtomicCheckpointIO,
     CheckpointMismatchError,
     CheckpointNotFiniteError,
@@ -32,6 +30,7 @@ from model.training import (
     load_checkpoint_denoiser,
     run_training,
 )
+from model.training.stops import NAN_KNOBS, OOM_KNOBS
 
 OVERFIT_STEPS = 120  # optimizer steps on 4 chains (one batch per epoch)
 OVERFIT_FACTOR = 1.15  # fixed-noise loss must drop at least this factor (measured ~1.27 at 150 steps)
@@ -178,7 +177,7 @@ def test_last_checkpoint_every_minutes_skips_epoch_end_writes_not_the_final_one(
 
 
 def test_progress_bar_shows_the_interval_loss_not_a_per_step_metric(tmp_path, chains):
-    from model.training import IntervalProgressBar
+    from model.training.callbacks import IntervalProgressBar
 
     cfg = _cfg(tmp_path, numEpoches=2, logEverySteps=3)
     seen = {}
@@ -221,6 +220,39 @@ def test_checkpoint_write_is_atomic(tmp_path, monkeypatch):
     assert [p.name for p in tmp_path.iterdir()] == ["last.ckpt"]  # no temporary left behind
     trainer = build_trainer(_cfg(tmp_path), _opts(), tmp_path / "run")
     assert isinstance(trainer.strategy.checkpoint_io, AtomicCheckpointIO)
+
+
+def _pickled_globals(path: Path) -> set[str]:
+    """'module name' of every class or function the pickle of a ``torch.save`` file refers to."""
+    import pickletools
+    import zipfile
+
+    with zipfile.ZipFile(path) as archive:
+        data = archive.read(next(n for n in archive.namelist() if n.endswith("data.pkl")))
+    found, strings = set(), []
+    for op, arg, _ in pickletools.genops(data):
+        if op.name == "GLOBAL":  # protocol 2: the argument is "module name"
+            found.add(arg)
+        elif op.name == "STACK_GLOBAL":  # protocol 4: module and name are the last two strings pushed
+            found.add(" ".join(strings[-2:]))
+        elif isinstance(arg, str):
+            strings.append(arg)
+    return found
+
+
+def test_checkpoint_stores_no_module_path_of_the_project(tmp_path, chains):
+    """A .ckpt pickles tensors and plain containers only, and no callback state (Lightning would file it
+    under the callback's class name): where the training code lives is not in the file, so checkpoints
+    written before a module moved or was renamed still load and resume."""
+    cfg = _cfg(tmp_path, numEpoches=1)
+    result = run_training(cfg, _opts(export_weights=False), datamodule=_dm(cfg, chains))
+    modules = {g.split()[0].split(".")[0] for g in _pickled_globals(result.last_checkpoint)}
+    assert modules <= {"collections", "torch"}, modules
+    ckpt = torch.load(result.last_checkpoint, weights_only=True)
+    assert ckpt["callbacks"] == {} and "hyper_parameters" not in ckpt
+    assert all(k.startswith("denoiser.") for k in ckpt["state_dict"])
+    torch.save({"fault": FaultInjection("nan", 1)}, tmp_path / "object.pt")  # the check sees a pickled class
+    assert "model.training.stops FaultInjection" in _pickled_globals(tmp_path / "object.pt")
 
 
 def test_nan_loss_stops_cleanly_with_last_good_checkpoint(tmp_path, chains):
@@ -361,7 +393,7 @@ def test_stretch_time_limit_stops_all_ddp_ranks_at_the_same_batch():
     (any rank over time stops all), so no rank waits alone in the next all-reduce."""
     from types import SimpleNamespace
 
-    from model.training import StretchTimeLimit
+    from model.training.callbacks import StretchTimeLimit
 
     calls = []
 
@@ -391,7 +423,7 @@ def test_last_checkpoint_minutes_follow_rank_zeros_clock_under_ddp(tmp_path):
     rank 0's decision, broadcast; a rank whose own clock says otherwise follows it."""
     from types import SimpleNamespace
 
-    from model.training import EpochCheckpoint
+    from model.training.callbacks import EpochCheckpoint
 
     saved, broadcasts = [], []
 
