@@ -21,7 +21,7 @@ ROOT = Path(__file__).resolve().parent.parent
 
 # The files already cleaned. NOTE: the lead extends this list to every tracked file (["*"]) once README,
 # docs, configs and code comments are cleaned too; RAW_DATA stays exempt.
-PRODUCT_FILES = ["BENCHMARKS.md", "RELIABILITY.md", "weights/**/*.md"]
+PRODUCT_FILES = ["BENCHMARKS.md", "RELIABILITY.md", "weights/**/*.md", "README.md", "docs/*.md"]
 RAW_DATA = ["benchmarks/results/*"]
 EXEMPT = ["tests/test_product_text.py"]  # this file: it holds the words as examples
 
