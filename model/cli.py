@@ -345,7 +345,7 @@ def serve(
 ) -> None:
     """Run the HTTP sampling service (POST /sample, /metrics, /health, /ready).
 
-    Settings not given here come from MHCFLASH_* environment variables (see the README). A setting,
+    Settings not given here come from MHCFLASH_* environment variables (see docs/SERVICE.md). A setting,
     weights file, device or port that cannot be used prints one line and exits 2.
     """
     try:

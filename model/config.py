@@ -9,7 +9,7 @@ a value of the wrong type or out of range, or a duplicate key raises :class:`Con
 the file, the line, the key, and the nearest valid key or the allowed range.
 
 Attribute names are exactly the file's keys (``config.useMHCMode``), so a key in a file, in the
-README table and in the code are spelled the same way.
+table of docs/CONFIG.md and in the code are spelled the same way.
 """
 
 from __future__ import annotations
@@ -48,7 +48,7 @@ def _band_weights(value: str) -> None:
 
 @dataclass(frozen=True)
 class Config:
-    """Every key of a config file, with its default. See the README's key table."""
+    """Every key of a config file, with its default. See the key table in docs/CONFIG.md."""
 
     # --- run / data (Genie) ---
     name: str = _key("mhc_flash", "Run / model name (log and weights directory name).")
@@ -233,7 +233,7 @@ def _suggest(key: str, names) -> str:
         low = {n.lower(): n for n in names}
         if key.lower() in low:
             close = [low[key.lower()]]
-    return f"; did you mean '{close[0]}'?" if close else "; see the README's table of config keys"
+    return f"; did you mean '{close[0]}'?" if close else "; see the table of config keys in docs/CONFIG.md"
 
 
 def _range_text(f: dataclasses.Field) -> str:

@@ -168,7 +168,7 @@ class Sampler:
             while (inner := root.__cause__ or getattr(root, "inner_exception", None)) is not None:
                 root = inner
             log.warning("torch.compile of the model (pair stack / point rotations) failed, serving it eagerly "
-                        "(%s to skip the attempt; see README troubleshooting): %s: %s", off_hint,
+                        "(%s to skip the attempt; see docs/TROUBLESHOOTING.md): %s: %s", off_hint,
                         type(root).__name__, (str(root).strip().splitlines() or [""])[0])
             denoiser_lib.uncompile_denoiser(self.denoiser)
             self._warm_up_steps(lengths, False)

@@ -95,7 +95,7 @@ def test_set_errors_name_the_flag_and_the_key():
     cfg = str(ROOT / "configs" / "standard.txt")
     result = runner.invoke(app, ["train", cfg, "--set", "fooBar=1"])
     assert result.exit_code == 2
-    assert result.output.strip() == "error: --set fooBar=1: unknown key 'fooBar'; see the README's table of config keys"
+    assert result.output.strip() == "error: --set fooBar=1: unknown key 'fooBar'; see the table of config keys in docs/CONFIG.md"
     result = runner.invoke(app, ["train", cfg, "--set", "batchsize=8"])
     assert result.exit_code == 2 and "--set batchsize=8: unknown key 'batchsize'; did you mean 'batchSize'?" in \
         result.output

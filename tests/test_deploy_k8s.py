@@ -9,8 +9,8 @@
   dropped, a wrong type refused);
 - cross-checks with the service: probe paths are app routes, one port name and number everywhere,
   every MHCFLASH_* variable is a setting, the grace period covers preStop + the drain, the
-  autoscalers' metrics are exported by the app, the Secret's name and key match the README, the user
-  and cache directories match the Dockerfile.
+  autoscalers' metrics are exported by the app, the Secret's name and key match the README and
+  docs/DEPLOY.md, the user and cache directories match the Dockerfile.
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ yaml = pytest.importorskip("yaml")
 
 ROOT = Path(__file__).resolve().parent.parent
 DEPLOY = ROOT / "deploy"
-K8S_VERSIONS = ("1.29.0", "1.37.0")  # oldest and newest the README claims
+K8S_VERSIONS = ("1.29.0", "1.37.0")  # oldest and newest docs/DEPLOY.md claims
 CORE_KINDS = {"Namespace", "Deployment", "Service", "PodDisruptionBudget", "HorizontalPodAutoscaler"}
 STOP_MARGIN_S = 30  # after the drain: the engine thread's join (up to 30 s) and the exit
 
@@ -246,10 +246,13 @@ def test_autoscaler_queries_are_valid_promql(objs, tmp_path):
     assert bad.returncode != 0
 
 
-def test_api_key_secret_matches_readme(container):
+def test_api_key_secret_matches_readme_and_deploy_doc(container):
     ref = env_of(container)["MHCFLASH_API_KEY"]["valueFrom"]["secretKeyRef"]
-    readme = (ROOT / "README.md").read_text()
-    match = re.search(r"create secret generic (\S+) --from-literal=([\w.-]+)=", readme)
-    assert match, "README: no `kubectl create secret generic NAME --from-literal=KEY=...` line"
-    assert (match.group(1), match.group(2)) == (ref["name"], ref["key"])
-    assert "kubectl apply -k deploy/" in readme
+    for doc in ("README.md", "docs/DEPLOY.md"):
+        text = (ROOT / doc).read_text()
+        match = re.search(r"create secret generic (\S+) --from-literal=([\w.-]+)=", text)
+        assert match, f"{doc}: no `kubectl create secret generic NAME --from-literal=KEY=...` line"
+        assert (match.group(1), match.group(2)) == (ref["name"], ref["key"]), doc
+        assert "kubectl apply -k deploy/" in text, doc
+    versions = " and ".join(v.rsplit(".", 1)[0] for v in K8S_VERSIONS)
+    assert f"Kubernetes {versions} schemas" in " ".join((ROOT / "docs" / "DEPLOY.md").read_text().split())

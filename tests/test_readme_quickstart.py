@@ -1,6 +1,7 @@
 """The README's first section stays true: its two commands use the project's .venv and CI runs the
-test command exactly as written; every curl example fails on an HTTP error instead of saving the error
-body; the sample JSON response has the keys a real /sample response has (asked over HTTP)."""
+test command exactly as written; every curl example (README and docs/) fails on an HTTP error instead of
+saving the error body; the sample JSON response has the keys a real /sample response has (asked over
+HTTP)."""
 
 from __future__ import annotations
 
@@ -53,6 +54,8 @@ def test_ci_runs_the_readme_test_command_verbatim():
 def test_every_readme_curl_fails_on_http_errors():
     curls = [shlex.split(c) for c in _shell_commands(README) if c.startswith("curl ")]
     assert len(curls) >= 2
+    for doc in sorted((REPO / "docs").glob("*.md")):  # the documents' curl examples too
+        curls += [shlex.split(c) for c in _shell_commands(doc.read_text()) if c.startswith("curl ")]
     for args in curls:
         assert _fails_on_http_error(args), f"without -f an error body is taken for the answer: {shlex.join(args)}"
     assert not _fails_on_http_error(["curl", "-s", "localhost:8000/sample", "-H", "accept: chemical/x-pdb"])

