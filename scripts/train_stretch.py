@@ -7,7 +7,7 @@ The examples come packed (`scripts/pack_chains.py`), so that machine needs neith
 
 The run directory (runs/<name>/) is reused when the machine still holds it; otherwise the checkpoint
 is rebuilt from <state>/last.ckpt.part*. Weights are exported afterwards on the workstation
-(`model.checkpoints.load_checkpoint_denoiser`, then `model.weights_io.save_weights`), so nothing large
+(`model.training.checkpoints.load_checkpoint_denoiser`, then `model.weights_io.save_weights`), so nothing large
 but the checkpoint comes back.
 """
 
