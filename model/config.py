@@ -157,8 +157,9 @@ class Config:
     zFactorRank: int = _key(2, "Rank of the factorized pair features (1: longest chains; 2: balanced).",
                             lo=1, hi=64)
     kNeighbors: int = _key(10, "Nearest neighbours (by CA distance) feeding the factorizer.", lo=1, hi=256)
-    useFlashAttn3: bool = _key(True, "Prefer the FlashAttention built for this GPU (FA4 on Hopper / Blackwell, "
-                                     "else FA3 on Hopper); else FA2, else PyTorch SDPA.")
+    useFlashAttn3: bool = _key(True, "Allow the FlashAttention built for this GPU: FA3 on Hopper first; "
+                                     "FA4 (Hopper / Blackwell) after PyTorch's cuDNN attention, which measured as "
+                                     "fast. Order: FA3, FA2, cuDNN, FA4, other PyTorch SDPA kernels.")
 
     # --- mHC (the reference configuration) ---
     mhcExpansionRate: int = _key(4, "n, residual streams (2: cheapest, 4: standard, 6-8: more capacity).",

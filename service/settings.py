@@ -15,6 +15,7 @@
 | `MHCFLASH_MAX_BATCH_REQUESTS` | 0 (no limit) | distinct requests per batch; 1 = one request at a time (benchmark baseline) |
 | `MHCFLASH_PAD_MULTIPLE` | 8 | batch length padded up to a multiple of this (fewer distinct shapes, steadier allocator) |
 | `MHCFLASH_LENGTH_GROUP_RATIO` | 0.75 | active samples are stepped in length groups: a sample shares a batch only with samples whose padded length is >= this x the group's longest (less padding of short chains; `service.batching.length_groups`); 0 = one batch padded to the longest |
+| `MHCFLASH_ATTENTION_BACKEND` | `auto` | `auto`: the first usable backend in the order fa3, fa2, sdpa_cudnn, fa4, sdpa_flash, sdpa_efficient, math; a name forces that backend (an error at start-up if it cannot run the model's head widths). Read by the model when it chooses its kernel; `/info` reports the one in use |
 | `MHCFLASH_CUDA_GRAPHS` | `auto` | `auto` / `on`: replay each sampling step from a CUDA graph per (batch bucket, padded length) on CUDA devices (`model.sampling_step`); `off`: eager. CPU is always eager |
 | `MHCFLASH_COMPILE` | `auto` | `auto`: `torch.compile` the pair-transform layers on CUDA devices (fused Triton kernels; the warm-up compiles them before `/ready`, ~30 s on an H100; a failed compile falls back to eager; needs `MHCFLASH_WARMUP`); `on`: on any device (CPU: C++, slow to compile); `off`: eager |
 | `MHCFLASH_CUDA_GRAPH_CACHE` | 32 | captured step graphs kept (least recently used evicted) |

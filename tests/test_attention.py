@@ -137,17 +137,39 @@ def test_fa4_runs_packed_rows_at_unequal_widths_and_matches_math(fake_fa4):
     assert fake_fa4.calls[-1] == ((3, 21, 2, 24), (3, 21, 2, 16), 1.0)
 
 
-def test_fa4_is_preferred_under_use_flash_attn3_and_its_limits_hold(monkeypatch):
-    _only(monkeypatch, "fa4", "fa3", "fa2")
+def test_fa4_comes_after_cudnn_is_gated_by_use_flash_attn3_and_its_limits_hold(monkeypatch):
+    _only(monkeypatch, "fa4", "sdpa_cudnn")
+    accepts = bk._kernel_accepts
+    monkeypatch.setattr(bk, "_kernel_accepts", lambda name, *a: (True, "") if name == "sdpa_cudnn" else accepts(name, *a))
+    assert bk.resolve_backend((60, 104), "cuda", torch.bfloat16).name == "sdpa_cudnn"  # measured no slower
+    _only(monkeypatch, "fa4", "math")  # cuDNN, FA2, FA3 absent: FA4 ahead of the reference
     monkeypatch.setattr(bk, "_capability", lambda device: (9, 0))
     assert bk.resolve_backend((60, 104), "cuda", torch.bfloat16, use_flash_attn3=True).name == "fa4"
     off = bk.resolve_backend((60, 104), "cuda", torch.bfloat16, use_flash_attn3=False)
-    assert off.name == "fa2" and "fa4: useFlashAttn3 is False" in off.reason
+    assert off.name == "math" and "fa4: useFlashAttn3 is False" in off.reason
     assert bk._kernel_accepts("fa4", 64, 256, torch.bfloat16, torch.device("cuda"))[0]
     monkeypatch.setattr(bk, "_capability", lambda device: (10, 0))  # Blackwell: each width <= 128
     ok, why = bk._kernel_accepts("fa4", 64, 136, torch.bfloat16, torch.device("cuda"))
     assert not ok and "136 > 128" in why
     assert not bk._kernel_accepts("fa4", 64, 104, torch.float32, torch.device("cuda"))[0]
+
+
+def test_forced_backend_is_taken_or_refused_by_name(monkeypatch):
+    _only(monkeypatch, "fa4", "fa2", "sdpa_cudnn")
+    accepts = bk._kernel_accepts
+    monkeypatch.setattr(bk, "_kernel_accepts", lambda name, *a: (True, "") if name == "sdpa_cudnn" else accepts(name, *a))
+    monkeypatch.setattr(bk, "_capability", lambda device: (9, 0))
+    monkeypatch.setenv(bk.FORCE_ENV, "fa4")
+    assert bk.resolve_backend((60, 104), "cuda", torch.bfloat16).name == "fa4"
+    monkeypatch.setenv(bk.FORCE_ENV, "auto")
+    assert bk.resolve_backend((60, 104), "cuda", torch.bfloat16).name == "fa2"  # the order: fa2 first
+    monkeypatch.setenv(bk.FORCE_ENV, "fa5")
+    with pytest.raises(bk.AttentionBackendError, match="MHCFLASH_ATTENTION_BACKEND='fa5' is not a backend"):
+        bk.resolve_backend((60, 104), "cuda", torch.bfloat16)
+    monkeypatch.setenv(bk.FORCE_ENV, "fa4")
+    with pytest.raises(bk.AttentionBackendError, match="MHCFLASH_ATTENTION_BACKEND=fa4 cannot run"):
+        bk.resolve_backend((60, 300), "cuda", torch.bfloat16)
+    assert bk.resolve_backend((60, 104), "cpu").name == "math"  # the CPU is always math
 
 
 def test_fa_only_wide_head_errors_clearly(monkeypatch):

@@ -2,20 +2,22 @@
 
 Backends, in order of preference on CUDA (``BACKEND_ORDER``):
 
-- ``fa4``: FlashAttention 4 (PyPI ``flash-attn-4``: ``flash_attn.cute``, CuTe-DSL kernels compiled at
-  first use), when ``use_flash_attn3`` is True (the config's ``useFlashAttn3``), it is installed and
-  the GPU is Hopper (sm 9.x: q / k and v widths each <= 256, unequal allowed) or Blackwell (sm 10.x /
-  11.x: each <= 128); fp16 / bf16, widths multiples of 8. ``useFlashAttn3`` reads "use the
-  FlashAttention generation built for this GPU": FA4 where it is installed, else FA3.
 - ``fa3``: FlashAttention 3 (``flash_attn_interface``), when ``use_flash_attn3`` is True, it is
   installed and the GPU is Hopper (sm 9.x); fp16 / bf16, head width <= 256.
 - ``fa2``: FlashAttention 2 (``flash_attn``), when installed (sm >= 8.0); fp16 / bf16, width <= 256.
   NOTE: FA4 installs as ``flash_attn/cute/`` without ``flash_attn/__init__.py``, so ``import flash_attn``
   then succeeds as an empty namespace package: a backend counts as installed only when its module
   has ``flash_attn_func``.
-- ``sdpa_cudnn``, ``sdpa_flash``, ``sdpa_efficient``: PyTorch ``scaled_dot_product_attention`` pinned
-  to one kernel; the first whose own support check (``torch.backends.cuda.can_use_*``) accepts the
-  head widths and dtype. The memory-efficient kernel takes wide heads and fp32.
+- ``sdpa_cudnn``: PyTorch ``scaled_dot_product_attention`` pinned to cuDNN, when its own support check
+  (``torch.backends.cuda.can_use_cudnn_attention``) accepts the head widths and dtype.
+- ``fa4``: FlashAttention 4 (PyPI ``flash-attn-4``: ``flash_attn.cute``, CuTe-DSL kernels compiled at
+  first use); after cuDNN, which measured as fast or faster at the shipped widths (so FA4 runs where
+  cuDNN rejects the widths, or when ``MHCFLASH_ATTENTION_BACKEND`` forces it). Usable when ``use_flash_attn3`` is True (the config's ``useFlashAttn3``), it is installed and
+  the GPU is Hopper (sm 9.x: q / k and v widths each <= 256, unequal allowed) or Blackwell (sm 10.x /
+  11.x: each <= 128); fp16 / bf16, widths multiples of 8. ``useFlashAttn3`` reads "use the
+  FlashAttention generation built for this GPU": FA4 or FA3, whichever is installed.
+- ``sdpa_flash``, ``sdpa_efficient``: PyTorch SDPA pinned to those kernels, by the same support check.
+  The memory-efficient kernel takes wide heads and fp32.
 - ``math``: ``model.ipa.attention.math_attention``, the reference: explicit fp32 logits and softmax,
   chunked over query rows so its memory is O(chunk * L), never O(L^2) for the whole batch. The CPU
   backend.
@@ -52,7 +54,11 @@ __all__ = [
 
 # Environment variable that forces one backend (auto: the order below); benchmarks compare backends with it.
 FORCE_ENV = "MHCFLASH_ATTENTION_BACKEND"
-BACKEND_ORDER = ("fa4", "fa3", "fa2", "sdpa_cudnn", "sdpa_flash", "sdpa_efficient", "math")
+# sdpa_cudnn before fa4: on one H200 (torch 2.11+cu130, flash-attn-4 4.0.0b40) FA4 was no faster at any
+# serving shape of the shipped widths (sampling step 1.91 vs 1.92 ms at 1 x 128, 6.87 vs 6.76 ms at
+# 64 x 128, 3.37 vs 3.32 ms at 4 x 512) and its sm90 backward rejects v width 104 (shared memory);
+# BENCHMARKS.md, "Attention backends".
+BACKEND_ORDER = ("fa3", "fa2", "sdpa_cudnn", "fa4", "sdpa_flash", "sdpa_efficient", "math")
 FA_MAX_HEAD_DIM = 256  # FlashAttention 2, 3 and 4 on Hopper (forward and backward)
 FA4_BLACKWELL_MAX_HEAD_DIM = 128  # FlashAttention 4 on sm 10.x / 11.x (besides a few fixed shapes)
 # Import name and the distributions that may carry it, per FlashAttention backend.
