@@ -4,8 +4,10 @@
     mhcflash train        train from a Genie config file (resumes automatically)
     mhcflash sample       weights directory or checkpoint -> CA-only poly-Ala PDB files
     mhcflash selfcheck    torch / CUDA / GPU, attention backends, can the combined denoiser run
-    mhcflash serve        the HTTP sampling service (uvicorn)
-    mhcflash client       call a running service: sample into PDB files, read /info (service/client/cli.py)
+    mhcflash evaluate     samples against held-out real chains per length; HTML + Markdown + JSON report
+
+The console command ``mhcflash`` is ``service.cli:app``: this app plus ``serve`` and ``client``, which
+live with the service (model code never imports the service).
 
 Errors a user can fix (bad config, missing file, mismatched checkpoint) print one message and exit
 with status 2, without a traceback. Training stops: NaN/Inf -> 3, CUDA out of memory -> 4.
@@ -333,30 +335,6 @@ def _run_combined(config, device, dtype) -> None:
         raise RuntimeError("the forward pass produced NaN/Inf")
 
 
-# ------------------------------------------------------------------------------------------ serve
-@app.command()
-@_user_errors
-def serve(
-    weights: Annotated[Path | None, typer.Option(help="Weights directory or root (default: "
-                                                    "$MHCFLASH_WEIGHTS or the shipped weights).")] = None,
-    host: Annotated[str | None, typer.Option(help="Bind address (default 127.0.0.1).")] = None,
-    port: Annotated[int | None, typer.Option(help="Port (default 8000).")] = None,
-    device: Annotated[str | None, typer.Option(help="auto | cpu | cuda | cuda:N")] = None,
-) -> None:
-    """Run the HTTP sampling service (POST /sample, /metrics, /health, /ready).
-
-    Settings not given here come from MHCFLASH_* environment variables (see docs/SERVICE.md). A setting,
-    weights file, device or port that cannot be used prints one line and exits 2.
-    """
-    try:
-        from service.startup import main as run_service
-    except ImportError as exc:
-        _fail(f"the service package is not available ({exc}); install the project with its dependencies")
-    code = run_service({"weights": weights, "host": host, "port": port, "device": device})
-    if code:
-        raise typer.Exit(code)
-
-
 # --------------------------------------------------------------------------------------- evaluate
 def _mount_evaluate() -> None:
     from model.evaluation.cli import evaluate
@@ -367,17 +345,7 @@ def _mount_evaluate() -> None:
 _mount_evaluate()
 
 
-def _mount_client() -> None:
-    # NOTE: service/client/cli.py imports only typer at load time; httpx and the client on first use.
-    from service.client.cli import client_app
-
-    app.add_typer(client_app, name="client")
-
-
-_mount_client()
-
-
-def main() -> None:  # pragma: no cover - console entry for `python -m model.cli`
+def main() -> None:  # pragma: no cover - `python -m model.cli`: the offline commands alone
     app()
 
 

@@ -14,9 +14,10 @@ import torch
 import typer
 from typer.testing import CliRunner
 
-from model.cli import INSTALL_HINT, NOT_AVAILABLE, app
+from model.cli import INSTALL_HINT, NOT_AVAILABLE
 from model.config import load_config
 from model.training import EXIT_NAN
+from service.cli import app  # the console command: model.cli plus serve and client
 
 ROOT = Path(__file__).resolve().parent.parent
 runner = CliRunner()

@@ -17,8 +17,8 @@ import pytest
 from biotite.structure.io.pdb import PDBFile
 from typer.testing import CliRunner
 
-from model.cli import app
 from service import schemas
+from service.cli import app
 from service.client import (
     AsyncClient,
     Client,

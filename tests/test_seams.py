@@ -1,6 +1,7 @@
 """The service reaches the model through one facade: every module of `service/` imports `model.sampler`
 (and `model.limits`, the request ranges it shares with the command line) and no other model module;
-no module of `model/` imports `service/`, except the console command (`model/cli.py`), which starts it.
+no module of `model/` imports `service/`. The console command (`service/cli.py`) is the one module that
+joins both: it adds `serve` and `client` to the model's command-line app (`model.cli`).
 
 Imports are read with `ast` from the source (top level, inside functions and `TYPE_CHECKING` blocks
 alike), so a lazy import inside a function counts too.
@@ -15,7 +16,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 SERVICE_MAY_IMPORT = {"model.sampler", "model.limits"}
-MODEL_MAY_IMPORT_SERVICE = {"model/cli.py"}  # `mhcflash serve`
+SERVICE_CONSOLE = {"service/cli.py"}  # `mhcflash`: model.cli's app plus serve and client
 
 
 def imports(source: str, filename: str = "<source>") -> list[tuple[int, str]]:
@@ -49,12 +50,19 @@ def violations(package_dir: str, other: str, allowed: set[str], exempt: set[str]
 
 
 def test_service_imports_only_the_model_facade():
-    bad = violations("service", "model", SERVICE_MAY_IMPORT)
+    bad = violations("service", "model", SERVICE_MAY_IMPORT, SERVICE_CONSOLE)
     assert not bad, "service/ must reach the model through model.sampler (or model.limits):\n" + "\n".join(bad)
 
 
+def test_the_console_command_joins_model_and_service_cli_only():
+    allowed = SERVICE_MAY_IMPORT | {"model.cli"}
+    bad = [f"service/cli.py:{line}: imports {m}" for line, m in imports((ROOT / "service/cli.py").read_text())
+           if in_package(m, "model") and m not in allowed]
+    assert not bad, "\n".join(bad)
+
+
 def test_model_does_not_import_the_service():
-    bad = violations("model", "service", set(), MODEL_MAY_IMPORT_SERVICE)
+    bad = violations("model", "service", set())
     assert not bad, "model/ must not depend on service/:\n" + "\n".join(bad)
 
 

@@ -19,7 +19,7 @@ import torch
 from service.testing import make_tiny_weights
 
 REPO = Path(__file__).resolve().parent.parent
-SERVE = [sys.executable, "-m", "model.cli", "serve"]  # the console script `mhcflash` is model.cli:app
+SERVE = [sys.executable, "-m", "service.cli", "serve"]  # the console script `mhcflash` is service.cli:app
 SERVICE = [sys.executable, "-m", "service"]
 
 # name -> (command, extra environment, words the one line must contain). "{weights}" / "{port}" are filled in.

@@ -141,4 +141,4 @@ def test_bad_argument_and_missing_python_fail_with_one_line(checkout):
 def test_serve_script_sets_up_then_runs_the_venv_python():
     lines = [ln.strip() for ln in (REPO / "scripts" / "serve.sh").read_text().splitlines()]
     assert "bash scripts/setup.sh" in lines
-    assert lines.index("bash scripts/setup.sh") < lines.index('exec .venv/bin/python -m model.cli serve "$@"')
+    assert lines.index("bash scripts/setup.sh") < lines.index('exec .venv/bin/python -m service.cli serve "$@"')

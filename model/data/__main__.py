@@ -7,7 +7,7 @@ Examples::
 
 Without source arguments the sources come from the config's ``datasetNames`` under its
 ``dataDirectory`` (``--set`` changes a key, as ``mhcflash train --set``); the length filter, ``datasetSize``, ``validationFraction`` and ``seed`` also
-come from the config (defaults if no ``--config``). The console command (``model/cli.py``) may
+come from the config (defaults if no ``--config``). The console command (``model.cli``, via ``mhcflash``) may
 wrap `main`.
 """
 

@@ -1,4 +1,4 @@
-"""`mhcflash client`: call a running sampling service from the shell (typer sub-app of `model.cli`).
+"""`mhcflash client`: call a running sampling service from the shell (typer sub-app of `service.cli`).
 
     mhcflash client sample --url http://127.0.0.1:8000 --length 64 --count 4 --seed 7 --out samples/
     mhcflash client info --url http://127.0.0.1:8000
