@@ -52,7 +52,15 @@ install() {
   if [[ -n "${VENV:-}" ]]; then
     local venv_args=()
     [[ "${VENV_SYSTEM_SITE_PACKAGES:-0}" == 1 ]] && venv_args+=(--system-site-packages)
-    [[ -x "$VENV/bin/python" ]] || "$PY" -m venv "${venv_args[@]}" "$VENV"
+    if [[ ! -x "$VENV/bin/python" ]]; then
+      "$PY" -m venv "${venv_args[@]}" "$VENV"
+      if [[ "${VENV_SYSTEM_SITE_PACKAGES:-0}" == 1 ]]; then
+        # --system-site-packages reaches the base interpreter only; when $PY is itself a virtual
+        # environment (a host image's /opt/.../.venv holding torch), a .pth file adds its site-packages.
+        "$PY" -c 'import site; print("\n".join(site.getsitepackages()))' \
+          > "$("$VENV/bin/python" -c 'import site; print(site.getsitepackages()[0])')/host-site-packages.pth"
+      fi
+    fi
     PY="$VENV/bin/python"
   fi
   local want="${TORCH_VERSION}+${TORCH_CUDA}" have
