@@ -238,6 +238,13 @@ def test_far_rows_stay_exact_and_padded_query_rows_get_exactly_zero_gradient():
 # ---------------------------------------------------------------------------------------------- GPU
 
 
+def fa4_backward_refused(name: str, err: ValueError) -> bool:
+    """FlashAttention 4's sm90 backward refuses some width pairs for lack of shared memory (measured on an
+    H200, flash-attn-4 4.0.0b40: q / k 64 with v 104, "SM90 backward tiles ... need 236544 bytes"). The
+    service samples with it (forward only); training uses cuDNN, which the backend order puts first."""
+    return name == "fa4" and "backward" in str(err).lower()
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("shift", [100.0, 1000.0])
 def test_far_padded_queries_give_finite_gradients_on_every_gpu_backend(shift):
@@ -252,7 +259,12 @@ def test_far_padded_queries_give_finite_gradients_on_every_gpu_backend(shift):
         if name == "math" or not st.usable or not bk._kernel_accepts(name, 60, 104, torch.bfloat16,
                                                                      torch.device("cuda"))[0]:
             continue
-        _, grads = _packed_grads(q, k, v, mask, gout, name, torch.bfloat16)
+        try:
+            _, grads = _packed_grads(q, k, v, mask, gout, name, torch.bfloat16)
+        except ValueError as err:
+            if fa4_backward_refused(name, err):
+                continue
+            raise
         for label, a, b in zip(("dq", "dk", "dv"), grads, ref):
             bad = int((~torch.isfinite(a)).sum())
             assert bad == 0, f"{name}: {bad} non-finite entries in {label}"
@@ -280,9 +292,34 @@ def test_every_gpu_backend_matches_math(dtype):
         tol = ATOL_FP32 * 10 if dtype == torch.float32 else ATOL_HALF
         torch.testing.assert_close(out.float(), ref, atol=tol, rtol=0)
         gout = torch.randn_like(ref)
-        grads = torch.autograd.grad(out.float(), tensors, gout)
+        try:
+            grads = torch.autograd.grad(out.float(), tensors, gout)
+        except ValueError as err:
+            if fa4_backward_refused(name, err):
+                ran.append(f"{name} (forward)")
+                continue
+            raise
         rgrads = torch.autograd.grad(ref, ref_t, gout)
         for a, b in zip(grads, rgrads):
             torch.testing.assert_close(a.float(), b, atol=tol * 5, rtol=0)
         ran.append(name)
     assert "math" in ran and len(ran) >= 2, ran
+
+
+@pytest.mark.gpu
+def test_fa4_forward_matches_math_at_flash_ipa_widths():
+    """FA4 where installed: the packed rows of the shipped Flash-IPA widths (q / k 58 + 2, v 104), bf16,
+    masks with real zeros, against the fp32 reference: the forward the service would sample with."""
+    status = bk.available_backends("cuda").get("fa4")
+    if status is None or not status.usable:
+        pytest.skip("FlashAttention 4 is not installed / usable here")
+    g = torch.Generator(device="cuda").manual_seed(5)
+    q, k = (torch.randn(4, 96, 8, 58, generator=g, device="cuda") * 0.13 for _ in range(2))
+    v = torch.randn(4, 96, 8, 104, generator=g, device="cuda")
+    mask = torch.ones(4, 96, device="cuda")
+    mask[1, 70:] = 0
+    mask[3, 10:] = 0
+    out = att.packed_attention([q.bfloat16()], [k.bfloat16()], [v.bfloat16()], mask, backend="fa4")
+    ref = att.packed_attention([q], [k], [v], mask, backend="math")
+    real = mask.bool()
+    torch.testing.assert_close(out.float()[real], ref.float()[real], atol=ATOL_HALF, rtol=0)
