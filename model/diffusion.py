@@ -10,6 +10,11 @@ Sources:
   same cosine form with Genie's constants, the loss (mean over real residues of the unsquared norm of
   ``eps_hat - eps``), ancestral sampling with ``sigma = noise_scale * sqrt(beta_t)`` and no noise on
   the last step.
+- Fewer steps over the same trained model: Nichol & Dhariwal 2021, sec. 4 ("Improving sampling
+  speed"; ``space_timesteps`` / ``SpacedDiffusion`` in openai/improved-diffusion): visit an evenly
+  spaced subsequence of the timesteps and step ``t -> s`` with the DDPM posterior between them,
+  ``alpha' = abar_t / abar_s``, ``beta' = 1 - alpha'``; the spacing is DDIM's "uniform" one (Song et
+  al. 2021, "Denoising Diffusion Implicit Models", sec. 4.2 and appendix D.2).
 
 Indexing: arrays have T + 1 entries; index 0 is the clean data (``beta_0 = 0``, ``abar_0 = 1``), real
 timesteps are ``t = 1 .. T``. Genie indexes its arrays ``s = 0 .. T-1``; our ``t`` is Genie's ``s + 1``.
@@ -24,7 +29,7 @@ from collections.abc import Callable, Sequence
 
 import torch
 
-__all__ = ["BETA_MAX", "Schedule", "loss", "q_sample", "reverse_step", "sample"]
+__all__ = ["BETA_MAX", "Schedule", "loss", "q_sample", "respaced_timesteps", "reverse_step", "sample"]
 
 # Upper clip of beta_t (Nichol & Dhariwal, Genie). With Genie's form and T = 1000 the largest
 # unclipped beta is ~0.75 (at t = T), so the clip only matters for very small T.
@@ -54,6 +59,9 @@ class Schedule:
         self.betas = b64.float()  # [T + 1]
         self.alphas = a64.float()  # [T + 1]
         self.alpha_bars = torch.cumprod(a64, 0).float()  # [T + 1]
+        # log abar_t from float64: a jump's beta' = -expm1(log abar_t - log abar_s) keeps its precision
+        # near t = 0, where abar_t / abar_s is within ~1e-6 of 1 (float32 1 - ratio would cancel)
+        self.log_alpha_bars = torch.cumsum(torch.log1p(-b64), 0).float()  # [T + 1]
         self._per_device: dict[torch.device, dict[str, torch.Tensor]] = {}
 
     @classmethod
@@ -81,6 +89,7 @@ class Schedule:
                 "alpha_bars": self.alpha_bars,
                 "sqrt_alpha_bars": self.alpha_bars.sqrt(),
                 "sqrt_one_minus_alpha_bars": (1.0 - self.alpha_bars).sqrt(),
+                "log_alpha_bars": self.log_alpha_bars,
             }
             self._per_device[device] = {k: v.to(device) for k, v in tab.items()}
         return self._per_device[device]
@@ -133,15 +142,45 @@ def loss(eps_hat: torch.Tensor, eps: torch.Tensor, mask: torch.Tensor, eps_norm:
     return (per_residue * m).sum() / m.sum().clamp_min(1.0)
 
 
+def respaced_timesteps(num_timesteps: int, steps: int) -> list[int]:
+    """The timesteps a ``steps``-step sampler visits: ``steps`` entries from T down to 1, evenly spaced.
+
+    Nichol & Dhariwal 2021's respacing (``space_timesteps`` with one section) / DDIM's "uniform"
+    spacing: entry i is ``1 + round(i * (T - 1) / (steps - 1))`` (half rounded up, in exact integer
+    arithmetic), listed in descending order. ``steps == T`` gives T, T - 1, ..., 1 exactly; ``steps
+    == 1`` gives [T] (one jump from T to the data). Consecutive entries differ by at least 1.
+
+    Raises ValueError unless ``1 <= steps <= num_timesteps``.
+    """
+    T, k = int(num_timesteps), int(steps)
+    if T < 1 or not 1 <= k <= T:
+        raise ValueError(f"steps must be between 1 and {T} (the model's timesteps), got {steps}")
+    if k == 1:
+        return [T]
+    # round(i (T - 1) / (k - 1)) half up = floor((2 i (T - 1) + (k - 1)) / (2 (k - 1)))
+    ascending = [1 + (2 * i * (T - 1) + (k - 1)) // (2 * (k - 1)) for i in range(k)]
+    return ascending[::-1]
+
+
 def reverse_step(schedule: Schedule, x_t: torch.Tensor, eps_hat: torch.Tensor, t: torch.Tensor,
                  mask: torch.Tensor, noise: torch.Tensor, noise_scale: torch.Tensor | float,
-                 *, recenter: bool = True) -> torch.Tensor:
-    """One ancestral DDPM step ``x_t -> x_{t-1}`` with a timestep and noise scale per sample.
+                 t_prev: torch.Tensor | None = None, *, recenter: bool = True) -> torch.Tensor:
+    """One ancestral DDPM step ``x_t -> x_s`` (``s = t_prev``, default ``t - 1``), per-sample t, s and noise scale.
 
-    ``mu = (x_t - beta_t / sqrt(1 - abar_t) * eps_hat) / sqrt(alpha_t)`` (DDPM eq. 11);
-    ``x_{t-1} = mu + noise_scale * sqrt(beta_t) * noise`` except where ``t == 1`` (no noise, Genie);
-    padding is zeroed. A pure function of tensors: samples at different ``t`` can share one batch,
-    and each sample's result depends only on its own rows.
+    One step (``s = t - 1``): ``mu = (x_t - beta_t / sqrt(1 - abar_t) * eps_hat) / sqrt(alpha_t)``
+    (DDPM eq. 11), ``x_{t-1} = mu + noise_scale * sqrt(beta_t) * noise``.
+    A jump (``s < t - 1``, a respaced sampler, :func:`respaced_timesteps`): the same formulas with the
+    DDPM posterior between the two timesteps (Nichol & Dhariwal 2021, sec. 4): ``alpha' = abar_t /
+    abar_s``, ``beta' = min(1 - alpha', BETA_MAX)`` (then ``alpha' = 1 - beta'``) in place of
+    ``alpha_t``, ``beta_t``; the noise keeps Genie's ``sigma = noise_scale * sqrt(beta')``.
+    No noise where ``s == 0`` (the last step, Genie); padding is zeroed. A pure function of tensors:
+    samples at different t and s can share one batch, and each sample's result depends only on its
+    own rows. Where ``s == t - 1`` the coefficients are the schedule's own ``beta_t`` / ``alpha_t``,
+    so ``t_prev = t - 1`` is bit-identical to leaving it out.
+
+    NOTE: the clip at BETA_MAX acts only on long jumps at the noisy end (e.g. 1000 -> 889 of a
+    10-step sampler at T = 1000, where 1 - alpha' ~ 0.9999); there it keeps 1 / sqrt(alpha') below
+    ~32 (as the schedule's own clip does) at the cost of a mean that is not the exact posterior's.
 
     NOTE: Genie and Genie 2 only mask the result. With ``recenter`` (default) the real residues of
     each sample are also re-centred on their mean after the step: the added noise is not zero-mean,
@@ -152,19 +191,25 @@ def reverse_step(schedule: Schedule, x_t: torch.Tensor, eps_hat: torch.Tensor, t
         eps_hat: [B, L, 3] predicted noise at ``(x_t, t)``.
         t: [B] long timesteps in [1, T].
         mask: [B, L] (1 residue, 0 padding).
-        noise: [B, L, 3] standard normal (ignored where t == 1).
+        noise: [B, L, 3] standard normal (ignored where s == 0).
         noise_scale: [B] or a float.
+        t_prev: [B] long, the next timestep s in [0, t - 1]; None: ``t - 1``.
     Returns:
-        x_{t-1}: [B, L, 3].
+        x_s: [B, L, 3].
     """
     tab = schedule.on(x_t.device)
     x_t = x_t.float()
-    beta = _per_sample(tab["betas"][t])  # [B, 1, 1]
-    alpha = _per_sample(tab["alphas"][t])
+    if t_prev is None:
+        t_prev = t - 1  # [B]
+    log_ab = tab["log_alpha_bars"]
+    beta_jump = (-torch.expm1(log_ab[t] - log_ab[t_prev])).clamp(max=BETA_MAX)  # [B] 1 - abar_t / abar_s
+    one = t_prev == t - 1  # [B] a single step: the schedule's own coefficients, exactly
+    beta = _per_sample(torch.where(one, tab["betas"][t], beta_jump))  # [B, 1, 1]
+    alpha = _per_sample(torch.where(one, tab["alphas"][t], 1.0 - beta_jump))
     s1m = _per_sample(tab["sqrt_one_minus_alpha_bars"][t])
     mean = (x_t - beta / s1m * eps_hat.float()) / alpha.sqrt()  # [B, L, 3]
     scale = torch.as_tensor(noise_scale, dtype=x_t.dtype, device=x_t.device).expand(x_t.shape[0])  # [B]
-    sigma = _per_sample(scale) * beta.sqrt() * _per_sample((t > 1).to(x_t.dtype))  # [B, 1, 1]
+    sigma = _per_sample(scale) * beta.sqrt() * _per_sample((t_prev > 0).to(x_t.dtype))  # [B, 1, 1]
     x_prev = mean + sigma * noise.float()
     m = mask.to(x_t.dtype).unsqueeze(-1)  # [B, L, 1]
     if recenter:
@@ -201,8 +246,11 @@ def sample(denoiser: torch.nn.Module, lengths: Sequence[int], seeds: Sequence[in
            device: torch.device | str | None = None, max_batch_size: int = 32,
            max_residues: int | None = None,
            progress: Callable[[int, int], None] | None = None,
-           return_trajectory: bool = False) -> list[torch.Tensor]:
+           return_trajectory: bool = False, steps: int | None = None) -> list[torch.Tensor]:
     """Generate CA traces by ancestral sampling from ``x_T ~ N(0, I)`` down to ``x_0``.
+
+    ``steps`` (None: T) visits :func:`respaced_timesteps` ``(T, steps)`` and jumps between them
+    (:func:`reverse_step` with ``t_prev``); ``steps == T`` is Genie's sampler, step for step.
 
     Sample ``i`` draws all its noise (start and every step) from its own ``torch.Generator`` seeded
     with ``seeds[i]``, so it is reproducible whatever it is batched with (up to the denoiser's own
@@ -219,9 +267,10 @@ def sample(denoiser: torch.nn.Module, lengths: Sequence[int], seeds: Sequence[in
         device: defaults to the denoiser's parameter device.
         progress: called as ``progress(steps_done, steps_total)`` after every step.
         return_trajectory: also keep every step.
+        steps: sampling steps, 1 .. T (None: T).
     Returns:
         one float32 CPU tensor per sample, in input order: [L_i, 3] (``x_0``), or
-        [T + 1, L_i, 3] (``x_T .. x_0``) with ``return_trajectory``.
+        [steps + 1, L_i, 3] (``x_T .. x_0``) with ``return_trajectory``.
     """
     n = len(lengths)
     if n == 0:
@@ -241,8 +290,10 @@ def sample(denoiser: torch.nn.Module, lengths: Sequence[int], seeds: Sequence[in
         device = next(denoiser.parameters()).device
     device = torch.device(device)
     T = schedule.num_timesteps
+    visits = respaced_timesteps(T, T if steps is None else steps)  # T .. 1
+    pairs = list(zip(visits, visits[1:] + [0]))  # (t, s): x_t -> x_s
     batches = _plan_batches([int(L) for L in lengths], max_batch_size, max_residues)
-    total, done = len(batches) * T, 0
+    total, done = len(batches) * len(pairs), 0
     out: list[torch.Tensor | None] = [None] * n
 
     was_training = denoiser.training
@@ -259,17 +310,18 @@ def sample(denoiser: torch.nn.Module, lengths: Sequence[int], seeds: Sequence[in
             scale = torch.tensor([scales[i] for i in idx], device=device)  # [B]
             x = _draw(gens, sizes, Lmax, device)  # [B, L, 3] x_T
             traj = [x.cpu()] if return_trajectory else None
-            for step in range(T, 0, -1):
+            for step, step_to in pairs:
                 t = torch.full((B,), step, dtype=torch.long, device=device)  # [B]
+                t_prev = torch.full((B,), step_to, dtype=torch.long, device=device)  # [B]
                 eps_hat = denoiser(x, t, mask)  # [B, L, 3]
-                z = _draw(gens, sizes, Lmax, device) if step > 1 else torch.zeros_like(x)
-                x = reverse_step(schedule, x, eps_hat, t, mask, z, scale)
+                z = _draw(gens, sizes, Lmax, device) if step_to > 0 else torch.zeros_like(x)
+                x = reverse_step(schedule, x, eps_hat, t, mask, z, scale, t_prev)
                 if traj is not None:
                     traj.append(x.cpu())
                 done += 1
                 if progress is not None:
                     progress(done, total)
-            final = torch.stack(traj, 1) if traj is not None else x.cpu()[:, None]  # [B, T + 1 or 1, L, 3]
+            final = torch.stack(traj, 1) if traj is not None else x.cpu()[:, None]  # [B, steps + 1 or 1, L, 3]
             for b, i in enumerate(idx):
                 L = int(lengths[i])
                 out[i] = final[b, :, :L].float() if traj is not None else final[b, 0, :L].float()

@@ -1,4 +1,4 @@
-"""What a model samples: the accepted lengths, counts, seeds and noise scales, defined once.
+"""What a model samples: the accepted lengths, counts, seeds, noise scales and step counts, defined once.
 
 One definition for every place that takes a sampling request: `mhcflash sample` and `mhcflash
 evaluate` (flags), and the HTTP service (its 422 messages, the ranges it publishes in its OpenAPI
@@ -10,7 +10,10 @@ the settings cannot disagree.
 Lengths come from the model's config (`minimumNumResidues` .. `maximumNumResidues`: what it was
 trained on); an operator may narrow them (the service's `MHCFLASH_MIN_LENGTH` / `MHCFLASH_MAX_LENGTH`)
 but never raise the maximum. `max_count` / `max_total_residues` are per-request caps of the service;
-the command line has none (None).
+the command line has none (None). Sampling steps come from the model's schedule: 1 .. T
+(`numTimesteps`; fewer than T is the respaced sampler of `model.diffusion.respaced_timesteps`), and
+`default_steps` is what a request without `steps` gets (T unless set: the service's
+`MHCFLASH_DEFAULT_STEPS`).
 """
 
 from __future__ import annotations
@@ -78,15 +81,23 @@ class SampleLimits:
     max_length: int
     max_count: int | None = None
     max_total_residues: int | None = None
+    max_steps: int | None = None  # T; None: no ``steps`` field (limits not made from a model)
+    default_steps: int | None = None  # a request without ``steps``; None: ``max_steps``
 
     @classmethod
     def for_model(cls, config, *, min_length: int | None = None, max_length: int | None = None,
-                  max_count: int | None = None, max_total_residues: int | None = None) -> SampleLimits:
+                  max_count: int | None = None, max_total_residues: int | None = None,
+                  default_steps: int | None = None) -> SampleLimits:
         """Limits of a model with ``config`` (a ``model.config.Config``), narrowed by the optional arguments.
 
         Defaults: lengths ``max(MIN_LENGTH_FLOOR, minimumNumResidues)`` (capped at the maximum) to
-        ``maximumNumResidues``. Raises :class:`LimitsError` naming the argument and the model's range.
+        ``maximumNumResidues``; steps 1 .. ``numTimesteps`` (T), ``default_steps`` T. Raises
+        :class:`LimitsError` naming the argument and the model's range.
         """
+        max_steps = int(config.numTimesteps)
+        if default_steps is not None and default_steps not in Range(1, max_steps):
+            raise LimitsError("default_steps", default_steps, f"must be {Range(1, max_steps).text()}: this model's "
+                              f"schedule has {max_steps} timesteps (numTimesteps of its config)")
         model_max = int(config.maximumNumResidues)
         model_range = f"this model samples {int(config.minimumNumResidues)}-{model_max} residues " \
                       f"(minimumNumResidues / maximumNumResidues of its config)"
@@ -106,7 +117,7 @@ class SampleLimits:
         if max_total_residues is not None and max_total_residues < min_length:
             raise LimitsError("max_total_residues", max_total_residues,
                               f"must be at least the minimum length {min_length}, or no request fits")
-        return cls(min_length, max_length, max_count, max_total_residues)
+        return cls(min_length, max_length, max_count, max_total_residues, max_steps, default_steps or max_steps)
 
     def seed_max(self, count: int = 1) -> int:
         """Largest first seed: seed + i stays <= SEED_MAX for every sample i of a request.
@@ -117,21 +128,26 @@ class SampleLimits:
         return SEED_MAX - ((self.max_count or max(count, 1)) - 1)
 
     def ranges(self, count: int = 1) -> dict[str, Range]:
-        """Field -> accepted range: ``length``, ``count``, ``seed`` (for a request of ``count``), ``noise_scale``."""
-        return {
+        """Field -> accepted range: ``length``, ``count``, ``seed`` (for a request of ``count``), ``noise_scale``,
+        and ``steps`` (with a ``max_steps``)."""
+        ranges = {
             "length": Range(self.min_length, self.max_length, "residues"),
             "count": Range(1, self.max_count),
             "seed": Range(0, self.seed_max(count)),
             "noise_scale": Range(NOISE_SCALE_MIN, NOISE_SCALE_MAX),
         }
+        if self.max_steps is not None:
+            ranges["steps"] = Range(1, self.max_steps)
+        return ranges
 
     def check(self, *, length: int, count: int = 1, seed: int | None = None,
-              noise_scale: float | None = None) -> list[Violation]:
-        """The fields of a request outside :meth:`ranges` (``seed`` / ``noise_scale`` None: not given); [] if it fits.
+              noise_scale: float | None = None, steps: int | None = None) -> list[Violation]:
+        """The fields of a request outside :meth:`ranges` (``seed`` / ``noise_scale`` / ``steps`` None: not
+        given); [] if it fits.
 
         A request whose fields all fit must also keep ``length * count`` within ``max_total_residues``.
         """
-        values = {"length": length, "count": count, "seed": seed, "noise_scale": noise_scale}
+        values = {"length": length, "count": count, "seed": seed, "noise_scale": noise_scale, "steps": steps}
         out = []
         for name, allowed in self.ranges(count).items():
             value = values[name]
@@ -148,14 +164,16 @@ class SampleLimits:
         return out
 
 
-def check_sampling(config, lengths, count: int, seed: int, noise_scale: float) -> list[Violation]:
+def check_sampling(config, lengths, count: int, seed: int, noise_scale: float,
+                   steps: int | None = None) -> list[Violation]:
     """A command-line sampling run under the model's limits: ``count`` samples of each of ``lengths``,
-    seeds ``seed``, ``seed + 1``, ... (the checks of a service request; no per-request caps)."""
+    seeds ``seed``, ``seed + 1``, ..., in ``steps`` steps (None: T) (the checks of a service request; no
+    per-request caps)."""
     limits = SampleLimits.for_model(config)
     total = count * len(lengths) if count >= 1 else count  # count < 1: reported as given
     found: dict[tuple, Violation] = {}
     for length in lengths:
-        for v in limits.check(length=length, count=total, seed=seed, noise_scale=noise_scale):
+        for v in limits.check(length=length, count=total, seed=seed, noise_scale=noise_scale, steps=steps):
             found.setdefault((v.field, v.value), v)
     return list(found.values())
 

@@ -11,19 +11,23 @@ model-side: weights, device, precision, compilation, warm-up, the per-step funct
         torch.compile the model's compiled parts if asked, then run a few sampling steps; a failed
         compile falls back to eager and warms up again; non-finite output raises WarmupError
     step = sampler.step_function(cuda_graphs="auto", max_graphs=32, off_hint=...)
-        x_{t-1} [B, L, 3] = step(x_t [B, L, 3], t [B] long in [1, T], mask [B, L] float,
-                                 noise [B, L, 3] (ignored where t == 1), noise_scale [B])
-        the denoiser forward + Genie's reverse step, replayed from a CUDA graph per (batch bucket, L)
+        x_s [B, L, 3] = step(x_t [B, L, 3], t [B] long in [1, T], mask [B, L] float,
+                             noise [B, L, 3] (ignored where s == 0), noise_scale [B],
+                             t_prev [B] long: s, each sample's next timestep (None: t - 1))
+        the denoiser forward + Genie's reverse step (a jump t -> s for a sampler of fewer steps,
+        ``model.diffusion.respaced_timesteps``), replayed from a CUDA graph per (batch bucket, L)
         on CUDA (``model.sampling_step``); ``step.stats`` counts captures / replays / eager steps
-    sampler.sample(lengths, seeds, noise_scale) -> [x_0 [L_i, 3] float32 CPU] (the reference sampler)
+    sampler.sample(lengths, seeds, noise_scale, steps=None) -> [x_0 [L_i, 3] float32 CPU] (the reference
+        sampler; steps None: all T)
+    sampler.timesteps(steps) -> the timesteps a sample of ``steps`` steps visits, T .. 1
     sampler.to_pdb(ca [L, 3]) -> CA-only poly-Ala PDB text
     sampler.residue_budget(max_length) -> padded residues per step that fit (GPU: one probe step)
     sampler.describe() -> model, mode, weights sha256, T, parameters, device, GPU, precision, compiled
         parts, versions, attention backend and FlashAttention version (what ``GET /info`` reports)
 
 Per-sample randomness is the caller's: sample i of seed s draws x_T and then each step's noise from
-its own ``torch.Generator(device).manual_seed(s)``, in the order of ``model.diffusion.sample``, so a
-sample does not depend on what it is batched with.
+its own ``torch.Generator(device).manual_seed(s)``, in the order of ``model.diffusion.sample`` (x_T, then
+one draw per step whose next timestep is not 0), so a sample does not depend on what it is batched with.
 
 Symbols: B batch, L residues (padded), T timesteps.
 """
@@ -37,13 +41,14 @@ from pathlib import Path
 
 import torch
 
+from model.diffusion import respaced_timesteps
 from model.sampling_step import BATCH_BUCKETS, SamplingStep, eager_step
 from model.weights_io import WeightsError
 
 log = logging.getLogger("mhcflash.sampler")
 
 __all__ = ["BATCH_BUCKETS", "DeviceError", "Sampler", "SamplingStep", "WarmupError", "WeightsError",
-           "compile_enabled", "graphs_enabled", "pick_device", "save_random_weights"]
+           "compile_enabled", "graphs_enabled", "pick_device", "respaced_timesteps", "save_random_weights"]
 
 
 class DeviceError(ValueError):
@@ -223,11 +228,18 @@ class Sampler:
                             graphed=graphs_enabled(cuda_graphs, self.device), max_graphs=max_graphs,
                             off_hint=off_hint)
 
-    def sample(self, lengths: list[int], seeds: list[int], noise_scale: float = 0.6) -> list[torch.Tensor]:
+    def sample(self, lengths: list[int], seeds: list[int], noise_scale: float = 0.6,
+               steps: int | None = None) -> list[torch.Tensor]:
         """``model.diffusion.sample``: the reference sampler, one call; x_0 [L_i, 3] float32 CPU per sample."""
         from model.diffusion import sample
 
-        return sample(self.denoiser, lengths, seeds, noise_scale, schedule=self.schedule, device=self.device)
+        return sample(self.denoiser, lengths, seeds, noise_scale, schedule=self.schedule, device=self.device,
+                      steps=steps)
+
+    def timesteps(self, steps: int | None = None) -> list[int]:
+        """The timesteps a sample of ``steps`` steps visits (None: all T), T first, 1 last
+        (``model.diffusion.respaced_timesteps``); ValueError outside 1 .. T."""
+        return respaced_timesteps(self.num_timesteps, self.num_timesteps if steps is None else steps)
 
     @staticmethod
     def to_pdb(ca: torch.Tensor) -> str:

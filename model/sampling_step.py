@@ -9,9 +9,13 @@ is bound by CPU-side launch overhead (45 ms at B = 1, L = 128 on an H100). A rep
 the whole step at once.
 
     key   = (batch_bucket(B), L)            L is already padded by the caller
-    graph = reverse_step(denoiser(x, t, mask), noise, noise_scale) on static buffers of that shape
-    step  : copy x, t, mask, noise, noise_scale into rows [:B]; rows [B:] are padding samples
-            (mask 0, x 0, noise 0, t = 1, scale 0); replay; return a copy of out[:B]
+    graph = reverse_step(denoiser(x, t, mask), noise, noise_scale, t_prev) on static buffers of that shape
+    step  : copy x, t, mask, noise, noise_scale, t_prev into rows [:B]; rows [B:] are padding samples
+            (mask 0, x 0, noise 0, t = 1, t_prev = 0, scale 0); replay; return a copy of out[:B]
+
+t_prev (each sample's next timestep: t - 1, or less for a respaced sampler with fewer steps,
+``model.diffusion.respaced_timesteps``) is an input buffer like t, so samples of requests with
+different step counts share one graph and one replay; the key does not depend on it.
 
 Padding rows never change real rows: every op of the denoiser and of ``reverse_step`` is per sample
 (the batch axis is never reduced over), and a sample with an all-zero mask gives finite zeros.
@@ -65,16 +69,17 @@ def batch_bucket(batch: int, buckets: Sequence[int] = BATCH_BUCKETS) -> int | No
 
 
 def eager_step(denoiser: torch.nn.Module, schedule: Schedule, x: torch.Tensor, t: torch.Tensor,
-               mask: torch.Tensor, noise: torch.Tensor, noise_scale: torch.Tensor, *,
-               autocast_dtype: torch.dtype | None = None) -> torch.Tensor:
+               mask: torch.Tensor, noise: torch.Tensor, noise_scale: torch.Tensor,
+               t_prev: torch.Tensor | None = None, *, autocast_dtype: torch.dtype | None = None) -> torch.Tensor:
     """The reference step: ``eps_hat = denoiser(x, t, mask)`` (under autocast if asked), then ``reverse_step``.
 
     Args:
         x: [B, L, 3] x_t, zero on padding; t: [B] long in [1, T]; mask: [B, L] float;
-        noise: [B, L, 3] (ignored where t == 1); noise_scale: [B].
+        noise: [B, L, 3] (ignored where t_prev == 0); noise_scale: [B];
+        t_prev: [B] long, each sample's next timestep in [0, t - 1] (None: t - 1).
         autocast_dtype: bf16 / fp16 autocast on CUDA (ignored on CPU), or None.
     Returns:
-        x_{t-1}: [B, L, 3] float32.
+        x_{t_prev}: [B, L, 3] float32.
 
     NOTE: autocast's weight-cast cache is off on every path (eager, warm-up, graph capture): the
     CUDA-graph docs advise it off inside a capture, and ``torch.compile`` guards on it, so one
@@ -87,7 +92,7 @@ def eager_step(denoiser: torch.nn.Module, schedule: Schedule, x: torch.Tensor, t
                 eps_hat = denoiser(x, t, mask)  # [B, L, 3]
         else:
             eps_hat = denoiser(x, t, mask)  # [B, L, 3]
-        return reverse_step(schedule, x, eps_hat.float(), t, mask, noise, noise_scale)  # [B, L, 3]
+        return reverse_step(schedule, x, eps_hat.float(), t, mask, noise, noise_scale, t_prev)  # [B, L, 3]
 
 
 def cuda_capture(fn: StepFn, device: torch.device, pool: Callable[[], object]):
@@ -117,13 +122,16 @@ class _Graph:
     mask: torch.Tensor  # [B_b, L]
     noise: torch.Tensor  # [B_b, L, 3]
     scale: torch.Tensor  # [B_b]
+    t_prev: torch.Tensor  # [B_b] long
     replay: Callable[[], None] | None = None
     out: torch.Tensor | None = None  # [B_b, L, 3]
     dirty: int = 0  # rows [:dirty] may hold a previous batch's samples
 
 
 class SamplingStep:
-    """``step(x [B, L, 3], t [B], mask [B, L], noise [B, L, 3], noise_scale [B]) -> x_{t-1} [B, L, 3]``.
+    """``step(x [B, L, 3], t [B], mask [B, L], noise [B, L, 3], noise_scale [B], t_prev [B] | None) -> x_s [B, L, 3]``.
+
+    ``t_prev`` None means t - 1 (one step of the full schedule).
 
     Returns what :func:`eager_step` returns for the same inputs (a fresh tensor, safe to keep across
     steps). With ``graphed`` True the step is replayed from a graph captured lazily per (batch
@@ -165,29 +173,31 @@ class SamplingStep:
     def clear(self) -> None:
         self.cache.clear()
 
-    def eager(self, x, t, mask, noise, noise_scale) -> torch.Tensor:
+    def eager(self, x, t, mask, noise, noise_scale, t_prev=None) -> torch.Tensor:
         self.stats.eager += 1
-        return eager_step(self.denoiser, self.schedule, x, t, mask, noise, noise_scale,
+        return eager_step(self.denoiser, self.schedule, x, t, mask, noise, noise_scale, t_prev,
                           autocast_dtype=self.autocast_dtype)
 
     def __call__(self, x: torch.Tensor, t: torch.Tensor, mask: torch.Tensor, noise: torch.Tensor,
-                 noise_scale: torch.Tensor) -> torch.Tensor:
+                 noise_scale: torch.Tensor, t_prev: torch.Tensor | None = None) -> torch.Tensor:
         batch, length = x.shape[:2]
         bucket = batch_bucket(batch, self.buckets)
         if not self.enabled or bucket is None:
-            return self.eager(x, t, mask, noise, noise_scale)
+            return self.eager(x, t, mask, noise, noise_scale, t_prev)
+        if t_prev is None:
+            t_prev = t - 1  # [B]
         key = (bucket, length)
         graph = self.cache.get(key)
         if graph is None:
             graph = self._buffers(bucket, length)
-            self._copy_in(graph, x, t, mask, noise, noise_scale)
+            self._copy_in(graph, x, t, mask, noise, noise_scale, t_prev)
             self.cache.ready(key)  # capture_after 1: captured on first use
             graph = self.cache.capture(key, lambda: self._record(graph), device=self.device,
                                        describe=f"the step of batch {bucket} x length {length}")
             if graph is None:  # capturing failed (reported once): eager from now on
-                return self.eager(x, t, mask, noise, noise_scale)
+                return self.eager(x, t, mask, noise, noise_scale, t_prev)
         else:
-            self._copy_in(graph, x, t, mask, noise, noise_scale)
+            self._copy_in(graph, x, t, mask, noise, noise_scale, t_prev)
         graph.replay()  # after a capture too: the capture only recorded the step
         self.stats.replays += 1
         return graph.out[:batch].clone()  # [B, L, 3]: copied before another graph can reuse the pool
@@ -201,17 +211,17 @@ class SamplingStep:
         dev = self.device
         return _Graph(x=torch.zeros(bucket, length, 3, device=dev), t=torch.ones(bucket, dtype=torch.long, device=dev),
                       mask=torch.zeros(bucket, length, device=dev), noise=torch.zeros(bucket, length, 3, device=dev),
-                      scale=torch.zeros(bucket, device=dev))
+                      scale=torch.zeros(bucket, device=dev), t_prev=torch.zeros(bucket, dtype=torch.long, device=dev))
 
     def _step_fn(self, graph: _Graph) -> StepFn:
         def fn() -> torch.Tensor:
             return eager_step(self.denoiser, self.schedule, graph.x, graph.t, graph.mask, graph.noise, graph.scale,
-                              autocast_dtype=self.autocast_dtype)  # [B_b, L, 3]
+                              graph.t_prev, autocast_dtype=self.autocast_dtype)  # [B_b, L, 3]
 
         return fn
 
     @staticmethod
-    def _copy_in(graph: _Graph, x, t, mask, noise, noise_scale) -> None:
+    def _copy_in(graph: _Graph, x, t, mask, noise, noise_scale, t_prev) -> None:
         """Rows [:B] <- the batch; rows [B:dirty] (a previous, larger batch) <- padding samples."""
         batch = x.shape[0]
         graph.x[:batch].copy_(x)
@@ -219,6 +229,7 @@ class SamplingStep:
         graph.mask[:batch].copy_(mask)
         graph.noise[:batch].copy_(noise)
         graph.scale[:batch].copy_(torch.as_tensor(noise_scale).expand(batch))
+        graph.t_prev[:batch].copy_(t_prev)
         if graph.dirty > batch:
             rows = slice(batch, graph.dirty)
             graph.x[rows].zero_()
@@ -226,4 +237,5 @@ class SamplingStep:
             graph.mask[rows].zero_()
             graph.noise[rows].zero_()
             graph.scale[rows].zero_()
+            graph.t_prev[rows].zero_()
         graph.dirty = batch

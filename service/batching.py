@@ -4,7 +4,8 @@ Every iteration the active samples (mixed lengths, each at its own timestep) are
 groups (:func:`length_groups`: a sample shares a batch only with samples at most 1 / `ratio` times
 its length, so a 64-residue sample is not padded to 256 when the pair stack costs B * L^2). Each
 group runs as one padded, masked batch (:class:`StepInputs`): x_t [B, L, 3] zero on padding, t [B],
-mask [B, L], and each sample's noise drawn from its own generator straight into the batch.
+mask [B, L], each sample's noise drawn from its own generator straight into the batch, and t_prev
+[B] (each sample's next timestep: samples of requests with different step counts share a batch).
 
 A group with the same members (same order) as in its previous step takes that step's output as its
 x_t, with no per-sample copies; the outputs are kept only while the engine is busy (`forget` frees
@@ -69,7 +70,7 @@ class StepInputs:
         self.prev, self.next, self.pending = {}, {}, ((), None)
 
     def gather(self, batch: list[Slot]) -> tuple[tuple[torch.Tensor, ...], bool]:
-        """((x [B, L, 3], t [B], mask [B, L], noise [B, L, 3], noise_scale [B]), reused).
+        """((x [B, L, 3], t [B], mask [B, L], noise [B, L, 3], noise_scale [B], t_prev [B]), reused).
 
         Per sample only its noise draw is a separate operation (its own generator, drawn once per
         step and kept on the slot for an OOM retry); x and mask are gathered per sample only when the
@@ -90,7 +91,7 @@ class StepInputs:
                 x[b, : s.length] = s.x
         noise = torch.zeros(B, L, 3, device=dev)  # [B, L, 3]
         for b, s in enumerate(batch):
-            if s.t > 1:
+            if s.t_prev > 0:
                 if s.noise is None:  # drawn once per step (into the batch), kept for an OOM retry
                     s.noise = torch.randn(s.length, 3, generator=s.gen, device=dev, out=noise[b, : s.length])
                 else:
@@ -98,10 +99,11 @@ class StepInputs:
         self.pending = (key, mask)  # kept with x_{t-1} by remember() once the step succeeded
         t = to_device([s.t for s in batch], torch.long, dev)  # [B]
         scale = to_device([s.job.noise_scale for s in batch], torch.float32, dev)  # [B]
-        return (x, t, mask, noise, scale), previous is not None
+        t_prev = to_device([s.t_prev for s in batch], torch.long, dev)  # [B]
+        return (x, t, mask, noise, scale, t_prev), previous is not None
 
     def remember(self, batch: list[Slot], x_new: torch.Tensor) -> None:
-        """Keep x_{t-1} [B, L, 3] as the group's next input if no member finishes or leaves in between."""
+        """Keep x_{t_prev} [B, L, 3] as the group's next input if no member finishes or leaves in between."""
         key, mask = self.pending
-        if not any(s.t <= 1 or s.job.done for s in batch):  # t == 1: the sample finishes with this step
+        if not any(s.t_prev == 0 or s.job.done for s in batch):  # t_prev == 0: it finishes with this step
             self.next[key] = (x_new, mask)

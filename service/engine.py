@@ -5,15 +5,20 @@ by vLLM / TGI "continuous batching"; the sampler is Genie's ancestral DDPM (one 
 
 The engine talks to the model through one per-step function (`model.sampler.Sampler.step_function`:
 the denoiser forward + reverse step, replayed from CUDA graphs on CUDA) and a `to_pdb` function.
-Each iteration the worker gathers every active sample (mixed lengths, each with its own t), splits
-them into length groups and steps each group, longest first, as one padded, masked batch
-(`service.batching`); it retires samples that reached t = 0 (PDB text) and admits queued samples
+Each iteration the worker gathers every active sample (mixed lengths, each with its own t and next
+timestep t_prev), splits them into length groups and steps each group, longest first, as one padded,
+masked batch (`service.batching`); it retires samples that reached t = 0 (PDB text) and admits queued samples
 (`service.admission`: strict FIFO, under the residue budget). A request's future is resolved on its
 event loop with `loop.call_soon_threadsafe`.
 
+A request of `steps` steps (1 .. T; T: Genie's sampler) walks the respaced timesteps
+`model.sampler.respaced_timesteps(T, steps)`, one per iteration, so requests of different step
+counts run in the same batches; each sample's step is t -> t_prev with the DDPM posterior between
+the two (`model.diffusion.reverse_step`).
+
 Sample i of a request with seed s draws x_T and every step's noise from its own generator seeded
-s + i, in the same order as `model.diffusion.sample`, so a sample does not depend on what it is
-batched with (up to the denoiser's batch-size numerics).
+s + i, in the same order as `model.diffusion.sample` (same `steps`), so a sample does not depend on
+what it is batched with (up to the denoiser's batch-size numerics).
 
 Faults:
 - `torch.cuda.OutOfMemoryError` in a step: the batch is split in halves and retried (the noise
@@ -44,6 +49,7 @@ from collections.abc import Callable
 
 import torch
 
+from model.sampler import respaced_timesteps
 from service.admission import Admission
 from service.batching import StepInputs, length_groups, padded
 from service.engine_report import EngineReport
@@ -54,7 +60,7 @@ log = logging.getLogger("mhcflash.engine")
 
 __all__ = ["SamplingEngine"]
 
-StepFn = Callable[..., torch.Tensor]  # (x [B, L, 3], t [B], mask [B, L], noise [B, L, 3], scale [B]) -> x_{t-1}
+StepFn = Callable[..., torch.Tensor]  # (x [B, L, 3], t [B], mask [B, L], noise [B, L, 3], scale [B], t_prev [B]) -> x_s
 
 
 class SamplingEngine:
@@ -63,7 +69,7 @@ class SamplingEngine:
     Args:
         step: the per-step function (see `StepFn`); if it has `graphed` True, its `stats` (captures,
             replays, cached graphs) are copied into the engine's after every step.
-        num_timesteps: T; a sample starts at t = T.
+        num_timesteps: T; a sample starts at t = T (whatever its request's step count).
         to_pdb: CA trace [L, 3] float32 CPU -> PDB text.
     """
 
@@ -157,7 +163,11 @@ class SamplingEngine:
         self._update_depth()
 
     # ---------------------------------------------------------------- requests (event-loop side)
-    def submit(self, *, length: int, count: int, seeds: list[int], noise_scale: float) -> Job:
+    def submit(self, *, length: int, count: int, seeds: list[int], noise_scale: float,
+               steps: int | None = None) -> Job:
+        """Queue `count` samples of `length` (seeds `seeds`) in `steps` steps (None: T); ValueError outside 1 .. T."""
+        steps = self.num_timesteps if steps is None else int(steps)
+        timesteps = tuple(respaced_timesteps(self.num_timesteps, steps)) + (0,)  # T .. 1, 0
         loop = asyncio.get_running_loop()
         job = Job(
             id=uuid.uuid4().hex[:12],
@@ -165,6 +175,8 @@ class SamplingEngine:
             count=count,
             seeds=seeds,
             noise_scale=noise_scale,
+            steps=steps,
+            timesteps=timesteps,
             loop=loop,
             future=loop.create_future(),
             remaining=count,
@@ -254,14 +266,14 @@ class SamplingEngine:
 
     def _admit_locked(self) -> None:
         """Start the queued samples that join the running batch now (`service.admission`): x_T from each
-        sample's own generator, t = T."""
+        sample's own generator, t = T, then its request's timesteps."""
         if self._stopping:
             return
         now = time.monotonic()
         for slot in self.admission.admit(self._active, self.residue_budget):
             slot.gen = torch.Generator(device=self.device).manual_seed(slot.seed)
             slot.x = torch.randn(slot.length, 3, generator=slot.gen, device=self.device)  # [L, 3] x_T
-            slot.t = self.num_timesteps
+            slot.start(slot.job.timesteps)
             slot.admitted = now
             self._active.append(slot)
             if slot.job.first_admitted is None:
@@ -318,7 +330,7 @@ class SamplingEngine:
                     continue
                 slot.x = x_new[b, : slot.length]
                 slot.noise = None
-                slot.t -= 1
+                slot.advance()  # t <- t_prev
                 if slot.t == 0:
                     finished.append(slot)
             done_ids = {id(s) for s in finished}
@@ -336,7 +348,7 @@ class SamplingEngine:
         self._update_depth()
 
     def _forward(self, batch: list[Slot]) -> torch.Tensor:
-        """One step (denoiser + reverse step) of `batch`, a length group; returns x_{t-1} [B, L, 3]."""
+        """One step (denoiser + reverse step) of `batch`, a length group; returns x_{t_prev} [B, L, 3]."""
         inputs, reused = self.inputs.gather(batch)
         self.stats.inputs_reused += int(reused)
         try:

@@ -1,7 +1,9 @@
 """What the sampling engine holds: requests (`Job`), their samples in flight (`Slot`), results, errors, counters.
 
 A request of `count` samples of one length is one `Job` with `count` `Slot`s; slot i samples with seed
-`seed + i` (`new_seeds`). The engine resolves the job's future on its event loop with the job itself
+`seed + i` (`new_seeds`). A job samples in `steps` steps: its `timesteps` are the respaced sequence
+T .. 1 of that many entries (`model.sampler.respaced_timesteps`) followed by 0, and each of its slots
+walks them, one entry per step (`Slot.t`, `Slot.t_prev`, `Slot.advance`). The engine resolves the job's future on its event loop with the job itself
 (its `results`) or with one of the errors below, which the routes turn into status codes:
 `QueueFull` 429, `EngineUnavailable` 503, `SampleFailed` 503, `Cancelled` (client gone) 499.
 """
@@ -57,7 +59,7 @@ class SampleResult:
 
 @dataclass(eq=False)
 class Job:
-    """One request: `count` samples of one length."""
+    """One request: `count` samples of one length, in `steps` sampling steps."""
 
     id: str
     length: int
@@ -73,6 +75,8 @@ class Job:
     remaining: int = 0
     cancelled: bool = False
     done: bool = False
+    steps: int = 0  # sampling steps of each sample (<= T)
+    timesteps: tuple[int, ...] = ()  # T .. 1 (`steps` entries), then 0
 
     @property
     def queue_wait_s(self) -> float:
@@ -85,18 +89,34 @@ class Job:
 
 @dataclass(eq=False)
 class Slot:
-    """One sample of a job: its own generator, its current x_t and t."""
+    """One sample of a job: its own generator, its current x_t, t and the next timestep `t_prev`."""
 
     job: Job
     index: int
     seed: int
     length: int
     t: int = 0
+    timesteps: tuple[int, ...] = ()  # its job's T .. 1, 0 (`t == timesteps[pos]`); (): every timestep
+    pos: int = 0
     x: torch.Tensor | None = None  # [L, 3] on device
     gen: torch.Generator | None = None
     noise: torch.Tensor | None = None  # [L, 3] drawn for the pending step, reused on an OOM retry
     admitted: float = 0.0
     uid: int = field(default_factory=itertools.count().__next__)  # never reused (unlike id())
+
+    @property
+    def t_prev(self) -> int:
+        """The timestep this sample's next step lands on (0: the step that finishes it)."""
+        return self.timesteps[self.pos + 1] if self.timesteps else self.t - 1
+
+    def start(self, timesteps: tuple[int, ...]) -> None:
+        """At the first of `timesteps` (T .. 1, then 0)."""
+        self.timesteps, self.pos, self.t = timesteps, 0, timesteps[0]
+
+    def advance(self) -> None:
+        """One step done: t <- t_prev."""
+        self.t = self.t_prev
+        self.pos += 1
 
 
 @dataclass

@@ -2,14 +2,16 @@
 
 Strict on the way in: `{"length": "64"}` or `{"length": 64.0}` is a 422, not a silent coercion, and
 unknown fields are rejected, so a typo (`"lenght"`) never samples a default length. The pydantic
-model checks types only: every numeric range (length, count, seed, noise scale, residues per
+model checks types only: every numeric range (length, count, seed, noise scale, steps, residues per
 request) comes from `model.limits.SampleLimits` of the loaded model and the operator's settings,
 the one definition the command line uses too. `validate_limits` turns its violations into 422
 items naming the field and the range in force on this server, and `publish_limits` writes the same
 ranges into the OpenAPI schema.
 
-NOTE: there is no `num_steps` knob: Genie's ancestral sampler needs all T steps of the schedule it
-was trained with (SPEC, "Genie core"); skipping steps would need a DDIM-style sampler we do not ship.
+`steps` picks the sampler per request: T (the model's `numTimesteps`) is Genie's ancestral sampler;
+fewer visit evenly spaced timesteps and step between them with the DDPM posterior (Nichol & Dhariwal
+2021, sec. 4; `model.diffusion.respaced_timesteps`). Left out, the server's `MHCFLASH_DEFAULT_STEPS`
+(T unless set) applies; the response says which count was used.
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ class SampleRequest(BaseModel):
             "examples": [
                 {"length": 64},
                 {"length": 120, "count": 4, "seed": 7, "noise_scale": 0.6},
+                {"length": 64, "seed": 1, "steps": 100},
             ]
         },
     )
@@ -45,12 +48,19 @@ class SampleRequest(BaseModel):
     noise_scale: float = Field(
         0.6, description="Scale of the noise added at each ancestral step (Genie's default 0.6; 0 = deterministic)."
     )
+    steps: int | None = Field(
+        None,
+        description="Sampling steps: the model's T is Genie's ancestral sampler; fewer visit evenly spaced "
+        "timesteps (respaced DDPM). Omitted: the server's default (MHCFLASH_DEFAULT_STEPS; GET /info, "
+        "limits.default_steps). Same seed, length and steps give the same backbone.",
+    )
 
 
 def validate_limits(req: SampleRequest, limits: Limits) -> list[dict]:
     """Errors (FastAPI 422 `detail` items) for `req` under the server's limits; [] if it fits."""
     return [{"type": "value_error", "loc": ["body", v.field], "msg": v.message}
-            for v in limits.check(length=req.length, count=req.count, seed=req.seed, noise_scale=req.noise_scale)]
+            for v in limits.check(length=req.length, count=req.count, seed=req.seed, noise_scale=req.noise_scale,
+                                  steps=req.steps)]
 
 
 def publish_limits(openapi: dict, limits: Limits) -> dict:
@@ -65,7 +75,7 @@ def publish_limits(openapi: dict, limits: Limits) -> dict:
     props = body["properties"]
     for name, allowed in limits.ranges().items():
         bounds = {"minimum": allowed.lo} | ({} if allowed.hi is None else {"maximum": allowed.hi})
-        options = props[name].get("anyOf")  # seed: integer or null
+        options = props[name].get("anyOf")  # seed, steps: integer or null
         for option in options or [props[name]]:
             if option.get("type") in ("integer", "number"):
                 option.update(bounds)
@@ -98,6 +108,7 @@ class SampleResponse(BaseModel):
     mode: str = Field(description="Denoiser mode: standard, mhc, flash or mhc_flash.")
     weights_sha256: str
     noise_scale: float
+    steps: int = Field(description="Sampling steps each sample took (the request's, or the server's default).")
     samples: list[Sample]
     timings: Timings
 
@@ -111,6 +122,7 @@ class SampleResponse(BaseModel):
                     "mode": "mhc_flash",
                     "weights_sha256": "9b1c...e0",
                     "noise_scale": 0.6,
+                    "steps": 1000,
                     "samples": [
                         {
                             "id": "3f2a9c1e5b7d-0",

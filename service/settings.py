@@ -9,6 +9,7 @@
 | `MHCFLASH_MAX_LENGTH` | config `maximumNumResidues` | longest length accepted (may only lower the model's) |
 | `MHCFLASH_MAX_COUNT` | 16 | samples per request |
 | `MHCFLASH_MAX_TOTAL_RESIDUES` | 8192 | length * count per request |
+| `MHCFLASH_DEFAULT_STEPS` | the model's T (`numTimesteps`) | sampling steps of a request that gives no `steps` (1 .. T; fewer than T: the respaced sampler); T until a smaller default is measured |
 | `MHCFLASH_QUEUE_MAX_SAMPLES` | 256 | samples waiting to enter a batch; beyond it: 429 + Retry-After |
 | `MHCFLASH_REQUEST_TIMEOUT_S` | 600 | a request not done by then gets 504 and its samples are dropped |
 | `MHCFLASH_RESIDUE_BUDGET` | auto | padded residues (batch size * padded length) per step; auto: 4096 on CPU, from free VRAM on GPU |
@@ -54,6 +55,8 @@ class ServiceSettings(BaseSettings):
     max_length: int | None = Field(None, ge=MIN_LENGTH_FLOOR)
     max_count: int = Field(DEFAULT_MAX_COUNT, ge=1)
     max_total_residues: int = Field(DEFAULT_MAX_TOTAL_RESIDUES, ge=1)
+    # None: the model's T (checked against it at start-up); the one place the default step count is set
+    default_steps: int | None = Field(None, ge=1)
     queue_max_samples: int = Field(256, ge=1)
     request_timeout_s: float = Field(600.0, gt=0)
     residue_budget: int | None = Field(None, ge=1)

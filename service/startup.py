@@ -87,7 +87,8 @@ def service_limits(settings: ServiceSettings, config) -> SampleLimits:
     """The request limits: the model's lengths narrowed by the settings (`model.limits`), the service's caps."""
     try:
         limits = SampleLimits.for_model(config, min_length=settings.min_length, max_length=settings.max_length,
-                                        max_count=settings.max_count, max_total_residues=settings.max_total_residues)
+                                        max_count=settings.max_count, max_total_residues=settings.max_total_residues,
+                                        default_steps=settings.default_steps)
     except LimitsError as exc:
         raise StartupError(str(exc), exc.field, exc.value) from None
     if settings.queue_max_samples < settings.max_count:

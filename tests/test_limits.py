@@ -13,8 +13,10 @@ CONFIG = Config().replace(minimumNumResidues=20, maximumNumResidues=256)
 
 
 def test_lengths_come_from_the_model_and_may_only_be_narrowed():
-    assert SampleLimits.for_model(CONFIG) == SampleLimits(20, 256)
-    assert SampleLimits.for_model(CONFIG, min_length=30, max_length=100, max_count=4) == SampleLimits(30, 100, 4)
+    T = CONFIG.numTimesteps
+    assert SampleLimits.for_model(CONFIG) == SampleLimits(20, 256, max_steps=T, default_steps=T)
+    assert SampleLimits.for_model(CONFIG, min_length=30, max_length=100, max_count=4) == \
+        SampleLimits(30, 100, 4, max_steps=T, default_steps=T)
     with pytest.raises(LimitsError, match="between 3 and 256 residues: this model samples 20-256") as err:
         SampleLimits.for_model(CONFIG, max_length=300)
     assert err.value.field == "max_length" and err.value.value == 300
@@ -41,7 +43,8 @@ def test_messages_name_the_field_and_the_real_range():
 
 
 def test_ranges_are_what_check_enforces():
-    limits = SampleLimits(7, 30, max_count=3)
+    limits = SampleLimits(7, 30, max_count=3, max_steps=20)
+    assert set(limits.ranges()) == {"length", "count", "seed", "noise_scale", "steps"}
     for name, allowed in limits.ranges().items():
         step = 1 if isinstance(allowed.lo, int) else 0.25
         base = {"length": 7, name: allowed.lo}
@@ -60,3 +63,22 @@ def test_command_line_checks_name_the_flags():
         "--noise-scale 3.0: noise_scale must be between 0 and 2 (got 3)")
     assert as_flags(check_sampling(CONFIG, [64], count=0, seed=0, noise_scale=0.6)) == \
         "--count 0: count must be at least 1 (got 0)"
+
+
+def test_steps_come_from_the_schedule_with_a_default():
+    T = CONFIG.numTimesteps
+    limits = SampleLimits.for_model(CONFIG, default_steps=50)
+    assert (limits.max_steps, limits.default_steps) == (T, 50)
+    assert limits.check(length=64, steps=1) == [] and limits.check(length=64, steps=T) == []
+    [v] = limits.check(length=64, steps=0)
+    assert (v.field, v.message) == ("steps", f"steps must be between 1 and {T} (got 0)")
+    [v] = limits.check(length=64, steps=T + 1)
+    assert v.field == "steps" and f"between 1 and {T}" in v.message
+    for bad in (0, T + 1):
+        with pytest.raises(LimitsError, match=f"between 1 and {T}: this model's schedule has {T}") as err:
+            SampleLimits.for_model(CONFIG, default_steps=bad)
+        assert err.value.field == "default_steps"
+    assert "steps" not in SampleLimits(20, 256).ranges()  # limits not made from a model: no steps field
+    assert as_flags(check_sampling(CONFIG, [64], count=1, seed=0, noise_scale=0.6, steps=0)) == \
+        f"--steps 0: steps must be between 1 and {T} (got 0)"
+    assert check_sampling(CONFIG, [64], count=1, seed=0, noise_scale=0.6, steps=10) == []

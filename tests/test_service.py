@@ -206,7 +206,8 @@ def test_health_ready_info(server, weights):
         assert client.get("/ready").status_code == 200
         info = client.get("/info").json()
     assert info["model"] == "tiny" and info["mode"] == "mhc_flash" and info["num_timesteps"] == 20
-    assert info["limits"] == {"min_length": 5, "max_length": 64, "max_count": 8, "max_total_residues": 8192}
+    assert info["limits"] == {"min_length": 5, "max_length": 64, "max_count": 8, "max_total_residues": 8192,
+                              "max_steps": 20, "default_steps": 20}
     assert info["attention"]["backend"] == "math" and info["device"] == "cpu"
     assert info["compiled"] == "none"  # MHCFLASH_COMPILE=auto compiles on CUDA devices only
     assert info["precision"] == "float32"  # MHCFLASH_PRECISION=auto: bf16 autocast on CUDA only

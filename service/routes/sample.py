@@ -49,8 +49,10 @@ async def sample(
         metrics.rejected.labels(reason="limits").inc()
         return JSONResponse({"detail": errors}, status_code=422)
     seeds = new_seeds(req.count, req.seed)
+    steps = req.steps if req.steps is not None else limits.default_steps
     try:
-        job = engine.submit(length=req.length, count=req.count, seeds=seeds, noise_scale=req.noise_scale)
+        job = engine.submit(length=req.length, count=req.count, seeds=seeds, noise_scale=req.noise_scale,
+                            steps=steps)
     except QueueFull as exc:
         return reject(state, 429, "queue_full", "the sampling queue is full; retry later", exc.retry_after)
     except EngineUnavailable as exc:
@@ -81,10 +83,11 @@ async def sample(
     sampler = state.sampler
     if format == "pdb" or PDB_MEDIA_TYPE in request.headers.get("accept", ""):
         return PlainTextResponse(pdb_models(samples), media_type=PDB_MEDIA_TYPE,
-                                 headers={"X-Request-Id": job.id, "X-Weights-Sha256": sampler.sha256})
+                                 headers={"X-Request-Id": job.id, "X-Weights-Sha256": sampler.sha256,
+                                          "X-Steps": str(job.steps)})
     return SampleResponse(
         request_id=job.id, model=sampler.name, mode=sampler.mode, weights_sha256=sampler.sha256,
-        noise_scale=req.noise_scale, samples=samples,
+        noise_scale=req.noise_scale, steps=job.steps, samples=samples,
         timings=Timings(queue_wait_s=job.queue_wait_s, sampling_s=job.sampling_s, total_s=total),
     )
 
