@@ -33,6 +33,8 @@ CASES = {
     "cli-bad-flag": (SERVE + ["--weights", "{weights}", "--port", "70000"], {}, ["--port 70000", "65535"]),
     "module-limits-beyond-model": (SERVICE, {"MHCFLASH_MAX_LENGTH": "100"},
                                    ["MHCFLASH_MAX_LENGTH=100", "between 3 and 64 residues", "only be lowered"]),
+    "module-default-steps-beyond-model": (SERVICE, {"MHCFLASH_DEFAULT_STEPS": "21"},
+                                          ["MHCFLASH_DEFAULT_STEPS=21", "between 1 and 20", "numTimesteps"]),
     "cli-port-in-use": (SERVE + ["--weights", "{weights}", "--port", "{port}"], {},
                         ["cannot listen on 127.0.0.1:{port}", "already in use"]),
     "module-no-gpu": (SERVICE, {"MHCFLASH_DEVICE": "cuda"}, ["MHCFLASH_DEVICE=cuda", "no CUDA device"]),
