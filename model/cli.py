@@ -201,6 +201,8 @@ def sample(
     count: Annotated[int, typer.Option("--count", "-n", help="Samples per length.")] = 1,
     seed: Annotated[int, typer.Option(help="Seed of the first sample; sample i uses seed + i.")] = 0,
     noise_scale: Annotated[float, typer.Option(help="Genie's sampling noise scale.")] = 0.6,
+    steps: Annotated[int | None, typer.Option(help="Sampling steps, 1 .. the model's T (default: T, Genie's "
+                                              "sampler; fewer: evenly spaced timesteps, respaced DDPM).")] = None,
     out: Annotated[Path, typer.Option(help="Directory for the PDB files.")] = Path("samples"),
     device: Annotated[str, typer.Option(help="auto | cpu | cuda | cuda:N")] = "auto",
     batch_size: Annotated[int, typer.Option(help="Samples per batch.")] = 16,
@@ -208,8 +210,8 @@ def sample(
 ) -> None:
     """Sample backbones and write CA-only poly-Ala PDB files (one per sample).
 
-    Lengths, seeds and the noise scale are checked as the service checks a request: lengths within
-    the model's minimumNumResidues-maximumNumResidues.
+    Lengths, seeds, the noise scale and steps are checked as the service checks a request: lengths
+    within the model's minimumNumResidues-maximumNumResidues, steps within 1 .. numTimesteps.
     """
     from model.diffusion import sample as run_sample
     from model.limits import as_flags, check_sampling
@@ -224,7 +226,7 @@ def sample(
         from model.weights_io import load_weights
 
         denoiser = load_weights(weights, dev).denoiser
-    violations = check_sampling(denoiser.config, length, count, seed, noise_scale)  # the service's checks
+    violations = check_sampling(denoiser.config, length, count, seed, noise_scale, steps)  # the service's checks
     if violations:
         _fail(f"{as_flags(violations)} ({weights})")
     lengths = [L for L in length for _ in range(count)]
@@ -242,15 +244,16 @@ def sample(
 
     try:
         traces = run_sample(denoiser, lengths, seeds, noise_scale, device=dev, max_batch_size=batch_size,
-                            progress=tick)
+                            progress=tick, steps=steps)
     finally:
         if bar is not None:
             bar.close()
     out.mkdir(parents=True, exist_ok=True)
     for L, s, ca in zip(lengths, seeds, traces):
         path = out / f"sample_len{L}_seed{s}.pdb"
+        used = steps or denoiser.config.numTimesteps
         path.write_text(ca_to_pdb(ca, remarks=[(f"mhcflash sample: length {L}, seed {s}, noise scale {noise_scale}, "
-                                              f"mode {denoiser.config.mode}")]))
+                                              f"steps {used}, mode {denoiser.config.mode}")]))
         typer.echo(str(path))
 
 

@@ -108,9 +108,9 @@ class SampleResponse(BaseModel):
     mode: str = Field(description="Denoiser mode: standard, mhc, flash or mhc_flash.")
     weights_sha256: str
     noise_scale: float
-    steps: int = Field(description="Sampling steps each sample took (the request's, or the server's default).")
     samples: list[Sample]
     timings: Timings
+    steps: int = Field(description="Sampling steps each sample took (the request's, or the server's default).")
 
     model_config = ConfigDict(
         protected_namespaces=(),
@@ -122,7 +122,6 @@ class SampleResponse(BaseModel):
                     "mode": "mhc_flash",
                     "weights_sha256": "9b1c...e0",
                     "noise_scale": 0.6,
-                    "steps": 1000,
                     "samples": [
                         {
                             "id": "3f2a9c1e5b7d-0",
@@ -133,6 +132,7 @@ class SampleResponse(BaseModel):
                         }
                     ],
                     "timings": {"queue_wait_s": 0.01, "sampling_s": 3.2, "total_s": 3.25},
+                    "steps": 1000,
                 }
             ]
         },

@@ -34,7 +34,7 @@ def _plain(text: str) -> str:
     ([], ["data", "train", "sample", "selfcheck", "serve"]),
     (["data", "build", "--help"], ["--index", "--cache-dir", "cgdms"]),
     (["train", "--help"], ["--devices", "--num-nodes", "--accelerator", "--resume", "--debug", "--set"]),
-    (["sample", "--help"], ["--length", "--count", "--seed", "--noise-scale", "--out"]),
+    (["sample", "--help"], ["--length", "--count", "--seed", "--noise-scale", "--steps", "--out"]),
     (["selfcheck", "--help"], ["useFlashAttn3"]),
     (["serve", "--help"], ["--weights", "--port"]),
 ])
@@ -116,7 +116,8 @@ def test_sample_refuses_exactly_what_the_service_refuses(tmp_path):
 
     weights = make_tiny_weights(tmp_path / "tiny")  # samples 5-64 residues
     cases = [(["-l", "4"], {"length": 4}), (["-l", "65"], {"length": 65}),
-             (["-l", "20", "--noise-scale", "2.5"], {"length": 20, "noise_scale": 2.5})]
+             (["-l", "20", "--noise-scale", "2.5"], {"length": 20, "noise_scale": 2.5}),
+             (["-l", "20", "--steps", "21"], {"length": 20, "steps": 21})]
 
     async def service_messages():
         async with asgi_client(create_app(tiny_settings(weights))) as client:
@@ -133,6 +134,10 @@ def test_sample_refuses_exactly_what_the_service_refuses(tmp_path):
     result = runner.invoke(app, ["sample", str(weights), "-l", "5", "--out", str(tmp_path / "ok"), "--no-progress"])
     assert result.exit_code == 0, result.output  # the shortest length the service takes
     assert (tmp_path / "ok" / "sample_len5_seed0.pdb").is_file()
+    result = runner.invoke(app, ["sample", str(weights), "-l", "9", "--steps", "3", "--out", str(tmp_path / "few"),
+                                 "--no-progress"])
+    assert result.exit_code == 0, result.output  # fewer steps than the model's T = 20
+    assert "steps 3," in (tmp_path / "few" / "sample_len9_seed0.pdb").read_text()
 
 
 def test_config_errors_exit_2_without_traceback(tmp_path):

@@ -94,9 +94,24 @@ def test_async_sample_many_and_sample(server):
 
     many, one = asyncio.run(run())
     assert [(s.length, s.seed) for r in many for s in r.samples] == [(9, 10), (11, 11), (9, 12)]
+    assert [r.steps for r in many] == [20, 20, 20]  # the service's default: the tiny model's T
     assert one.samples[0].pdb == many[2].samples[0].pdb  # same length and seed: same backbone
     assert many[0].samples[0].pdb != many[2].samples[0].pdb
     assert len({r.request_id for r in many}) == 3
+
+
+def test_steps_are_sent_and_reported(server):
+    async def run():
+        async with AsyncClient(server.url, api_key=KEY) as client:
+            return await client.sample_many([9, 11], seed=3, steps=4)
+
+    many = asyncio.run(run())
+    assert [r.steps for r in many] == [4, 4]
+    with Client(server.url, api_key=KEY) as client:
+        one = client.sample(9, seed=3, steps=4)
+        info = client.info()
+    assert one.steps == 4 and one.samples[0].pdb == many[0].samples[0].pdb
+    assert (info.limits.max_steps, info.limits.default_steps) == (20, 20)
 
 
 def test_api_key_required_and_accepted(server):

@@ -124,6 +124,8 @@ def evaluate(
                                                 "384 residues).")] = None,
     seed: Annotated[int, typer.Option(help="Base seed: sample i of length L uses seed + 100000 L + i.")] = 0,
     noise_scale: Annotated[float, typer.Option(help="Genie's sampling noise scale.")] = 0.6,
+    steps: Annotated[int | None, typer.Option(help="Sampling steps, 1 .. the model's T (default: T; fewer: "
+                                              "respaced DDPM, evenly spaced timesteps).")] = None,
     device: Annotated[str, typer.Option(help="auto | cpu | cuda | cuda:N")] = "auto",
     precision: Annotated[str, typer.Option(help="auto (bf16 autocast on CUDA, float32 on CPU), float32 "
                                                 "or bf16.")] = "auto",
@@ -219,8 +221,8 @@ def evaluate(
             samples_sets = {}
             for k, path in enumerate([weights] + ([baseline] if baseline is not None else [])):
                 prefix = f"{'AB'[k]}: " if baseline is not None else ""
-                sset, label = _sample(path, counts, suite, prefix, seed=seed, noise_scale=noise_scale, device=dev,
-                                      precision=precision, batch_size=batch_size, max_residues=max_residues,
+                sset, label = _sample(path, counts, suite, prefix, seed=seed, noise_scale=noise_scale, steps=steps,
+                                      device=dev, precision=precision, batch_size=batch_size, max_residues=max_residues,
                                       trajectories=trajectories if k == 0 else 0)
                 labels.append(label)
                 notes.append(f"{label}: {sset.note}, {sum(sset.seconds.values()):.0f} s sampling")
@@ -230,6 +232,8 @@ def evaluate(
         waited = time.perf_counter()
         settings = {"seed": seed, "noise_scale": noise_scale, "real_cap": real_cap, "tm_cap": tm_cap,
                     "novelty_cap": novelty_cap, "reference_cap": reference_cap}
+        if steps is not None:  # left out at the default (T), so reports made before steps existed still compare
+            settings["steps"] = steps
         results = suite.finish(notes, settings)
     timing = (f"metrics and proxy {time.perf_counter() - waited:.0f} s after the last sample, "
               f"{time.perf_counter() - started:.0f} s in all; TM-align on {n_workers} processes, at most "
@@ -264,7 +268,8 @@ def _sample(path: Path, counts: dict[int, int], suite, prefix: str, **kw):
     from model.limits import as_flags, check_sampling
 
     for length, n in counts.items():  # the service's checks, with this command's seeds
-        violations = check_sampling(denoiser.config, [length], n, kw["seed"] + 100000 * length, kw["noise_scale"])
+        violations = check_sampling(denoiser.config, [length], n, kw["seed"] + 100000 * length, kw["noise_scale"],
+                                    kw["steps"])
         if violations:
             _fail(f"{as_flags(violations)} ({path})")
     label = f"{prefix}{desc} from {path}"

@@ -35,7 +35,7 @@ TO_REAL = ("rg_ratio", "helix", "strand", "helix_strand", "coil")
 SHOWN = ("novelty", "clusters_05")
 METRICS = ("ca_ca_median", "frac_ca_ca_ok", *LOWER[:2], *TO_REAL, LOWER[2], LOWER[3], *SHOWN)
 DECISIVE = (*tg.TARGET_METRICS, "mpnn_nll")
-SETTINGS = ("seed", "noise_scale", "counts", "real_cap", "tm_cap", "novelty_cap", "reference_cap")
+SETTINGS = ("seed", "noise_scale", "steps", "counts", "real_cap", "tm_cap", "novelty_cap", "reference_cap")
 
 
 def better(metric: str, a: float | None, b: float | None, real: float | None = None) -> str:

@@ -89,12 +89,14 @@ class SampledSet:
 def sample_lengths(denoiser, counts: dict[int, int], *, seed: int, noise_scale: float, device: str,
                    precision: str = "auto", batch_size: int = 64, max_residues: int | None = 16384,
                    trajectories: int = 0, sampler: Callable | None = None,
-                   on_length: Callable[[int, list[np.ndarray], float], None] | None = None) -> SampledSet:
+                   on_length: Callable[[int, list[np.ndarray], float], None] | None = None,
+                   steps: int | None = None) -> SampledSet:
     """Sample ``counts[L]`` backbones of every length ``L`` (one batch per ``batch_size`` samples).
 
     ``on_length(L, samples, seconds)`` is called as each length finishes (the caller starts its TM-score
     jobs there, so they run while the GPU samples the next length). ``trajectories``: the first
-    samples of the first length keep ``TRAJECTORY_FRAMES`` frames of their trajectory.
+    samples of the first length keep ``TRAJECTORY_FRAMES`` frames of their trajectory. ``steps``:
+    sampling steps (None: the model's T; passed to ``sampler`` only when given).
     """
     import torch
     from tqdm import tqdm
@@ -104,6 +106,7 @@ def sample_lengths(denoiser, counts: dict[int, int], *, seed: int, noise_scale: 
     dtype = autocast_dtype(precision, device)
     net = _autocast_module()(denoiser, dtype) if dtype is not None else denoiser
     out = SampledSet(by_length={})
+    given = {} if steps is None else {"steps": steps}
     for k, (length, count) in enumerate(counts.items()):
         seeds = seeds_for(length, count, seed)
         keep_traj = trajectories if k == 0 else 0
@@ -116,13 +119,13 @@ def sample_lengths(denoiser, counts: dict[int, int], *, seed: int, noise_scale: 
         start = time.perf_counter()
         try:
             res = sampler(net, [length] * count, seeds, noise_scale, device=device, max_batch_size=batch_size,
-                          max_residues=max_residues, progress=tick, return_trajectory=keep_traj > 0)
+                          max_residues=max_residues, progress=tick, return_trajectory=keep_traj > 0, **given)
         finally:
             bar.close()
         if str(device).startswith("cuda"):
             torch.cuda.synchronize()
         out.seconds[length] = time.perf_counter() - start
-        if keep_traj > 0:  # each [T + 1, L, 3], x_T .. x_0
+        if keep_traj > 0:  # each [steps + 1, L, 3], x_T .. x_0
             for t in res[:keep_traj]:
                 idx = torch.linspace(0, t.shape[0] - 1, TRAJECTORY_FRAMES).round().long()
                 out.trajectories.append([f.double().numpy() for f in t[idx]])
@@ -132,7 +135,8 @@ def sample_lengths(denoiser, counts: dict[int, int], *, seed: int, noise_scale: 
         if on_length is not None:
             on_length(length, out.by_length[length], out.seconds[length])
     mode = getattr(getattr(denoiser, "config", None), "mode", "?")
-    out.note = (f"{mode} mode, noise scale {noise_scale}, {'bf16 autocast' if dtype is not None else 'float32'} "
+    steps_text = "" if steps is None else f", {steps} steps"
+    out.note = (f"{mode} mode, noise scale {noise_scale}{steps_text}, {'bf16 autocast' if dtype is not None else 'float32'} "
                 f"on {device}, seeds {seed} + {SEED_STRIDE} L + i")
     return out
 

@@ -58,8 +58,11 @@ class ClientBase:
         return {"timeout": httpx.Timeout(connect=t.connect, read=timeout, write=t.write, pool=t.pool)}
 
     @staticmethod
-    def _sample_body(length: int, count: int, seed: int | None, noise_scale: float | None) -> dict:
+    def _sample_body(length: int, count: int, seed: int | None, noise_scale: float | None,
+                     steps: int | None = None) -> dict:
         body = {"length": length, "count": count}
+        if steps is not None:
+            body["steps"] = steps
         if seed is not None:
             body["seed"] = seed
         if noise_scale is not None:

@@ -59,14 +59,14 @@ class AsyncClient(ClientBase):
             state.advance(delay)
 
     async def sample(self, length: int, count: int = 1, seed: int | None = None, noise_scale: float | None = None,
-                     *, timeout: float | None = None) -> SampleResult:
+                     *, steps: int | None = None, timeout: float | None = None) -> SampleResult:
         """`count` backbones of `length` residues; sample i uses seed `seed + i` (see `Client.sample`)."""
-        body = self._sample_body(length, count, seed, noise_scale)
+        body = self._sample_body(length, count, seed, noise_scale, steps)
         response = await self._request("POST", "/sample", json=body, replay_safe=seed is not None, timeout=timeout)
         return SampleResult.from_json(self._json(response))
 
     async def sample_many(self, lengths: Sequence[int], count: int = 1, seed: int | None = None,
-                          noise_scale: float | None = None, *, concurrency: int = 4,
+                          noise_scale: float | None = None, *, steps: int | None = None, concurrency: int = 4,
                           timeout: float | None = None) -> list[SampleResult]:
         """One request per length, at most `concurrency` in flight; results in the order of `lengths`.
 
@@ -82,7 +82,7 @@ class AsyncClient(ClientBase):
         async def one(i: int, length: int) -> SampleResult:
             async with gate:
                 first = None if seed is None else seed + i * count
-                return await self.sample(length, count, first, noise_scale, timeout=timeout)
+                return await self.sample(length, count, first, noise_scale, steps=steps, timeout=timeout)
 
         tasks = [asyncio.create_task(one(i, length)) for i, length in enumerate(lengths)]
         try:

@@ -53,6 +53,8 @@ def sample(
                                                   "(default: random seeds, in the file names).")] = None,
     noise_scale: Annotated[float | None, typer.Option(help="Noise scale (default: the service's, 0.6).",
                                                       show_default=False)] = None,
+    steps: Annotated[int | None, typer.Option(help="Sampling steps, 1 .. the model's T (default: the "
+                                              "service's).", show_default=False)] = None,
     out: Annotated[Path, typer.Option(help="Directory for the PDB files.")] = Path("samples"),
     prefix: Annotated[str, typer.Option(help="Start of each file name.")] = "sample",
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace existing files.")] = False,
@@ -85,7 +87,7 @@ def sample(
     async def run():
         async with AsyncClient(url, api_key=api_key, timeout=timeout, retry=RetryPolicy(max_attempts=attempts),
                                on_retry=say_retry) as client:
-            return await client.sample_many(length, count, seed, noise_scale, concurrency=concurrency)
+            return await client.sample_many(length, count, seed, noise_scale, steps=steps, concurrency=concurrency)
 
     t0 = time.monotonic()
     try:

@@ -75,6 +75,7 @@ class SampleResult:
     noise_scale: float
     samples: tuple[Sample, ...]
     timings: Timings
+    steps: int | None = None  # sampling steps each sample took (None: a server that does not say)
 
     @classmethod
     def from_json(cls, data: dict) -> SampleResult:
@@ -83,7 +84,8 @@ class SampleResult:
                    mode=_take(data, "mode", str, where), weights_sha256=_take(data, "weights_sha256", str, where),
                    noise_scale=float(_take(data, "noise_scale", (int, float), where)),
                    samples=tuple(Sample.from_json(s) for s in _take(data, "samples", list, where)),
-                   timings=Timings.from_json(_take(data, "timings", dict, where)))
+                   timings=Timings.from_json(_take(data, "timings", dict, where)),
+                   steps=data["steps"] if isinstance(data.get("steps"), int) else None)
 
     def write_pdbs(self, directory: str | os.PathLike, *, prefix: str | None = "sample",
                    overwrite: bool = False) -> list[Path]:
@@ -93,12 +95,14 @@ class SampleResult:
 
 @dataclass(frozen=True)
 class ServiceLimits:
-    """The requests this server accepts (`GET /info` `limits`): lengths, count, residues per request."""
+    """The requests this server accepts (`GET /info` `limits`): lengths, count, residues per request, steps."""
 
     min_length: int
     max_length: int
     max_count: int | None
     max_total_residues: int | None
+    max_steps: int | None = None  # the model's T (None: a server that does not say)
+    default_steps: int | None = None  # a request without `steps`
 
 
 @dataclass(frozen=True)
@@ -124,7 +128,8 @@ class ServiceInfo:
                    limits=ServiceLimits(min_length=_take(limits, "min_length", int, "limits"),
                                         max_length=_take(limits, "max_length", int, "limits"),
                                         max_count=limits.get("max_count"),
-                                        max_total_residues=limits.get("max_total_residues")),
+                                        max_total_residues=limits.get("max_total_residues"),
+                                        max_steps=limits.get("max_steps"), default_steps=limits.get("default_steps")),
                    raw=data)
 
 

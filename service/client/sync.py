@@ -68,12 +68,13 @@ class Client(ClientBase):
             state.advance(delay)
 
     def sample(self, length: int, count: int = 1, seed: int | None = None, noise_scale: float | None = None, *,
-               timeout: float | None = None) -> SampleResult:
+               steps: int | None = None, timeout: float | None = None) -> SampleResult:
         """`count` backbones of `length` residues; sample i uses seed `seed + i` (None: random, returned).
 
-        `noise_scale`: None keeps the service's default (0.6). `timeout`: read timeout of this call.
+        `noise_scale`: None keeps the service's default (0.6). `steps`: sampling steps, 1 .. the model's
+        T (None: the service's default; the result's `steps` says which). `timeout`: read timeout of this call.
         """
-        body = self._sample_body(length, count, seed, noise_scale)
+        body = self._sample_body(length, count, seed, noise_scale, steps)
         response = self._request("POST", "/sample", json=body, replay_safe=seed is not None, timeout=timeout)
         return SampleResult.from_json(self._json(response))
 
