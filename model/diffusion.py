@@ -164,7 +164,8 @@ def respaced_timesteps(num_timesteps: int, steps: int) -> list[int]:
 
 def reverse_step(schedule: Schedule, x_t: torch.Tensor, eps_hat: torch.Tensor, t: torch.Tensor,
                  mask: torch.Tensor, noise: torch.Tensor, noise_scale: torch.Tensor | float,
-                 t_prev: torch.Tensor | None = None, *, recenter: bool = True) -> torch.Tensor:
+                 t_prev: torch.Tensor | None = None, *, recenter: bool = True,
+                 posterior_variance: bool = False) -> torch.Tensor:
     """One ancestral DDPM step ``x_t -> x_s`` (``s = t_prev``, default ``t - 1``), per-sample t, s and noise scale.
 
     One step (``s = t - 1``): ``mu = (x_t - beta_t / sqrt(1 - abar_t) * eps_hat) / sqrt(alpha_t)``
@@ -176,7 +177,9 @@ def reverse_step(schedule: Schedule, x_t: torch.Tensor, eps_hat: torch.Tensor, t
     No noise where ``s == 0`` (the last step, Genie); padding is zeroed. A pure function of tensors:
     samples at different t and s can share one batch, and each sample's result depends only on its
     own rows. Where ``s == t - 1`` the coefficients are the schedule's own ``beta_t`` / ``alpha_t``,
-    so ``t_prev = t - 1`` is bit-identical to leaving it out.
+    so ``t_prev = t - 1`` is bit-identical to leaving it out. ``posterior_variance`` uses DDPM's other
+    choice, ``sigma = noise_scale * sqrt(beta_tilde)``, ``beta_tilde = (1 - abar_s) / (1 - abar_t) * beta'``
+    (Ho et al. sec. 3.2; Nichol & Dhariwal respace it the same way), in place of Genie's ``sqrt(beta')``.
 
     NOTE: the clip at BETA_MAX acts only on long jumps at the noisy end (e.g. 1000 -> 889 of a
     10-step sampler at T = 1000, where 1 - alpha' ~ 0.9999); there it keeps 1 / sqrt(alpha') below
@@ -209,7 +212,10 @@ def reverse_step(schedule: Schedule, x_t: torch.Tensor, eps_hat: torch.Tensor, t
     s1m = _per_sample(tab["sqrt_one_minus_alpha_bars"][t])
     mean = (x_t - beta / s1m * eps_hat.float()) / alpha.sqrt()  # [B, L, 3]
     scale = torch.as_tensor(noise_scale, dtype=x_t.dtype, device=x_t.device).expand(x_t.shape[0])  # [B]
-    sigma = _per_sample(scale) * beta.sqrt() * _per_sample((t_prev > 0).to(x_t.dtype))  # [B, 1, 1]
+    var = beta
+    if posterior_variance:  # beta_tilde = (1 - abar_s) / (1 - abar_t) * beta'
+        var = beta * _per_sample(-torch.expm1(log_ab[t_prev])) / s1m.square()
+    sigma = _per_sample(scale) * var.sqrt() * _per_sample((t_prev > 0).to(x_t.dtype))  # [B, 1, 1]
     x_prev = mean + sigma * noise.float()
     m = mask.to(x_t.dtype).unsqueeze(-1)  # [B, L, 1]
     if recenter:

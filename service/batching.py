@@ -51,7 +51,7 @@ def length_groups(lengths: list[int], ratio: float) -> list[list[int]]:
 class StepInputs:
     """A group's step inputs, gathered from its slots or taken from the group's previous output.
 
-    ``prev`` / ``next``: x_{t-1} [B, L, 3] and mask [B, L] of each group's step in the previous / this
+    ``prev`` / ``next``: x_{t_prev} [B, L, 3] and mask [B, L] of each group's step in the previous / this
     iteration, keyed by (L, member uids); ``pending``: (key, mask) of the step in progress.
     """
 

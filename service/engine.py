@@ -11,14 +11,11 @@ masked batch (`service.batching`); it retires samples that reached t = 0 (PDB te
 (`service.admission`: strict FIFO, under the residue budget). A request's future is resolved on its
 event loop with `loop.call_soon_threadsafe`.
 
-A request of `steps` steps (1 .. T; T: Genie's sampler) walks the respaced timesteps
-`model.sampler.respaced_timesteps(T, steps)`, one per iteration, so requests of different step
-counts run in the same batches; each sample's step is t -> t_prev with the DDPM posterior between
-the two (`model.diffusion.reverse_step`).
-
-Sample i of a request with seed s draws x_T and every step's noise from its own generator seeded
-s + i, in the same order as `model.diffusion.sample` (same `steps`), so a sample does not depend on
-what it is batched with (up to the denoiser's batch-size numerics).
+A request of `steps` steps (T: Genie's sampler) walks `model.sampler.respaced_timesteps(T, steps)`,
+one per iteration, so requests of different step counts share batches. Sample i of a request with
+seed s draws x_T and every step's noise from its own generator seeded s + i, in the order of
+`model.diffusion.sample` (same `steps`): a sample does not depend on what it is batched with (up to
+the denoiser's batch-size numerics).
 
 Faults:
 - `torch.cuda.OutOfMemoryError` in a step: the batch is split in halves and retried (the noise
@@ -165,9 +162,9 @@ class SamplingEngine:
     # ---------------------------------------------------------------- requests (event-loop side)
     def submit(self, *, length: int, count: int, seeds: list[int], noise_scale: float,
                steps: int | None = None) -> Job:
-        """Queue `count` samples of `length` (seeds `seeds`) in `steps` steps (None: T); ValueError outside 1 .. T."""
+        """Queue `count` samples of `length` in `steps` steps (None: T); ValueError outside 1 .. T."""
         steps = self.num_timesteps if steps is None else int(steps)
-        timesteps = tuple(respaced_timesteps(self.num_timesteps, steps)) + (0,)  # T .. 1, 0
+        timesteps = (*respaced_timesteps(self.num_timesteps, steps), 0)  # T .. 1, 0
         loop = asyncio.get_running_loop()
         job = Job(
             id=uuid.uuid4().hex[:12],

@@ -204,3 +204,20 @@ def test_engine_rejects_steps_outside_the_schedule(model):
 
     asyncio.run(main())
     assert len(engine.admission) == 0
+
+
+def test_reverse_step_posterior_variance_option():
+    """sigma^2 = noise_scale^2 * beta_tilde = noise_scale^2 (1 - abar_s) / (1 - abar_t) * beta' (off by default)."""
+    s = Schedule.cosine(100)
+    x, mask, eps_hat, noise = _batch()
+    t, t_prev = torch.tensor([40, 37, 100]), torch.tensor([39, 20, 0])
+    kw = dict(recenter=False)
+    base = reverse_step(s, x, eps_hat, t, mask, torch.zeros_like(noise), 1.0, t_prev, **kw)
+    plain = reverse_step(s, x, eps_hat, t, mask, noise, 1.0, t_prev, **kw) - base
+    tilde = reverse_step(s, x, eps_hat, t, mask, noise, 1.0, t_prev, posterior_variance=True, **kw) - base
+    ab = s.alpha_bars.double()
+    ratio = ((1 - ab[t_prev]) / (1 - ab[t])).sqrt()  # sigma_tilde / sigma
+    for i in range(2):
+        n = int(mask[i].sum())
+        assert torch.allclose(tilde[i, :n].double(), plain[i, :n].double() * ratio[i], atol=1e-5)
+    assert torch.equal(tilde[2], torch.zeros_like(tilde[2]))  # s == 0: no noise either way

@@ -7,7 +7,8 @@ autocast on CUDA (the weights were trained in bf16-mixed) and float32 on CPU.
 
 The sampler is a seam: any function with `model.diffusion.sample`'s signature (denoiser, lengths,
 seeds, noise_scale, device=, max_batch_size=, max_residues=, progress=, return_trajectory=) can be
-passed to `sample_lengths`; the default runs all T steps of the model's schedule.
+passed to `sample_lengths` (and ``steps=`` when ``sample_lengths`` is given ``steps``); the default
+runs all T steps of the model's schedule.
 """
 
 from __future__ import annotations
