@@ -111,11 +111,11 @@ class _FaultyStep:
     def __getattr__(self, name):  # graphed, stats: the real step's
         return getattr(self.inner, name)
 
-    def __call__(self, x, t, mask, noise, noise_scale):  # x [B, L, 3], t [B], mask [B, L]
+    def __call__(self, x, t, mask, noise, noise_scale, t_prev=None):  # x [B, L, 3], t, t_prev [B], mask [B, L]
         err = self.fault(x, t, mask)
         if err is not None:
             raise err
-        return self.inner(x, t, mask, noise, noise_scale)
+        return self.inner(x, t, mask, noise, noise_scale, t_prev)
 
 
 def _coords(pdb_text):
