@@ -7,9 +7,9 @@ The engine talks to the model through one per-step function (`model.sampler.Samp
 the denoiser forward + reverse step, replayed from CUDA graphs on CUDA) and a `to_pdb` function.
 Each iteration the worker gathers every active sample (mixed lengths, each with its own t and next
 timestep t_prev), splits them into length groups and steps each group, longest first, as one padded,
-masked batch (`service.batching`); it retires samples that reached t = 0 (PDB text) and admits queued samples
-(`service.admission`: strict FIFO, under the residue budget). A request's future is resolved on its
-event loop with `loop.call_soon_threadsafe`.
+masked batch (`service.batching`); it retires samples that reached t = 0 (PDB text) and admits
+queued samples (`service.admission`: strict FIFO, under the residue budget). A request's future is
+resolved on its event loop with `loop.call_soon_threadsafe`.
 
 A request of `steps` steps (T: Genie's sampler) walks `model.sampler.respaced_timesteps(T, steps)`,
 one per iteration, so requests of different step counts share batches. Sample i of a request with

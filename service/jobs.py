@@ -3,8 +3,9 @@
 A request of `count` samples of one length is one `Job` with `count` `Slot`s; slot i samples with seed
 `seed + i` (`new_seeds`). A job samples in `steps` steps: its `timesteps` are the respaced sequence
 T .. 1 of that many entries (`model.sampler.respaced_timesteps`) followed by 0, and each of its slots
-walks them, one entry per step (`Slot.t`, `Slot.t_prev`, `Slot.advance`). The engine resolves the job's future on its event loop with the job itself
-(its `results`) or with one of the errors below, which the routes turn into status codes:
+walks them, one entry per step (`Slot.t`, `Slot.t_prev`, `Slot.advance`). The engine resolves the
+job's future on its event loop with the job itself (its `results`) or with one of the errors below,
+which the routes turn into status codes:
 `QueueFull` 429, `EngineUnavailable` 503, `SampleFailed` 503, `Cancelled` (client gone) 499.
 """
 

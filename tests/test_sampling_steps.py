@@ -10,6 +10,7 @@ only the batch composition differs (the engine, the graph's padded bucket), as t
 from __future__ import annotations
 
 import asyncio
+from itertools import pairwise
 
 import pytest
 import torch
@@ -40,9 +41,9 @@ def model():
 def test_respaced_timesteps_endpoints_length_and_order(T, steps):
     ts = respaced_timesteps(T, steps)
     assert len(ts) == steps and ts[0] == T and (ts[-1] == 1 or steps == 1)
-    assert all(a > b for a, b in zip(ts, ts[1:]))  # strictly descending
+    assert all(a > b for a, b in pairwise(ts))  # strictly descending
     assert all(1 <= t <= T for t in ts)
-    gaps = [a - b for a, b in zip(ts, ts[1:])]
+    gaps = [a - b for a, b in pairwise(ts)]
     assert not gaps or max(gaps) - min(gaps) <= 1  # evenly spaced up to rounding
 
 
@@ -112,7 +113,7 @@ def test_reverse_step_jump_noise_rule_and_padding():
 
 # ------------------------------------------------------------------------------------------ sample
 def test_sample_with_fewer_steps(model):
-    denoiser, schedule = model
+    denoiser, _ = model
     lengths, seeds = [13, 21], [5, 6]
     full = sample(denoiser, lengths, seeds, 0.6)
     assert all(torch.equal(a, b) for a, b in zip(full, sample(denoiser, lengths, seeds, 0.6, steps=T_TINY)))
@@ -193,7 +194,7 @@ def test_engine_batches_requests_of_different_steps_without_changing_them(model,
 
 
 def test_engine_rejects_steps_outside_the_schedule(model):
-    denoiser, schedule = model
+    _, schedule = model
     engine = SamplingEngine(lambda *a: None, num_timesteps=schedule.num_timesteps, device=CPU,
                             residue_budget=256, queue_max_samples=16, to_pdb=lambda ca: "")
 
@@ -211,7 +212,7 @@ def test_reverse_step_posterior_variance_option():
     s = Schedule.cosine(100)
     x, mask, eps_hat, noise = _batch()
     t, t_prev = torch.tensor([40, 37, 100]), torch.tensor([39, 20, 0])
-    kw = dict(recenter=False)
+    kw = {"recenter": False}
     base = reverse_step(s, x, eps_hat, t, mask, torch.zeros_like(noise), 1.0, t_prev, **kw)
     plain = reverse_step(s, x, eps_hat, t, mask, noise, 1.0, t_prev, **kw) - base
     tilde = reverse_step(s, x, eps_hat, t, mask, noise, 1.0, t_prev, posterior_variance=True, **kw) - base

@@ -137,7 +137,8 @@ def sample_lengths(denoiser, counts: dict[int, int], *, seed: int, noise_scale: 
             on_length(length, out.by_length[length], out.seconds[length])
     mode = getattr(getattr(denoiser, "config", None), "mode", "?")
     steps_text = "" if steps is None else f", {steps} steps"
-    out.note = (f"{mode} mode, noise scale {noise_scale}{steps_text}, {'bf16 autocast' if dtype is not None else 'float32'} "
+    precision_text = "bf16 autocast" if dtype is not None else "float32"
+    out.note = (f"{mode} mode, noise scale {noise_scale}{steps_text}, {precision_text} "
                 f"on {device}, seeds {seed} + {SEED_STRIDE} L + i")
     return out
 
