@@ -40,7 +40,7 @@ except ImportError:  # pragma: no cover - depends on the environment
 
 FUZZ_EXAMPLES = 80  # generated cases per operation (plus schemathesis' example / coverage cases)
 FUZZ_LIMITS = {"max_length": 16, "max_count": 2, "max_total_residues": 32}  # short sampling per accepted case
-INTEGER_FIELDS = ("length", "count", "seed")
+INTEGER_FIELDS = ("length", "count", "seed", "steps")
 TALLY: Counter = Counter()  # (operation, status) -> responses; printed at module teardown (pytest -s)
 
 
