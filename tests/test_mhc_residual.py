@@ -62,14 +62,14 @@ def fused_residual_matches_reference(device: str) -> None:
                 with torch.no_grad(), torch.autocast(device_type=s.device.type, dtype=torch.bfloat16,
                                                      enabled=autocast):
                     out = module(module(expand(s, 4), mask), mask)  # [2, 5, 4, 32]
-                assert calls == ([{"side_stream": True}] * 2 if module is block else [])
+                assert calls == ([{"res_logit_cap": 0.0, "side_stream": True}] * 2 if module is block else [])
                 runs.append((out, module.last_h_res))
             for a, b in zip(*runs, strict=True):
                 torch.testing.assert_close(a, b, atol=ATOL_RESIDUAL, rtol=0)
             calls.clear()
             mixes.clear()
             fused = residual_runs(block, s, mask, w, autocast)
-            assert calls == [{"side_stream": False}] * 2 and len(mixes) == 2
+            assert calls == [{"res_logit_cap": 0.0, "side_stream": False}] * 2 and len(mixes) == 2
             calls.clear()
             assert_runs_match(fused, residual_runs(ref, s, mask, w, autocast), autocast)
             assert calls == []
@@ -79,7 +79,7 @@ def fused_residual_matches_reference(device: str) -> None:
             calls.clear()
             with torch.no_grad():
                 block(expand(s, 4), mask)
-            assert calls == [{"side_stream": False}]
+            assert calls == [{"res_logit_cap": 0.0, "side_stream": False}]
         finally:
             pre.OVERLAP_BELOW = below
 

@@ -24,6 +24,8 @@ class MHCMappings(nn.Module):
         n: number of streams (>= 2; n = 1 needs no mappings, see ``MHCResidual``).
         alpha_init: the initial alpha_pre / alpha_post / alpha_res (``mhcAlphaInit``; the paper: 0.01).
         sinkhorn_iters: t_max of Eq. (9) (``mhcSinkhornIters``).
+        res_logit_cap: soft cap of the H_res logits before the Sinkhorn (``mhcResLogitCap``,
+            ``reference.cap_logits``); 0: none, the paper's form.
     forward(streams [B, L, n, C]) -> (h_pre [B, L, n], h_post [B, L, n], h_res [B, L, n, n]),
     all float32 (at least), by the reference (``reference.mappings``).
     Parameters: phi [nC, 2n + n^2], alpha_pre / alpha_post / alpha_res [], b_pre [n], b_post [n],
@@ -31,13 +33,19 @@ class MHCMappings(nn.Module):
     NOTE: phi_pre | phi_post | phi_res are stored as one [nC, 2n + n^2] matrix: one GEMM (Eq. 14).
     """
 
-    def __init__(self, dim: int, n: int, *, alpha_init: float, sinkhorn_iters: int) -> None:
+    def __init__(self, dim: int, n: int, *, alpha_init: float, sinkhorn_iters: int,
+                 res_logit_cap: float = 0.0) -> None:
         super().__init__()
         if n < 2:
             raise ValueError(f"MHCMappings needs n >= 2 streams, got {n} (n = 1 is the plain residual)")
         self.dim, self.n = dim, n
         self.alpha_init = float(alpha_init)
         self.sinkhorn_iters = int(sinkhorn_iters)
+        self.res_logit_cap = float(res_logit_cap)
+        diag = _diag_logit(n)
+        if 0 < self.res_logit_cap <= diag:
+            raise ValueError(f"mhcResLogitCap {self.res_logit_cap:g} must be 0 (no cap) or above {diag:.2f}, the "
+                             f"diagonal H_res logit at initialisation for n = {n} streams; try 5")
         self.phi = nn.Parameter(torch.empty(n * dim, 2 * n + n * n))
         self.alpha_pre = nn.Parameter(torch.empty(()))
         self.alpha_post = nn.Parameter(torch.empty(()))
@@ -60,7 +68,8 @@ class MHCMappings(nn.Module):
           mean read-out gets y exactly once. Since H_res is column stochastic,
           mean_i (H_res S)_i = mean(S) for any H_res, so the mean read-out follows
           s <- s + y up to the O(alpha) dynamic terms.
-        - b_res = log(RES_DIAG_INIT (n-1) / (1 - RES_DIAG_INIT)) on the diagonal, 0 off it:
+        - b_res = d = log(RES_DIAG_INIT (n-1) / (1 - RES_DIAG_INIT)) on the diagonal, 0 off it
+          (under a logit cap c, c atanh(d / c), which the cap maps back to d):
           exp(b_res) is already doubly stochastic after scaling, with diagonal 0.9 and off-diagonal
           0.1 / (n-1): close to the identity (the plain residual's H_res) but far from saturation,
           so dH_res / db_res ~ p (1 - p) >= 0.09 and H_res can learn. (Public code that starts
@@ -72,7 +81,9 @@ class MHCMappings(nn.Module):
             a.fill_(self.alpha_init)
         self.b_pre.fill_(-math.log(n - 1))  # logit(1/n)
         self.b_post.zero_()
-        diag = math.log(RES_DIAG_INIT * (n - 1) / (1.0 - RES_DIAG_INIT))
+        diag, cap = _diag_logit(n), self.res_logit_cap
+        if cap > 0:
+            diag = cap * math.atanh(diag / cap)
         self.b_res.copy_(torch.eye(n) * diag)
 
     def column_parameters(self) -> tuple[torch.Tensor, ...]:
@@ -81,4 +92,9 @@ class MHCMappings(nn.Module):
         return self.alpha_pre, self.alpha_post, self.alpha_res, self.b_pre, self.b_post, self.b_res
 
     def forward(self, streams: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        return mappings(streams, self.phi, *self.column_parameters(), self.sinkhorn_iters)
+        return mappings(streams, self.phi, *self.column_parameters(), self.sinkhorn_iters, self.res_logit_cap)
+
+
+def _diag_logit(n: int) -> float:
+    """The diagonal H_res logit that makes exp-Sinkhorn's diagonal RES_DIAG_INIT (off-diagonal logits 0)."""
+    return math.log(RES_DIAG_INIT * (n - 1) / (1.0 - RES_DIAG_INIT))

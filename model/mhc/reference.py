@@ -2,6 +2,7 @@
 
 Symbols (see ``model/mhc/__init__.py``): B batch, L residues, n streams, C channels, M = 2n + n^2.
 
+- ``cap_logits``: the optional soft cap of H~_res (``mhcResLogitCap``) that keeps Eq. (9) converged
 - ``sinkhorn_knopp`` (Eq. 9; ``sinkhorn_knopp_log`` and ``sinkhorn_knopp_direct`` are its references)
 - ``expand`` / ``contract``: s [B, L, C] <-> S [B, L, n, C] (copy in, mean out)
 - ``mapping_logits`` (Eqs. 7 and 14), ``mappings`` (Eq. 8: H_pre, H_post, H_res)
@@ -17,7 +18,7 @@ import torch
 from torch import nn
 
 __all__ = [
-    "RES_DIAG_INIT", "RMS_EPS", "SINKHORN_LOGIT_FLOOR", "column_vectors", "compute_dtype", "contract",
+    "RES_DIAG_INIT", "RMS_EPS", "SINKHORN_LOGIT_FLOOR", "cap_logits", "column_vectors", "compute_dtype", "contract",
     "expand", "mapping_logits", "mappings", "mhc_pre_reference", "mix_in", "mix_out", "rms_normalize",
     "sinkhorn_knopp", "sinkhorn_knopp_direct", "sinkhorn_knopp_log",
 ]
@@ -27,6 +28,21 @@ RES_DIAG_INIT = 0.9
 RMS_EPS = 1e-6
 # Floor of the max-shifted Sinkhorn logits (float64: exp(-600) ~ 1e-261 is still a normal number).
 SINKHORN_LOGIT_FLOOR = 600.0
+
+
+def cap_logits(logits: torch.Tensor, cap: float) -> torch.Tensor:
+    """The soft cap of H~_res (``mhcResLogitCap``): cap * tanh(logits / cap), so every logit lies in
+    (-cap, cap); cap = 0 leaves the logits as they are (the paper's Eq. 8).
+
+    Why: Sinkhorn-Knopp converges fast only while the logits' spread is bounded. Unbounded, the learned
+    alpha_res * x' phi_res grows in training until t_max = 20 iterations leave H_res far from doubly
+    stochastic (column sums of 0 and 2), the composite gain of Eq. (4) climbs past 3 and the constraint
+    that makes mHC stable is gone. Under the cap 20 iterations keep every column sum within a few
+    per cent of 1 for any input (tests/test_mhc_sinkhorn_cap.py searches for the worst case).
+    """
+    if cap <= 0:
+        return logits
+    return torch.tanh(logits / cap) * cap
 
 
 def compute_dtype(*dtypes: torch.dtype) -> torch.dtype:
@@ -40,13 +56,14 @@ def compute_dtype(*dtypes: torch.dtype) -> torch.dtype:
 # ----------------------------------------------------------------------------- Sinkhorn (Eq. 9)
 
 
-def sinkhorn_knopp(logits: torch.Tensor, num_iters: int) -> torch.Tensor:
+def sinkhorn_knopp(logits: torch.Tensor, num_iters: int, cap: float = 0.0) -> torch.Tensor:
     """Project logits onto (approximately) doubly stochastic matrices, Eq. (9).
 
     Args:
         logits: [..., n, n] H~_res (any float dtype).
         num_iters: t_max >= 1; each iteration normalises columns (T_c) then rows (T_r), as Eq. (9),
             so rows sum to 1 to rounding and columns to within the remaining Sinkhorn error.
+        cap: ``cap_logits`` first (in float64) when > 0 (``mhcResLogitCap``); 0: the logits as given.
     Returns:
         [..., n, n] non-negative, float32 (float64 if the input is float64). The caller casts.
 
@@ -66,7 +83,7 @@ def sinkhorn_knopp(logits: torch.Tensor, num_iters: int) -> torch.Tensor:
         raise ValueError(f"sinkhorn_knopp: expected square [..., n, n] logits, got {tuple(logits.shape)}")
     out_dtype = compute_dtype(logits.dtype)
     with torch.autocast(device_type=logits.device.type, enabled=False):
-        x = logits.to(torch.float64)  # [..., n, n]
+        x = cap_logits(logits.to(torch.float64), cap)  # [..., n, n]
         shift = x.detach().amax(dim=(-2, -1), keepdim=True)  # [..., 1, 1] (cancels exactly)
         m = (x - shift).clamp(min=-SINKHORN_LOGIT_FLOOR).exp()  # [..., n, n] in (0, 1]
         for _ in range(num_iters):
@@ -75,13 +92,13 @@ def sinkhorn_knopp(logits: torch.Tensor, num_iters: int) -> torch.Tensor:
         return m.to(out_dtype)
 
 
-def sinkhorn_knopp_log(logits: torch.Tensor, num_iters: int) -> torch.Tensor:
+def sinkhorn_knopp_log(logits: torch.Tensor, num_iters: int, cap: float = 0.0) -> torch.Tensor:
     """Eq. (9) in log space (logsumexp subtraction): the reference for ``sinkhorn_knopp``.
 
     [..., n, n] -> [..., n, n] float32 (float64 for float64 input); never overflows for any logits.
     """
     with torch.autocast(device_type=logits.device.type, enabled=False):
-        log_m = logits.to(compute_dtype(logits.dtype))  # [..., n, n]
+        log_m = cap_logits(logits.to(compute_dtype(logits.dtype)), cap)  # [..., n, n]
         for _ in range(num_iters):
             log_m = log_m - torch.logsumexp(log_m, dim=-2, keepdim=True)  # T_c: columns sum to 1
             log_m = log_m - torch.logsumexp(log_m, dim=-1, keepdim=True)  # T_r: rows sum to 1
@@ -150,11 +167,12 @@ def column_vectors(n: int, alpha_pre: torch.Tensor, alpha_post: torch.Tensor, al
 
 def mappings(streams: torch.Tensor, phi: torch.Tensor, alpha_pre: torch.Tensor, alpha_post: torch.Tensor,
              alpha_res: torch.Tensor, b_pre: torch.Tensor, b_post: torch.Tensor, b_res: torch.Tensor,
-             sinkhorn_iters: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+             sinkhorn_iters: int, res_logit_cap: float = 0.0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """H_pre, H_post, H_res of Eq. (8), per residue.
 
     streams [..., n, C], phi [nC, 2n + n^2], alpha_* [], b_pre [n], b_post [n], b_res [n, n]
     -> (h_pre [..., n], h_post [..., n], h_res [..., n, n]), float32 at least.
+    ``res_logit_cap``: the soft cap of H~_res before the Sinkhorn (``cap_logits``; 0: none).
     NOTE: the three maps alpha * raw + b run over the 2n + n^2 columns at once (one GEMM, Eq. 14).
     """
     n = streams.shape[-2]
@@ -164,7 +182,7 @@ def mappings(streams: torch.Tensor, phi: torch.Tensor, alpha_pre: torch.Tensor, 
         pre, post, res = logits.split([n, n, n * n], dim=-1)
         h_pre = torch.sigmoid(pre)  # [..., n]
         h_post = 2.0 * torch.sigmoid(post)  # [..., n]
-        h_res = sinkhorn_knopp(res.reshape(*res.shape[:-1], n, n), sinkhorn_iters)  # [..., n, n]
+        h_res = sinkhorn_knopp(res.reshape(*res.shape[:-1], n, n), sinkhorn_iters, res_logit_cap)  # [..., n, n]
     return h_pre, h_post, h_res
 
 
@@ -197,8 +215,8 @@ def mix_out(h_res: torch.Tensor, h_post: torch.Tensor, streams: torch.Tensor, y:
 
 def mhc_pre_reference(streams: torch.Tensor, phi: torch.Tensor, alpha_pre: torch.Tensor,
                       alpha_post: torch.Tensor, alpha_res: torch.Tensor, b_pre: torch.Tensor,
-                      b_post: torch.Tensor, b_res: torch.Tensor,
-                      sinkhorn_iters: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                      b_post: torch.Tensor, b_res: torch.Tensor, sinkhorn_iters: int,
+                      res_logit_cap: float = 0.0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Everything an mHC residual computes before its branch: Eqs. (7)-(9), then H_pre S.
 
     streams [..., n, C], phi [nC, 2n + n^2], alpha_* [] (scalars), b_pre [n], b_post [n], b_res [n, n]
@@ -206,7 +224,7 @@ def mhc_pre_reference(streams: torch.Tensor, phi: torch.Tensor, alpha_pre: torch
     ``kernels.pre.fused_pre`` is the fused op of the same, forward and backward (tests compare).
     """
     h_pre, h_post, h_res = mappings(streams, phi, alpha_pre, alpha_post, alpha_res, b_pre, b_post, b_res,
-                                    sinkhorn_iters)
+                                    sinkhorn_iters, res_logit_cap)
     with torch.autocast(device_type=streams.device.type, enabled=False):
         x = mix_in(h_pre.to(streams.dtype), streams)  # [..., C]
     return x, h_post, h_res

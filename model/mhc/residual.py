@@ -31,6 +31,8 @@ class MHCResidual(nn.Module):
         n: the number of streams (``mhcExpansionRate``); n = 1 is the plain residual.
         alpha_init: the mappings' initial alpha (``mhcAlphaInit``).
         sinkhorn_iters: Sinkhorn-Knopp iterations, t_max of Eq. (9) (``mhcSinkhornIters``).
+        res_logit_cap: soft cap of the H_res logits (``mhcResLogitCap``; 0: none), see
+            ``reference.cap_logits``.
         fused: reference or fused kernels (fixed for the module's life):
             None (default): the fused kernels wherever they can run for the call's tensors
                 (``kernels.pre.available``: CUDA or Triton's interpreter, float32 / bf16 / fp16 streams,
@@ -54,7 +56,7 @@ class MHCResidual(nn.Module):
     """
 
     def __init__(self, branch: nn.Module, dim: int, *, n: int, alpha_init: float, sinkhorn_iters: int,
-                 fused: bool | None = None) -> None:
+                 res_logit_cap: float = 0.0, fused: bool | None = None) -> None:
         super().__init__()
         self.branch = branch
         self.dim = dim
@@ -66,8 +68,8 @@ class MHCResidual(nn.Module):
                              f"power of two >= 16, got n = {self.n} (mhcExpansionRate), C = {dim}; pass "
                              f"fused=None to use the reference for this shape")
         self._fused = None if fused is None else bool(fused)
-        self.mappings = (MHCMappings(dim, self.n, alpha_init=alpha_init, sinkhorn_iters=sinkhorn_iters)
-                         if self.n > 1 else None)
+        self.mappings = (MHCMappings(dim, self.n, alpha_init=alpha_init, sinkhorn_iters=sinkhorn_iters,
+                                     res_logit_cap=res_logit_cap) if self.n > 1 else None)
         self.record = True
         self.last_h_res: torch.Tensor | None = None
 
@@ -122,7 +124,7 @@ class MHCResidual(nn.Module):
     def _reference_update(self, streams: torch.Tensor, args: tuple, kwargs: dict, with_mean: bool):
         maps, dt = self.mappings, streams.dtype
         x, h_post, h_res = mhc_pre_reference(streams, maps.phi, *maps.column_parameters(),
-                                             maps.sinkhorn_iters)  # [B, L, C], [B, L, n], [B, L, n, n]
+                                             maps.sinkhorn_iters, maps.res_logit_cap)  # [B, L, C], [B, L, n], [B, L, n, n]
         self._record(h_res)
         y = self.branch(x, *args, **kwargs)  # [B, L, C]
         with torch.autocast(device_type=streams.device.type, enabled=False):
@@ -137,7 +139,8 @@ class MHCResidual(nn.Module):
             # the Sinkhorn on a side stream, overlapping the branch: sampling small batches only
             side = not needs_grad(streams, *maps.parameters()) and pre.overlap_pays(streams)
             x, h_post, pending = pre.fused_pre(streams, maps.phi, *maps.column_parameters(),
-                                               maps.sinkhorn_iters, side_stream=side)
+                                               maps.sinkhorn_iters, res_logit_cap=maps.res_logit_cap,
+                                               side_stream=side)
             # x [B, L, C], h_post [B, L, n]; H_res [B, L, n, n] to come
         y = self.branch(x, *args, **kwargs)  # [B, L, C]
         h_res = pending.wait()  # [B, L, n, n]

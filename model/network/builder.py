@@ -25,8 +25,8 @@ functions here build each one from a Config, and ``denoiser_parts`` builds all o
     numStructureTransitionLayers, ipaDropout, structureTransitionDropout
                                               StructureBranch (num_transition_layers, ipa_dropout,
                                               transition_dropout)
-    mhcExpansionRate, mhcAlphaInit, mhcSinkhornIters
-                                              MHCResidual (n, alpha_init, sinkhorn_iters)
+    mhcExpansionRate, mhcAlphaInit, mhcSinkhornIters, mhcResLogitCap
+                                              MHCResidual (n, alpha_init, sinkhorn_iters, res_logit_cap)
     mhcReadout                                mhc.build_readout (kind; GatedReadout: alpha_init)
     numStructureLayers, numStructureBlocks    Denoiser (len(structure_layers), num_blocks)
     useGradientCheckpointing                  Denoiser and PairTransformNet (checkpointing)
@@ -113,7 +113,8 @@ def build_ipa(config) -> InvariantPointAttention | FlashIPA:
 def build_mhc_residual(branch: nn.Module, config, *, fused: bool | None = None) -> mhc.MHCResidual:
     """``MHCResidual`` around ``branch`` (C = ``singleFeatureDimension``); ``fused`` as in MHCResidual."""
     return mhc.MHCResidual(branch, config.singleFeatureDimension, n=config.mhcExpansionRate,
-                           alpha_init=config.mhcAlphaInit, sinkhorn_iters=config.mhcSinkhornIters, fused=fused)
+                           alpha_init=config.mhcAlphaInit, sinkhorn_iters=config.mhcSinkhornIters,
+                           res_logit_cap=config.mhcResLogitCap, fused=fused)
 
 
 def build_structure_layer(config) -> StructureLayer:

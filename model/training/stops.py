@@ -21,10 +21,11 @@ __all__ = ["EXIT_NAN", "EXIT_OOM", "NAN_KNOBS", "OOM_KNOBS", "FaultInjection", "
 EXIT_NAN, EXIT_OOM = 3, 4  # process exit codes of the CLI for the two stops
 
 OOM_KNOBS = ("batchSize", "zFactorRank", "kNeighbors", "mhcExpansionRate", "useGradientCheckpointing")
-NAN_KNOBS = ("mhcSinkhornIters", "learningRate", "warmupEpoches", "gradientClipVal")
+NAN_KNOBS = ("mhcSinkhornIters", "mhcResLogitCap", "learningRate", "warmupEpoches", "gradientClipVal")
 _ADVICE = {"batchSize": "lower it", "zFactorRank": "try 1", "kNeighbors": "try 8",
            "mhcExpansionRate": "try 2", "useGradientCheckpointing": "set True",
-           "mhcSinkhornIters": "try 30", "learningRate": "lower it, e.g. 1e-4 or less",
+           "mhcSinkhornIters": "try 30", "mhcResLogitCap": "try 5 if mhc/col_sum_err_max grows; 0 = no cap",
+           "learningRate": "lower it, e.g. 1e-4 or less",
            "warmupEpoches": "lengthen it, e.g. 200", "gradientClipVal": "try 0.5"}
 
 

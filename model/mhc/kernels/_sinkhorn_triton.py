@@ -9,6 +9,14 @@ import triton.language as tl
 
 
 @triton.jit
+def _tanh(u):
+    """tanh in float64 from exp (no overflow: exp(-2|u|) <= 1)."""
+    e = tl.exp(-2.0 * tl.abs(u))
+    t = (1.0 - e) / (1.0 + e)
+    return tl.where(u < 0, -t, t)
+
+
+@triton.jit
 def _init(z, shift, FLOOR: tl.constexpr):
     d = z - shift[:, None, None]
     return tl.exp(tl.maximum(d, -FLOOR)), d > -FLOOR
@@ -16,11 +24,13 @@ def _init(z, shift, FLOOR: tl.constexpr):
 
 @triton.jit
 def forward_kernel(z_ptr, out_ptr, count, ITERS: tl.constexpr, N: tl.constexpr, FLOOR: tl.constexpr,
-                   BLOCK: tl.constexpr):
+                   CAP: tl.constexpr, BLOCK: tl.constexpr):
     rows = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)  # [BLOCK] matrix index
     offs = rows[:, None] * (N * N) + tl.arange(0, N * N)[None, :]  # [BLOCK, N*N]
     valid = rows[:, None] < count
     z = tl.reshape(tl.load(z_ptr + offs, mask=valid, other=0.0).to(tl.float64), (BLOCK, N, N))
+    if CAP > 0:  # the soft cap CAP tanh(z / CAP)
+        z = CAP * _tanh(z / CAP)
     shift = tl.max(tl.max(z, axis=2), axis=1)  # [BLOCK]
     m, _ = _init(z, shift, FLOOR)
     for _ in range(ITERS):
@@ -30,11 +40,17 @@ def forward_kernel(z_ptr, out_ptr, count, ITERS: tl.constexpr, N: tl.constexpr, 
 
 @triton.jit
 def backward_kernel(z_ptr, gout_ptr, gz_ptr, sums_ptr, count, ITERS: tl.constexpr, N: tl.constexpr,
-                    FLOOR: tl.constexpr, BLOCK: tl.constexpr):
+                    FLOOR: tl.constexpr, CAP: tl.constexpr, BLOCK: tl.constexpr):
     rows = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     offs = rows[:, None] * (N * N) + tl.arange(0, N * N)[None, :]
     valid = rows[:, None] < count
     z = tl.reshape(tl.load(z_ptr + offs, mask=valid, other=0.0).to(tl.float64), (BLOCK, N, N))
+    if CAP > 0:  # the capped logits and d(capped) / dz
+        t = _tanh(z / CAP)
+        z = CAP * t
+        dcap = 1.0 - t * t
+    else:
+        dcap = tl.full((BLOCK, N, N), 1.0, tl.float64)
     g = tl.reshape(tl.load(gout_ptr + offs, mask=valid, other=0.0).to(tl.float64), (BLOCK, N, N))
     shift = tl.max(tl.max(z, axis=2), axis=1)
     m0, live = _init(z, shift, FLOOR)
@@ -61,5 +77,5 @@ def backward_kernel(z_ptr, gout_ptr, gz_ptr, sums_ptr, count, ITERS: tl.constexp
         c = tl.expand_dims(tl.load(sums + (2 * it) * N, mask=valid, other=1.0), 1)  # [BLOCK, 1, N]
         g = (g - tl.sum(g * m, axis=1, keep_dims=True)) * (1.0 / c)
         m = m * c
-    gz = tl.where(live, g * m0, 0.0)
+    gz = tl.where(live, g * m0 * dcap, 0.0)
     tl.store(gz_ptr + offs, tl.reshape(gz, (BLOCK, N * N)).to(gz_ptr.dtype.element_ty), mask=valid)

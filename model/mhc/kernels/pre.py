@@ -264,7 +264,7 @@ def overlap_pays(streams: torch.Tensor) -> bool:
 
 def fused_pre(streams: torch.Tensor, phi: torch.Tensor, alpha_pre: torch.Tensor, alpha_post: torch.Tensor,
               alpha_res: torch.Tensor, b_pre: torch.Tensor, b_post: torch.Tensor, b_res: torch.Tensor,
-              sinkhorn_iters: int, *,
+              sinkhorn_iters: int, *, res_logit_cap: float = 0.0,
               side_stream: bool = False) -> tuple[torch.Tensor, torch.Tensor, PendingHRes]:
     """streams [..., n, C], phi [nC, 2n + n^2], alpha_* [] (scalars), b_pre [n], b_post [n], b_res [n, n]
     -> (x = H_pre S [..., C] in the streams' dtype, H_post [..., n] float32, PendingHRes); call ``.wait()``
@@ -278,19 +278,20 @@ def fused_pre(streams: torch.Tensor, phi: torch.Tensor, alpha_pre: torch.Tensor,
     two. Both buffers are allocated on the current stream before the fork and stay referenced until
     after the join, so the caching allocator cannot hand their memory out while the side stream uses
     them. Works eagerly and inside CUDA-graph capture (the fork and join become graph edges). On a CPU
-    tensor (Triton's interpreter) there is no side stream."""
+    tensor (Triton's interpreter) there is no side stream. ``res_logit_cap``: the Sinkhorn's soft cap of
+    the H_res logits (``reference.cap_logits``; 0: none)."""
     params = (alpha_pre, alpha_post, alpha_res, b_pre, b_post, b_res)
     iters = _checked_iters(streams, params, sinkhorn_iters)
     if needs_grad(streams, phi, *params):
         if side_stream:
             raise ValueError("fused_pre: side_stream only without gradient (call it under torch.no_grad())")
         x, h_post, z = MHCPre.apply(streams, phi, *params)  # z: H_res's logits [..., n, n]
-        return x, h_post, PendingHRes(sinkhorn.sinkhorn_fused(z, iters), z, None)
+        return x, h_post, PendingHRes(sinkhorn.sinkhorn_fused(z, iters, cap=res_logit_cap), z, None)
     x, h_post, z, _, _ = _forward(streams.contiguous(), phi, params, save=False)
     h_res = torch.empty_like(z)  # [..., n, n]
     side = _side_stream(h_res.device) if side_stream and h_res.is_cuda else None
     if side is not None:
         side.wait_stream(torch.cuda.current_stream(h_res.device))
     with torch.cuda.stream(side):  # None: the current stream
-        sinkhorn.sinkhorn_into(z, h_res, iters)
+        sinkhorn.sinkhorn_into(z, h_res, iters, cap=res_logit_cap)
     return x, h_post, PendingHRes(h_res, z, side)
