@@ -31,6 +31,7 @@ from model.atomic_io import atomic_write
 from model.config import load_config_with_overrides
 from model.data.datamodule import ProteinDataModule
 from model.training import PROFILERS, TrainOptions, batch_length_multiple, run_training
+from model.training.stops import FaultInjection, TrainingStopped
 
 PART = 15 * 2**20
 
@@ -83,6 +84,7 @@ def main() -> None:
                     help="override a config key, as `mhcflash train --set` (repeatable)")
     ap.add_argument("--profiler", choices=PROFILERS, default=None,
                     help="Lightning's per-hook host times, copied to <out>/fit-profile.txt")
+    ap.add_argument("--fault", default=None, help="test hook: make a step fail for real, e.g. nan@3 (FaultInjection)")
     args = ap.parse_args()
     cfg = load_config_with_overrides(Path(args.config), args.overrides)
     if args.graph:
@@ -98,23 +100,31 @@ def main() -> None:
                            pad_to_multiple=batch_length_multiple(cfg, otherwise=8))
     graphs = GraphStatsAtEnd()
     t0 = time.time()
-    result = run_training(cfg, TrainOptions(accelerator=args.accelerator, devices="1", max_minutes=args.minutes,
-                                            progress_bar=False, export_weights=False, profiler=args.profiler),
-                          datamodule=dm,
-                          callbacks=[graphs])
+    stopped = None
+    try:
+        result = run_training(cfg, TrainOptions(accelerator=args.accelerator, devices="1", max_minutes=args.minutes,
+                                                progress_bar=False, export_weights=False, profiler=args.profiler,
+                                                fault=FaultInjection.parse(args.fault) if args.fault else None),
+                              datamodule=dm, callbacks=[graphs])
+        last_ckpt, info = result.last_checkpoint, {"global_step": result.global_step,
+                                                   "resumed_from": str(result.resumed_from) if result.resumed_from else None}
+    except TrainingStopped as stop:  # NaN / OOM stop: keep its last good state and the metrics all the same
+        stopped = stop
+        last_ckpt = stop.checkpoint if stop.checkpoint is not None else last
+        info = {"stopped": str(stop), "exit_code": stop.exit_code}
     wall = time.time() - t0
     args.out.mkdir(parents=True, exist_ok=True)
-    parts = split_parts(result.last_checkpoint, args.out)
+    parts = split_parts(last_ckpt, args.out) if last_ckpt is not None and Path(last_ckpt).is_file() else []
     csvs = sorted((run_dir / "csv").glob("version_*/metrics.csv"), key=lambda p: p.stat().st_mtime)
     if csvs:
         shutil.copy(csvs[-1], args.out / "metrics.csv")
     if (run_dir / "fit-profile.txt").is_file():
         shutil.copy(run_dir / "fit-profile.txt", args.out / "fit-profile.txt")
-    info = {"global_step": result.global_step, "wall_s": wall, "parts": [p.name for p in parts],
-            "resumed_from": str(result.resumed_from) if result.resumed_from else None,
-            "train_graphs": graphs.stats}
+    info.update({"wall_s": wall, "parts": [p.name for p in parts], "train_graphs": graphs.stats})
     (args.out / "stretch.json").write_text(json.dumps(info, indent=1))
     print(json.dumps(info))
+    if stopped is not None:
+        sys.exit(stopped.exit_code)
 
 
 if __name__ == "__main__":
