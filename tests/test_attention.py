@@ -53,13 +53,13 @@ def test_packed_rows_fold_the_mask_and_pad_to_the_kernel_width(name):
     dq, dv = q.shape[-1], v.shape[-1]
     qs, ks, vs = att.pack_rows([q[..., :5] * 0.25, q[..., 5:] * 0.25], [k[..., :5], k[..., 5:]],
                                [v[..., :3], v[..., 3:]], mask, name)
-    assert (qs.shape[-1], vs.shape[-1]) == bk.padded_dims(name, dq + 2, dv)
+    assert (qs.shape[-1], vs.shape[-1]) == bk.padded_dims(name, dq + 1 + att.ANCHOR_COLUMNS, dv)
     assert qs.is_contiguous() and ks.is_contiguous() and vs.is_contiguous()
     real = mask.bool()
-    assert bool((qs[..., dq][real] == 1).all()) and bool((qs[..., dq + 2:] == 0).all())
-    anchor = -(q * 0.25 * k).sum(-1)  # [B, L, H]: the row anchor, -logit_ii
-    torch.testing.assert_close(qs[..., dq + 1][real], anchor[real], atol=ATOL_FP32, rtol=0)
-    assert bool((ks[..., dq + 1] == 1).all()) and bool((ks[..., dq + 2:] == 0).all())
+    assert bool((qs[..., dq][real] == 1).all()) and bool((qs[..., dq + 3:] == 0).all())
+    anchor = -(q * 0.25 * k).sum(-1)  # [B, L, H]: the row anchor, -logit_ii (high + low part)
+    torch.testing.assert_close(qs[..., dq + 1:dq + 3].sum(-1)[real], anchor[real], atol=ATOL_FP32, rtol=0)
+    assert bool((ks[..., dq + 1:dq + 3] == 1).all()) and bool((ks[..., dq + 3:] == 0).all())
     self_logit = (qs * ks).sum(-1)  # [B, L, H]: 0 on every real row
     assert float(self_logit[real].abs().max()) < 1e-5
     assert bool((qs[~real] == 0).all())  # padded query rows are zeroed
@@ -68,6 +68,28 @@ def test_packed_rows_fold_the_mask_and_pad_to_the_kernel_width(name):
     torch.testing.assert_close(out, naive(q, k, v, mask, 0.25), atol=ATOL_FP32, rtol=0)
     packed = att.packed_attention([q * 0.25], [k], [v], mask, backend="math") * mask[:, :, None, None]
     torch.testing.assert_close(packed, out, atol=ATOL_FP32, rtol=0)
+
+
+def test_row_anchor_is_exact_for_huge_bf16_self_logits():
+    """bf16 rows whose self logit is ~30,000 (Flash-IPA's point term between far-apart frames, after long
+    training): the anchored self logit, as a kernel computes it (bf16 inputs, float32 accumulation), is
+    within 1 of 0 on every real row. A single bf16 anchor column rounds -logit_ii to 8 significant bits
+    and leaves errors of tens, enough to put a whole row's logits below exp's underflow in a kernel's
+    backward (cuDNN: NaN)."""
+    g = torch.Generator().manual_seed(11)
+    b, l, h, d = 2, 64, 4, 16
+    q = (torch.randn(b, l, h, d, generator=g) * 45).bfloat16()
+    k = (q.float() + torch.randn(b, l, h, d, generator=g)).bfloat16()  # q_i . k_i ~ 30,000
+    mask = torch.ones(b, l)
+    mask[1, 50:] = 0
+    qs, ks, _ = att.pack_rows([q], [k], [k], mask, "math")
+    real = mask.bool()
+    logit_ii = (q.float() * k.float()).sum(-1)  # [B, L, H]
+    assert float(logit_ii[real].abs().min()) > 5e3 and float(logit_ii[real].abs().max()) > 3e4
+    self_logit = (qs.float() * ks.float()).sum(-1)  # [B, L, H]
+    assert float(self_logit[real].abs().max()) < 1.0
+    one_column = (q.float() * k.float()).sum(-1) + (-logit_ii).bfloat16().float()  # the single-column anchor
+    assert float(one_column[real].abs().max()) > 10.0
 
 
 def test_cpu_resolves_to_math_and_attention_runs():
@@ -256,7 +278,7 @@ def test_far_padded_queries_give_finite_gradients_on_every_gpu_backend(shift):
     _, ref = _packed_grads(q, k, v, mask, gout, "math", torch.float32)
     ran = []
     for name, st in bk.available_backends("cuda").items():
-        if name == "math" or not st.usable or not bk._kernel_accepts(name, 60, 104, torch.bfloat16,
+        if name == "math" or not st.usable or not bk._kernel_accepts(name, 61, 104, torch.bfloat16,
                                                                      torch.device("cuda"))[0]:
             continue
         try:

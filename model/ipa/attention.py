@@ -97,6 +97,7 @@ def _math_attention(q, k, v, key_padding_mask, scale):
 
 
 _CONSTANT_ROWS: dict[tuple, torch.Tensor] = {}
+ANCHOR_COLUMNS = 2  # the row anchor's high and low parts (pack_rows)
 
 
 def _constant_row(width: int, ones: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
@@ -123,11 +124,15 @@ def pack_rows(q_cols: list[torch.Tensor], k_cols: list[torch.Tensor], v_cols: li
     v_cols likewise for the values. Appends two columns and the zero padding to the kernel's widths
     (``_padded_dims``) in the SAME ``cat``, one copy per tensor:
     - the key-padding column: q 1; k 0 for a real key, -mask_value for a padded one;
-    - for self-attention, the row anchor: q ``-(q_i . k_i)`` (detached), k 1. It adds the constant
-      ``-logit_ii`` to every logit of row i, which softmax ignores (exactly, whatever its rounding: the
-      same value for every key), so each real row's self logit is 0 and its largest logit >= 0. NOTE:
-      without it a row whose logits are all far below 0 (Flash-IPA's point term at large distances) can
-      underflow exp in a kernel's backward: cuDNN's returned NaN for rows whose logits were all <= ~-88.
+    - for self-attention, the row anchor: ANCHOR_COLUMNS columns, q ``-(q_i . k_i)`` (detached) split
+      into a high and a low part in the rows' dtype, k 1 each. It adds the constant ``-logit_ii`` to
+      every logit of row i, which softmax ignores (exactly, whatever its rounding: the same value for
+      every key), so each real row's self logit is 0 and its largest logit >= 0. NOTE: without it a row
+      whose logits are all far below 0 (Flash-IPA's point term at large distances) can underflow exp in
+      a kernel's backward: cuDNN's returned NaN for rows whose logits were all <= ~-88. NOTE: one bf16
+      column is not enough: it rounds -logit_ii to 8 significant bits, so a self logit of 25,000 (the
+      point term of far-apart frames) would be anchored to within +-50 of 0, not to 0; the high + low
+      split leaves |logit_ii| * 2^-16 (tests/test_attention.py).
     Padded query rows are zeroed (see the module docstring). Returns contiguous q, k [B, L, H, W_qk] and
     v [B, L, H, W_v]; the caller cuts the output to D_v.
     """
@@ -135,7 +140,7 @@ def pack_rows(q_cols: list[torch.Tensor], k_cols: list[torch.Tensor], v_cols: li
     b, l, h = q_cols[0].shape[:3]
     dim_qk, dim_v = sum(t.shape[-1] for t in q_cols), sum(t.shape[-1] for t in v_cols)
     self_attention = k_cols[0].shape[1] == l and [t.shape[-1] for t in q_cols] == [t.shape[-1] for t in k_cols]
-    extra = 2 if self_attention else 1  # the mask column (+ the row anchor)
+    extra = 1 + ANCHOR_COLUMNS if self_attention else 1  # the mask column (+ the row anchor)
     pad_qk, pad_v = padded_dims(name, dim_qk + extra, dim_v, device)
     zeros = pad_qk - dim_qk - extra
     if key_padding_mask is None:
@@ -147,8 +152,10 @@ def pack_rows(q_cols: list[torch.Tensor], k_cols: list[torch.Tensor], v_cols: li
     if self_attention:
         with torch.no_grad():
             logit_ii = sum((qb.float() * kb.float()).sum(-1) for qb, kb in zip(q_cols, k_cols))  # [B, L, H]
-        q_tail.append((-logit_ii).to(dtype)[..., None])  # [B, L, H, 1]
-        k_tail.append(_constant_row(1, 1, dtype, device).expand(b, l, h, 1))
+            high = (-logit_ii).to(dtype)  # [B, L, H]
+            low = (-logit_ii - high.float()).to(dtype)  # what rounding to dtype left out
+        q_tail.append(torch.stack([high, low], dim=-1))  # [B, L, H, ANCHOR_COLUMNS]
+        k_tail.append(_constant_row(ANCHOR_COLUMNS, ANCHOR_COLUMNS, dtype, device).expand(b, l, h, -1))
     if zeros:
         q_tail.append(_constant_row(zeros, 0, dtype, device).expand(b, l, h, -1))
         k_tail.append(_constant_row(zeros, 0, dtype, device).expand(b, l, h, -1))

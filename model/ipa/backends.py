@@ -238,7 +238,7 @@ def resolve_backend(head_dims: tuple[int, int] = (64, 64), device: torch.device 
     """Choose the attention kernel for q / k width ``head_dims[0]`` and v width ``head_dims[1]``.
 
     ``use_flash_attn3`` (the config's ``useFlashAttn3``) allows FA4 and FA3. On the CPU the answer is always ``math``. On
-    CUDA: the first usable backend of BACKEND_ORDER that accepts the widths (+2 q / k columns: the
+    CUDA: the first usable backend of BACKEND_ORDER that accepts the widths (+3 q / k columns: the
     folded mask and the row anchor) and dtype; ``math`` last (correct, O(chunk * L) memory, slow) unless
     ``allow_math_on_gpu`` is False. Raises AttentionBackendError naming the width, the limit and the
     knobs when nothing accepts.
@@ -246,7 +246,7 @@ def resolve_backend(head_dims: tuple[int, int] = (64, 64), device: torch.device 
     device = torch.device(device)
     if device.type != "cuda":
         return BackendChoice("math", None, f"{device.type} device: explicit math attention")
-    dim_qk, dim_v = int(head_dims[0]) + 2, int(head_dims[1])  # +2: the key-padding column and the row anchor
+    dim_qk, dim_v = int(head_dims[0]) + 3, int(head_dims[1])  # +3: the key-padding column and the row anchor's 2
     status = available_backends(device)
     rejected = []
     order = BACKEND_ORDER
