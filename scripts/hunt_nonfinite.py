@@ -2,7 +2,9 @@
 is not finite, keep that step's exact inputs, then replay them through the model's variants.
 
     python scripts/hunt_nonfinite.py configs/ship_pairfree.txt --chains .gpu_data/chains.npz \
-        --max-residues 8192 --graph --minutes 6 --out OUT
+        --max-residues 8192 --graph --minutes 6 --out OUT [--state DIR]
+
+``--state DIR`` starts from a train_stretch.py checkpoint (its last.ckpt.part* files) instead of step 0.
 
 Phase 1 trains with ``nanPolicy skip`` and checks every step (one host sync per step); at the first bad
 step it writes ``OUT/nonfinite_step.pt``: the denoiser's weights before that step (a bad step is never
@@ -214,6 +216,8 @@ def main() -> None:
     ap.add_argument("--set", dest="overrides", action="append", default=[])
     ap.add_argument("--out", type=Path, required=True)
     ap.add_argument("--replay", type=Path, default=None, help="skip training: replay this dump")
+    ap.add_argument("--state", type=Path, default=None,
+                    help="start from this folder's last.ckpt.part* (a train_stretch.py checkpoint) instead of step 0")
     args = ap.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     if args.replay is None:
@@ -223,6 +227,12 @@ def main() -> None:
         if args.graph:
             cfg = cfg.replace(graphTrainingStep=True)
         cfg = cfg.replace(name=cfg.name + "_hunt")
+        if args.state is not None:
+            from train_stretch import join_parts
+
+            last = Path(cfg.logDirectory) / cfg.name / "checkpoints" / "last.ckpt"
+            last.parent.mkdir(parents=True, exist_ok=True)
+            print(f"start: {'from the parts in ' + str(args.state) if join_parts(args.state, last) else 'step 0'}")
         training.DiffusionModule._loss = _recording_loss
         dm = ProteinDataModule(cfg, chains=unpack(args.chains), max_residues_per_batch=args.max_residues,
                                pad_to_multiple=training.batch_length_multiple(cfg, otherwise=8))
