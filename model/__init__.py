@@ -3,6 +3,7 @@
 Entry point: ``model.build_denoiser(config) -> nn.Module``, called as
 ``denoiser(x_t [B, L, 3], t [B], mask [B, L]) -> eps_hat [B, L, 3]`` (zero on padding); the mode
 (standard / mhc / flash / mhc_flash) comes from ``config.useMHCMode`` and ``config.useFlashMode``.
+With ``config.selfConditioning`` it also takes ``x0_self`` [B, L, 3], its previous x0 estimate.
 
 Symbols used in every shape comment of the package:
 

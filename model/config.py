@@ -152,6 +152,9 @@ class Config:
     useFlashMode: bool = _key(False, "Flash-IPA over factorized pair features instead of dense IPA.")
     usePairFree: bool = _key(False, "Flash mode only: build the factors from single features and k-NN "
                              "geometry, no L x L tensor anywhere (long chains).")
+    selfConditioning: bool = _key(False, "Self-conditioning (Genie 2, FrameDiff): the denoiser also sees its previous "
+                                  "estimate of the clean CA trace; trained on half the samples, carried from step to "
+                                  "step when sampling.")
 
     # --- Flash-IPA (the reference configuration) ---
     zFactorRank: int = _key(2, "Rank of the factorized pair features (1: longest chains; 2: balanced).",

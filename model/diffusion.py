@@ -29,7 +29,8 @@ from collections.abc import Callable, Sequence
 
 import torch
 
-__all__ = ["BETA_MAX", "Schedule", "loss", "q_sample", "respaced_timesteps", "reverse_step", "sample"]
+__all__ = ["BETA_MAX", "Schedule", "loss", "predict_x0", "q_sample", "respaced_timesteps", "reverse_step",
+           "sample"]
 
 # Upper clip of beta_t (Nichol & Dhariwal, Genie). With Genie's form and T = 1000 the largest
 # unclipped beta is ~0.75 (at t = T), so the clip only matters for very small T.
@@ -121,6 +122,26 @@ def q_sample(schedule: Schedule, x0: torch.Tensor, t: torch.Tensor, noise: torch
     if mask is not None:
         x_t = x_t * mask.unsqueeze(-1).to(x_t.dtype)
     return x_t
+
+
+def predict_x0(schedule: Schedule, x_t: torch.Tensor, eps_hat: torch.Tensor, t: torch.Tensor,
+               mask: torch.Tensor) -> torch.Tensor:
+    """The clean trace implied by a noise prediction (DDPM eq. 4 solved for x0), for self-conditioning.
+
+    ``x0_hat = (x_t - sqrt(1 - abar_t) eps_hat) / sqrt(abar_t)``, in float32, re-centred on each sample's
+    real residues (like x_t) and zero on padding.
+
+    Args:
+        x_t: [B, L, 3]; eps_hat: [B, L, 3]; t: [B] long in [1, T]; mask: [B, L] (1 residue, 0 padding).
+    Returns:
+        x0_hat: [B, L, 3] float32.
+    """
+    tab = schedule.on(x_t.device)
+    x0 = (x_t.float() - _per_sample(tab["sqrt_one_minus_alpha_bars"][t]) * eps_hat.float()) \
+        / _per_sample(tab["sqrt_alpha_bars"][t])  # [B, L, 3]
+    m = mask.to(x0.dtype).unsqueeze(-1)  # [B, L, 1]
+    centre = (x0 * m).sum(1, keepdim=True) / m.sum(1, keepdim=True).clamp_min(1.0)  # [B, 1, 3]
+    return (x0 - centre) * m
 
 
 def loss(eps_hat: torch.Tensor, eps: torch.Tensor, mask: torch.Tensor, eps_norm: float = 1e-10) -> torch.Tensor:
@@ -252,7 +273,8 @@ def sample(denoiser: torch.nn.Module, lengths: Sequence[int], seeds: Sequence[in
            device: torch.device | str | None = None, max_batch_size: int = 32,
            max_residues: int | None = None,
            progress: Callable[[int, int], None] | None = None,
-           return_trajectory: bool = False, steps: int | None = None) -> list[torch.Tensor]:
+           return_trajectory: bool = False, steps: int | None = None,
+           self_condition: bool | None = None) -> list[torch.Tensor]:
     """Generate CA traces by ancestral sampling from ``x_T ~ N(0, I)`` down to ``x_0``.
 
     ``steps`` (None: T) visits :func:`respaced_timesteps` ``(T, steps)`` and jumps between them
@@ -263,9 +285,12 @@ def sample(denoiser: torch.nn.Module, lengths: Sequence[int], seeds: Sequence[in
     batch-size numerics). Samples are grouped longest-first into padded, masked batches of at most
     ``max_batch_size`` samples and, if given, ``max_residues`` padded residues.
 
+    A self-conditioned denoiser (``denoiser.self_conditioning``) gets each step's x0 estimate
+    (:func:`predict_x0` of the previous step's eps_hat; zeros at the first step) as ``x0_self``.
+
     Args:
-        denoiser: ``denoiser(x_t [B, L, 3], t [B], mask [B, L]) -> eps_hat [B, L, 3]``; run in eval
-            mode (its previous mode is restored).
+        denoiser: ``denoiser(x_t [B, L, 3], t [B], mask [B, L][, x0_self]) -> eps_hat [B, L, 3]``; run in
+            eval mode (its previous mode is restored).
         lengths: residues per sample.
         seeds: one int per sample; None draws them from torch's global generator.
         noise_scale: Genie's noise scale (0.6 default), one float or one per sample.
@@ -274,6 +299,8 @@ def sample(denoiser: torch.nn.Module, lengths: Sequence[int], seeds: Sequence[in
         progress: called as ``progress(steps_done, steps_total)`` after every step.
         return_trajectory: also keep every step.
         steps: sampling steps, 1 .. T (None: T).
+        self_condition: pass the previous estimate (None: when the denoiser is self-conditioned;
+            False: never, as if it had no estimate at every step).
     Returns:
         one float32 CPU tensor per sample, in input order: [L_i, 3] (``x_0``), or
         [steps + 1, L_i, 3] (``x_T .. x_0``) with ``return_trajectory``.
@@ -296,6 +323,8 @@ def sample(denoiser: torch.nn.Module, lengths: Sequence[int], seeds: Sequence[in
         device = next(denoiser.parameters()).device
     device = torch.device(device)
     T = schedule.num_timesteps
+    if self_condition is None:
+        self_condition = bool(getattr(denoiser, "self_conditioning", False))
     visits = respaced_timesteps(T, T if steps is None else steps)  # T .. 1
     pairs = list(zip(visits, visits[1:] + [0]))  # (t, s): x_t -> x_s
     batches = _plan_batches([int(L) for L in lengths], max_batch_size, max_residues)
@@ -315,11 +344,16 @@ def sample(denoiser: torch.nn.Module, lengths: Sequence[int], seeds: Sequence[in
             sizes = [int(lengths[i]) for i in idx]
             scale = torch.tensor([scales[i] for i in idx], device=device)  # [B]
             x = _draw(gens, sizes, Lmax, device)  # [B, L, 3] x_T
+            x0_hat = torch.zeros_like(x) if self_condition else None  # [B, L, 3] no estimate yet
             traj = [x.cpu()] if return_trajectory else None
             for step, step_to in pairs:
                 t = torch.full((B,), step, dtype=torch.long, device=device)  # [B]
                 t_prev = torch.full((B,), step_to, dtype=torch.long, device=device)  # [B]
-                eps_hat = denoiser(x, t, mask)  # [B, L, 3]
+                if self_condition:
+                    eps_hat = denoiser(x, t, mask, x0_hat)  # [B, L, 3]
+                    x0_hat = predict_x0(schedule, x, eps_hat, t, mask)  # [B, L, 3] the next step's estimate
+                else:
+                    eps_hat = denoiser(x, t, mask)  # [B, L, 3]
                 z = _draw(gens, sizes, Lmax, device) if step_to > 0 else torch.zeros_like(x)
                 x = reverse_step(schedule, x, eps_hat, t, mask, z, scale, t_prev)
                 if traj is not None:

@@ -17,6 +17,9 @@ model-side: weights, device, precision, compilation, warm-up, the per-step funct
         the denoiser forward + Genie's reverse step (a jump t -> s for a sampler of fewer steps,
         ``model.diffusion.respaced_timesteps``), replayed from a CUDA graph per (batch bucket, L)
         on CUDA (``model.sampling_step``); ``step.stats`` counts captures / replays / eager steps
+        a self-conditioned model (``sampler.self_conditioning``, ``step.self_conditioning``) steps as
+        (x_s, x0_hat) = step(..., t_prev, x0_self [B, L, 3]): the caller carries each sample's x0_hat
+        to its next step (zeros at its first)
     sampler.sample(lengths, seeds, noise_scale, steps=None) -> [x_0 [L_i, 3] float32 CPU] (the reference
         sampler; steps None: all T)
     sampler.timesteps(steps) -> the timesteps a sample of ``steps`` steps visits, T .. 1
@@ -111,7 +114,8 @@ class Sampler:
     Attributes: ``name`` (the weights directory's name), ``mode`` (standard / mhc / flash / mhc_flash),
     ``sha256`` (of the weights file), ``num_timesteps`` (T), ``device``, ``precision`` ("bf16": autocast
     on CUDA, as the weights were trained; or "float32"), ``autocast_dtype`` (bf16 or None),
-    ``config`` (the model's ``Config``), ``denoiser`` (the ``nn.Module``, for tests and benchmarks).
+    ``config`` (the model's ``Config``), ``denoiser`` (the ``nn.Module``, for tests and benchmarks),
+    ``self_conditioning`` (the step takes and returns each sample's x0 estimate, module docstring).
     """
 
     def __init__(self, loaded, device: torch.device, precision: str = "auto") -> None:
@@ -124,6 +128,7 @@ class Sampler:
         for module in find_mhc_modules(self.denoiser):  # sampling logs no mHC diagnostics: keep no H_res
             module.record, module.last_h_res = False, None
         self.config = loaded.config
+        self.self_conditioning = bool(getattr(self.denoiser, "self_conditioning", False))
         self.name, self.sha256, self.mode = loaded.name, loaded.sha256, loaded.config.mode
         self.device = torch.device(device)
         self.schedule = Schedule.from_config(self.config)
@@ -192,9 +197,12 @@ class Sampler:
             for b, n in enumerate(batch):
                 mask[b, :n] = 1.0
             t = torch.tensor([1, self.num_timesteps][:len(batch)], dtype=torch.long, device=self.device)  # [B]
-            out = eager_step(self.denoiser, self.schedule, x * mask[..., None], t, mask, torch.randn_like(x),
-                             torch.ones(len(batch), device=self.device), autocast_dtype=self.autocast_dtype)
-            if not torch.isfinite(out).all():
+            x = x * mask[..., None]
+            x0_self = x if self.self_conditioning else None  # an estimate: its features run too
+            out = eager_step(self.denoiser, self.schedule, x, t, mask, torch.randn_like(x),
+                             torch.ones(len(batch), device=self.device), None, x0_self,
+                             autocast_dtype=self.autocast_dtype)
+            if not all(torch.isfinite(o).all() for o in (out if self.self_conditioning else (out,))):
                 raise WarmupError("warm-up produced NaN / Inf: the weights are broken")
 
     def residue_budget(self, max_length: int, *, cpu_budget: int = 4096, memory_fraction: float = 0.8) -> int:
@@ -213,7 +221,7 @@ class Sampler:
         mask = torch.ones(1, max_length, device=device)  # [1, L]
         t = torch.full((1,), 1, dtype=torch.long, device=device)  # [1]
         with torch.no_grad():
-            self.denoiser(x, t, mask)
+            self.denoiser(x, t, mask, *((x,) if self.self_conditioning else ()))
         torch.cuda.synchronize(device)
         per_residue = max(1, torch.cuda.max_memory_allocated(device) - base) / max_length
         free, _ = torch.cuda.mem_get_info(device)

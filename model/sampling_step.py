@@ -17,6 +17,12 @@ t_prev (each sample's next timestep: t - 1, or less for a respaced sampler with 
 ``model.diffusion.respaced_timesteps``) is an input buffer like t, so samples of requests with
 different step counts share one graph and one replay; the key does not depend on it.
 
+Self-conditioned models (``denoiser.self_conditioning``, ``selfConditioning True``): the step also takes
+each sample's previous estimate x0_self [B, L, 3] (zeros: none yet, a sample's first step) and returns
+the pair (x_s, x0_hat), x0_hat = ``model.diffusion.predict_x0`` of this step's eps_hat, the sample's
+next x0_self. The graph has one more input buffer and one output [2, B_b, L, 3]; other models' steps
+are unchanged (no buffer, no copy).
+
 Padding rows never change real rows: every op of the denoiser and of ``reverse_step`` is per sample
 (the batch axis is never reduced over), and a sample with an all-zero mask gives finite zeros.
 
@@ -42,7 +48,7 @@ from dataclasses import dataclass
 import torch
 
 from model.cuda_graphs import GraphCache, GraphStats, capture_graph
-from model.diffusion import Schedule, reverse_step
+from model.diffusion import Schedule, predict_x0, reverse_step
 
 log = logging.getLogger("mhcflash.graphs")
 
@@ -70,29 +76,39 @@ def batch_bucket(batch: int, buckets: Sequence[int] = BATCH_BUCKETS) -> int | No
 
 def eager_step(denoiser: torch.nn.Module, schedule: Schedule, x: torch.Tensor, t: torch.Tensor,
                mask: torch.Tensor, noise: torch.Tensor, noise_scale: torch.Tensor,
-               t_prev: torch.Tensor | None = None, *, autocast_dtype: torch.dtype | None = None) -> torch.Tensor:
+               t_prev: torch.Tensor | None = None, x0_self: torch.Tensor | None = None, *,
+               autocast_dtype: torch.dtype | None = None):
     """The reference step: ``eps_hat = denoiser(x, t, mask)`` (under autocast if asked), then ``reverse_step``.
 
     Args:
         x: [B, L, 3] x_t, zero on padding; t: [B] long in [1, T]; mask: [B, L] float;
         noise: [B, L, 3] (ignored where t_prev == 0); noise_scale: [B];
         t_prev: [B] long, each sample's next timestep in [0, t - 1] (None: t - 1).
+        x0_self: [B, L, 3] each sample's previous x0 estimate (self-conditioned models only; None: zeros).
         autocast_dtype: bf16 / fp16 autocast on CUDA (ignored on CPU), or None.
     Returns:
-        x_{t_prev}: [B, L, 3] float32.
+        x_{t_prev}: [B, L, 3] float32; for a self-conditioned denoiser the pair (x_{t_prev}, x0_hat
+        [B, L, 3] float32).
 
     NOTE: autocast's weight-cast cache is off on every path (eager, warm-up, graph capture): the
     CUDA-graph docs advise it off inside a capture, and ``torch.compile`` guards on it, so one
     setting everywhere means the compiled pair stack is compiled once, not once per path. Each
     weight is used once per call, so the cache saved nothing.
     """
+    self_conditioned = getattr(denoiser, "self_conditioning", False)
+    if x0_self is not None and not self_conditioned:
+        raise ValueError("x0_self given, but the denoiser was built without selfConditioning")
+    args = (x, t, mask, x0_self) if self_conditioned else (x, t, mask)
     with torch.no_grad():
         if autocast_dtype is not None and x.device.type == "cuda":
             with torch.autocast("cuda", dtype=autocast_dtype, cache_enabled=False):
-                eps_hat = denoiser(x, t, mask)  # [B, L, 3]
+                eps_hat = denoiser(*args)  # [B, L, 3]
         else:
-            eps_hat = denoiser(x, t, mask)  # [B, L, 3]
-        return reverse_step(schedule, x, eps_hat.float(), t, mask, noise, noise_scale, t_prev)  # [B, L, 3]
+            eps_hat = denoiser(*args)  # [B, L, 3]
+        x_s = reverse_step(schedule, x, eps_hat.float(), t, mask, noise, noise_scale, t_prev)  # [B, L, 3]
+        if self_conditioned:
+            return x_s, predict_x0(schedule, x, eps_hat, t, mask)  # [B, L, 3] x 2
+        return x_s
 
 
 def cuda_capture(fn: StepFn, device: torch.device, pool: Callable[[], object]):
@@ -123,15 +139,17 @@ class _Graph:
     noise: torch.Tensor  # [B_b, L, 3]
     scale: torch.Tensor  # [B_b]
     t_prev: torch.Tensor  # [B_b] long
+    x0: torch.Tensor | None = None  # [B_b, L, 3] x0_self (self-conditioned models only)
     replay: Callable[[], None] | None = None
-    out: torch.Tensor | None = None  # [B_b, L, 3]
+    out: torch.Tensor | None = None  # [B_b, L, 3], or [2, B_b, L, 3] (x_s, x0_hat) when self-conditioned
     dirty: int = 0  # rows [:dirty] may hold a previous batch's samples
 
 
 class SamplingStep:
     """``step(x [B, L, 3], t [B], mask [B, L], noise [B, L, 3], noise_scale [B], t_prev [B] | None) -> x_s [B, L, 3]``.
 
-    ``t_prev`` None means t - 1 (one step of the full schedule).
+    ``t_prev`` None means t - 1 (one step of the full schedule). When ``self_conditioning`` (the
+    denoiser's), ``step(..., t_prev, x0_self [B, L, 3] | None) -> (x_s, x0_hat)`` (module docstring).
 
     Returns what :func:`eager_step` returns for the same inputs (a fresh tensor, safe to keep across
     steps). With ``graphed`` True the step is replayed from a graph captured lazily per (batch
@@ -153,6 +171,7 @@ class SamplingStep:
         self.graphed = bool(graphed)
         self.capture = capture if capture is not None else cuda_capture
         self.buckets = tuple(sorted(buckets))
+        self.self_conditioning = bool(getattr(denoiser, "self_conditioning", False))
         self.cache: GraphCache[_Graph] = GraphCache(max_graphs=max_graphs, owner="CUDA graphs",
                                                     eager_text="sampling goes on eagerly", off_hint=off_hint,
                                                     warn=log.warning)
@@ -173,33 +192,39 @@ class SamplingStep:
     def clear(self) -> None:
         self.cache.clear()
 
-    def eager(self, x, t, mask, noise, noise_scale, t_prev=None) -> torch.Tensor:
+    def eager(self, x, t, mask, noise, noise_scale, t_prev=None, x0_self=None):
         self.stats.eager += 1
-        return eager_step(self.denoiser, self.schedule, x, t, mask, noise, noise_scale, t_prev,
+        return eager_step(self.denoiser, self.schedule, x, t, mask, noise, noise_scale, t_prev, x0_self,
                           autocast_dtype=self.autocast_dtype)
 
     def __call__(self, x: torch.Tensor, t: torch.Tensor, mask: torch.Tensor, noise: torch.Tensor,
-                 noise_scale: torch.Tensor, t_prev: torch.Tensor | None = None) -> torch.Tensor:
+                 noise_scale: torch.Tensor, t_prev: torch.Tensor | None = None,
+                 x0_self: torch.Tensor | None = None):
+        if x0_self is not None and not self.self_conditioning:
+            raise ValueError("x0_self given, but the denoiser was built without selfConditioning")
         batch, length = x.shape[:2]
         bucket = batch_bucket(batch, self.buckets)
         if not self.enabled or bucket is None:
-            return self.eager(x, t, mask, noise, noise_scale, t_prev)
+            return self.eager(x, t, mask, noise, noise_scale, t_prev, x0_self)
         if t_prev is None:
             t_prev = t - 1  # [B]
         key = (bucket, length)
+        inputs = (x, t, mask, noise, noise_scale, t_prev, x0_self)
         graph = self.cache.get(key)
         if graph is None:
             graph = self._buffers(bucket, length)
-            self._copy_in(graph, x, t, mask, noise, noise_scale, t_prev)
+            self._copy_in(graph, *inputs)
             self.cache.ready(key)  # capture_after 1: captured on first use
             graph = self.cache.capture(key, lambda: self._record(graph), device=self.device,
                                        describe=f"the step of batch {bucket} x length {length}")
             if graph is None:  # capturing failed (reported once): eager from now on
-                return self.eager(x, t, mask, noise, noise_scale, t_prev)
+                return self.eager(*inputs)
         else:
-            self._copy_in(graph, x, t, mask, noise, noise_scale, t_prev)
+            self._copy_in(graph, *inputs)
         graph.replay()  # after a capture too: the capture only recorded the step
         self.stats.replays += 1
+        if self.self_conditioning:  # [2, B, L, 3]: one copy, then (x_s, x0_hat)
+            return tuple(graph.out[:, :batch].clone().unbind(0))
         return graph.out[:batch].clone()  # [B, L, 3]: copied before another graph can reuse the pool
 
     # ------------------------------------------------------------------------------- internals
@@ -209,21 +234,31 @@ class SamplingStep:
 
     def _buffers(self, bucket: int, length: int) -> _Graph:
         dev = self.device
+        x0 = torch.zeros(bucket, length, 3, device=dev) if self.self_conditioning else None
         return _Graph(x=torch.zeros(bucket, length, 3, device=dev), t=torch.ones(bucket, dtype=torch.long, device=dev),
                       mask=torch.zeros(bucket, length, device=dev), noise=torch.zeros(bucket, length, 3, device=dev),
-                      scale=torch.zeros(bucket, device=dev), t_prev=torch.zeros(bucket, dtype=torch.long, device=dev))
+                      scale=torch.zeros(bucket, device=dev), t_prev=torch.zeros(bucket, dtype=torch.long, device=dev),
+                      x0=x0)
 
     def _step_fn(self, graph: _Graph) -> StepFn:
         def fn() -> torch.Tensor:
-            return eager_step(self.denoiser, self.schedule, graph.x, graph.t, graph.mask, graph.noise, graph.scale,
-                              graph.t_prev, autocast_dtype=self.autocast_dtype)  # [B_b, L, 3]
+            out = eager_step(self.denoiser, self.schedule, graph.x, graph.t, graph.mask, graph.noise, graph.scale,
+                             graph.t_prev, graph.x0, autocast_dtype=self.autocast_dtype)  # [B_b, L, 3]
+            return torch.stack(out) if graph.x0 is not None else out  # self-conditioned: [2, B_b, L, 3]
 
         return fn
 
     @staticmethod
-    def _copy_in(graph: _Graph, x, t, mask, noise, noise_scale, t_prev) -> None:
+    def _copy_in(graph: _Graph, x, t, mask, noise, noise_scale, t_prev, x0_self=None) -> None:
         """Rows [:B] <- the batch; rows [B:dirty] (a previous, larger batch) <- padding samples."""
         batch = x.shape[0]
+        if graph.x0 is not None:  # self-conditioned: the estimates (None: zeros, no estimate yet)
+            if x0_self is None:
+                graph.x0[:batch].zero_()
+            else:
+                graph.x0[:batch].copy_(x0_self)
+            if graph.dirty > batch:
+                graph.x0[batch:graph.dirty].zero_()
         graph.x[:batch].copy_(x)
         graph.t[:batch].copy_(t)
         graph.mask[:batch].copy_(mask)

@@ -11,6 +11,12 @@ A group with the same members (same order) as in its previous step takes that st
 x_t, with no per-sample copies; the outputs are kept only while the engine is busy (`forget` frees
 them when it goes idle).
 
+A self-conditioned model's step (`self_conditioning`) also takes each sample's previous x0 estimate
+x0_self [B, L, 3] and returns the next one: a group with the same members takes it from its previous
+step like x_t; otherwise each sample's own estimate (`Slot.x0`, None until its first step: zeros) is
+gathered into the batch, so an estimate follows its sample into any group and a sample that joins
+mid-flight starts without one. Other models gather and keep no estimates.
+
 Symbols: B batch, L residues (padded).
 """
 
@@ -51,15 +57,17 @@ def length_groups(lengths: list[int], ratio: float) -> list[list[int]]:
 class StepInputs:
     """A group's step inputs, gathered from its slots or taken from the group's previous output.
 
-    ``prev`` / ``next``: x_{t_prev} [B, L, 3] and mask [B, L] of each group's step in the previous / this
-    iteration, keyed by (L, member uids); ``pending``: (key, mask) of the step in progress.
+    ``prev`` / ``next``: x_{t_prev} [B, L, 3], mask [B, L] and x0_hat [B, L, 3] (None unless
+    ``self_conditioning``) of each group's step in the previous / this iteration, keyed by (L, member
+    uids); ``pending``: (key, mask) of the step in progress.
     """
 
-    def __init__(self, device: torch.device, pad_multiple: int) -> None:
+    def __init__(self, device: torch.device, pad_multiple: int, self_conditioning: bool = False) -> None:
         self.device = torch.device(device)
         self.pad_multiple = int(pad_multiple)
-        self.prev: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
-        self.next: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
+        self.self_conditioning = bool(self_conditioning)
+        self.prev: dict[tuple, tuple] = {}
+        self.next: dict[tuple, tuple] = {}
         self.pending: tuple = ((), None)
 
     def new_iteration(self) -> None:
@@ -70,7 +78,8 @@ class StepInputs:
         self.prev, self.next, self.pending = {}, {}, ((), None)
 
     def gather(self, batch: list[Slot]) -> tuple[tuple[torch.Tensor, ...], bool]:
-        """((x [B, L, 3], t [B], mask [B, L], noise [B, L, 3], noise_scale [B], t_prev [B]), reused).
+        """((x [B, L, 3], t [B], mask [B, L], noise [B, L, 3], noise_scale [B], t_prev [B]), reused),
+        with x0_self [B, L, 3] appended when ``self_conditioning``.
 
         Per sample only its noise draw is a separate operation (its own generator, drawn once per
         step and kept on the slot for an OOM retry); x and mask are gathered per sample only when the
@@ -80,8 +89,8 @@ class StepInputs:
         dev = self.device
         key = (L, *(s.uid for s in batch))
         previous = self.prev.get(key)
-        if previous is not None:  # same members, same order: x_t is the last step's output
-            x_prev, mask = previous
+        if previous is not None:  # same members, same order: x_t (and x0_self) are the last step's outputs
+            x_prev, mask, x0_self = previous
             x = torch.where(mask[..., None] > 0, x_prev, 0.0)  # [B, L, 3] (padding back to 0)
         else:
             lengths = to_device([s.length for s in batch], torch.long, dev)  # [B]
@@ -89,6 +98,11 @@ class StepInputs:
             x = torch.zeros(B, L, 3, device=dev)  # [B, L, 3]
             for b, s in enumerate(batch):
                 x[b, : s.length] = s.x
+            x0_self = torch.zeros(B, L, 3, device=dev) if self.self_conditioning else None  # [B, L, 3]
+            if x0_self is not None:
+                for b, s in enumerate(batch):
+                    if s.x0 is not None:  # None: its first step, no estimate yet (zeros)
+                        x0_self[b, : s.length] = s.x0
         noise = torch.zeros(B, L, 3, device=dev)  # [B, L, 3]
         for b, s in enumerate(batch):
             if s.t_prev > 0:
@@ -100,10 +114,12 @@ class StepInputs:
         t = to_device([s.t for s in batch], torch.long, dev)  # [B]
         scale = to_device([s.job.noise_scale for s in batch], torch.float32, dev)  # [B]
         t_prev = to_device([s.t_prev for s in batch], torch.long, dev)  # [B]
-        return (x, t, mask, noise, scale, t_prev), previous is not None
+        inputs = (x, t, mask, noise, scale, t_prev) + ((x0_self,) if self.self_conditioning else ())
+        return inputs, previous is not None
 
-    def remember(self, batch: list[Slot], x_new: torch.Tensor) -> None:
-        """Keep x_{t_prev} [B, L, 3] as the group's next input if no member finishes or leaves in between."""
+    def remember(self, batch: list[Slot], x_new: torch.Tensor, x0_new: torch.Tensor | None = None) -> None:
+        """Keep x_{t_prev} [B, L, 3] (and x0_hat [B, L, 3]) as the group's next inputs if no member
+        finishes or leaves in between."""
         key, mask = self.pending
         if not any(s.t_prev == 0 or s.job.done for s in batch):  # t_prev == 0: it finishes with this step
-            self.next[key] = (x_new, mask)
+            self.next[key] = (x_new, mask, x0_new)

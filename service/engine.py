@@ -15,7 +15,8 @@ A request of `steps` steps (T: Genie's sampler) walks `model.sampler.respaced_ti
 one per iteration, so requests of different step counts share batches. Sample i of a request with
 seed s draws x_T and every step's noise from its own generator seeded s + i, in the order of
 `model.diffusion.sample` (same `steps`): a sample does not depend on what it is batched with (up to
-the denoiser's batch-size numerics).
+the denoiser's batch-size numerics). A self-conditioned model's step (`step.self_conditioning`) also
+carries each sample's x0 estimate from its previous step (`service.batching`; zeros at its first).
 
 Faults:
 - `torch.cuda.OutOfMemoryError` in a step: the batch is split in halves and retried (the noise
@@ -57,7 +58,7 @@ log = logging.getLogger("mhcflash.engine")
 
 __all__ = ["SamplingEngine"]
 
-StepFn = Callable[..., torch.Tensor]  # (x [B, L, 3], t [B], mask [B, L], noise [B, L, 3], scale [B], t_prev [B]) -> x_s
+StepFn = Callable[..., torch.Tensor]  # (x, t, mask, noise, scale, t_prev[, x0_self]) -> x_s | (x_s, x0_hat)
 
 
 class SamplingEngine:
@@ -113,7 +114,7 @@ class SamplingEngine:
         self._thread: threading.Thread | None = None
         self._ema_sample_s = 1.0
         self.report.gauge("residue_budget", self.residue_budget)
-        self.inputs = StepInputs(self.device, self.pad_multiple)
+        self.inputs = StepInputs(self.device, self.pad_multiple, getattr(step, "self_conditioning", False))
         self.pacer = StepPacer(self.device, ahead=steps_ahead,
                                observe=metrics.step_duration.observe if metrics is not None else None)
 
@@ -295,7 +296,7 @@ class SamplingEngine:
     def _step(self, batch: list[Slot]) -> None:
         started = self.pacer.begin()
         try:
-            x_new = self._forward(batch)
+            x_new, x0_new = self._forward(batch)
         except torch.cuda.OutOfMemoryError:
             self.report.error("oom")
             self.stats.oom_retries += 1
@@ -318,16 +319,14 @@ class SamplingEngine:
             self._step(batch[half:])
             return
         self.pacer.end(started)  # reports the step time; may wait for an earlier step (CUDA)
-        self.inputs.remember(batch, x_new)
+        self.inputs.remember(batch, x_new, x0_new)
         self.report.batch(batch, self.pad_multiple, self.residue_budget)
         finished = []
         with self._cv:
             for b, slot in enumerate(batch):
                 if slot.job.done:
                     continue
-                slot.x = x_new[b, : slot.length]
-                slot.noise = None
-                slot.advance()  # t <- t_prev
+                slot.stepped(x_new[b], None if x0_new is None else x0_new[b])  # t <- t_prev
                 if slot.t == 0:
                     finished.append(slot)
             done_ids = {id(s) for s in finished}
@@ -344,12 +343,14 @@ class SamplingEngine:
                 self._fail(slot.job, SampleFailed("step", f"could not write the sample as PDB: {exc}"))
         self._update_depth()
 
-    def _forward(self, batch: list[Slot]) -> torch.Tensor:
-        """One step (denoiser + reverse step) of `batch`, a length group; returns x_{t_prev} [B, L, 3]."""
+    def _forward(self, batch: list[Slot]) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """One step (denoiser + reverse step) of `batch`, a length group: x_{t_prev} [B, L, 3] and the
+        x0 estimates [B, L, 3] (None unless self-conditioned)."""
         inputs, reused = self.inputs.gather(batch)
         self.stats.inputs_reused += int(reused)
         try:
-            return self.step(*inputs)  # [B, L, 3]
+            out = self.step(*inputs)  # [B, L, 3], or ([B, L, 3], [B, L, 3])
+            return out if self.inputs.self_conditioning else (out, None)
         finally:
             if getattr(self.step, "graphed", False):
                 self.report.graphs(self.step.stats)

@@ -90,7 +90,8 @@ class Job:
 
 @dataclass(eq=False)
 class Slot:
-    """One sample of a job: its own generator, its current x_t, t and the next timestep `t_prev`."""
+    """One sample of a job: its own generator, its current x_t, t and the next timestep `t_prev`; with a
+    self-conditioned model also its latest x0 estimate `x0` (None before its first step)."""
 
     job: Job
     index: int
@@ -102,6 +103,7 @@ class Slot:
     x: torch.Tensor | None = None  # [L, 3] on device
     gen: torch.Generator | None = None
     noise: torch.Tensor | None = None  # [L, 3] drawn for the pending step, reused on an OOM retry
+    x0: torch.Tensor | None = None  # [L, 3] on device: the last step's x0 estimate (self-conditioned models)
     admitted: float = 0.0
     uid: int = field(default_factory=itertools.count().__next__)  # never reused (unlike id())
 
@@ -118,6 +120,15 @@ class Slot:
         """One step done: t <- t_prev."""
         self.t = self.t_prev
         self.pos += 1
+
+    def stepped(self, x: torch.Tensor, x0: torch.Tensor | None = None) -> None:
+        """Its step is done: x_{t_prev} (a padded row [L_pad, 3]) and, if self-conditioned, x0_hat
+        [L_pad, 3] become its state; t <- t_prev."""
+        self.x = x[: self.length]
+        if x0 is not None:
+            self.x0 = x0[: self.length]
+        self.noise = None
+        self.advance()
 
 
 @dataclass

@@ -56,10 +56,11 @@ def _autocast_module():
             self.inner = denoiser
             self.config = denoiser.config
             self.dtype = dtype
+            self.self_conditioning = bool(getattr(denoiser, "self_conditioning", False))
 
-        def forward(self, x, t, mask):
+        def forward(self, x, t, mask, *x0_self):  # x0_self: a self-conditioned model's estimate
             with torch.autocast("cuda", dtype=self.dtype, cache_enabled=False):
-                return self.inner(x, t, mask).float()  # [B, L, 3]
+                return self.inner(x, t, mask, *x0_self).float()  # [B, L, 3]
 
     return AutocastDenoiser
 

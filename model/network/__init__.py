@@ -15,7 +15,9 @@ Modules:
     pair_transform.py  triangle multiplicative updates, triangle attention, pair transition
     structure.py       StructureBranch (IPA + transitions), PlainResidual, BackboneUpdate,
                        StructureLayer (residual wrapper + backbone update)
-    denoiser.py        Denoiser: x_t, t, mask -> eps_hat, composed from the pieces above
+    self_condition.py  self-conditioning on the previous x0 estimate: distance bins (dense pair features)
+                       or a factorizer over the estimate's k-NN graph (pair-free), zero-initialised
+    denoiser.py        Denoiser: x_t, t, mask (, x0_self) -> eps_hat, composed from the pieces above
     compile.py         torch.compile of the pair stack and Flash-IPA's point rotations, and its undo
 
 The entry point is ``model.build_denoiser(config)``; ``model.mhc_flash_denoiser.mHCFlashDenoiser`` is

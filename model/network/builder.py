@@ -32,10 +32,13 @@ functions here build each one from a Config, and ``denoiser_parts`` builds all o
     useGradientCheckpointing                  Denoiser and PairTransformNet (checkpointing)
     useMHCMode, useFlashMode                  which residual (PlainResidual / MHCResidual) and which IPA
                                               (dense / Flash) the structure layers hold
+    selfConditioning                          Denoiser (self_condition): DistogramSelfCondition (c_p) or,
+                                              pair-free, PairFreeSelfCondition (as the factorizer); None off
 
 NOTE: the parts are built in a fixed order (single features, pair features, pair transform,
-factorizer, then per structure layer: IPA, branch, residual, backbone update; the read-out last), so
-a seeded build draws the same initial parameters as before (``tests/test_state_dict.py`` pins them).
+factorizer, then per structure layer: IPA, branch, residual, backbone update; the read-out, then the
+self-conditioning parts last), so a seeded build draws the same initial parameters as before
+(``tests/test_state_dict.py`` pins them), and a self-conditioned build the same ones for every shared key.
 """
 
 from __future__ import annotations
@@ -48,6 +51,7 @@ from model.ipa.factorizer import PairFactorizer, PairFreeFactorizer
 from model.ipa.flash import FlashIPA
 from model.network.features import PairFeatureNet, SingleFeatureNet
 from model.network.pair_transform import PairTransformNet
+from model.network.self_condition import DistogramSelfCondition, PairFreeSelfCondition
 from model.network.structure import PlainResidual, StructureBranch, StructureLayer
 
 __all__ = [
@@ -56,6 +60,7 @@ __all__ = [
     "build_mhc_residual",
     "build_pair_feature_net",
     "build_pair_transform",
+    "build_self_condition",
     "build_single_feature_net",
     "build_structure_layer",
     "denoiser_parts",
@@ -127,6 +132,18 @@ def build_structure_layer(config) -> StructureLayer:
     return StructureLayer(residual=residual, c_s=c_s)
 
 
+def build_self_condition(config) -> DistogramSelfCondition | PairFreeSelfCondition | None:
+    """The self-conditioning part (``selfConditioning``): on the pair features (dense pair modes) or the
+    pair factors (``usePairFree``, with the factorizer's sizes); None when off."""
+    if not config.selfConditioning:
+        return None
+    if config.useFlashMode and config.usePairFree:
+        return PairFreeSelfCondition(single_dim=config.singleFeatureDimension, rank=config.zFactorRank,
+                                     channels=config.pairFeatureDimension, k=config.kNeighbors,
+                                     max_offset=config.relativePositionK)
+    return DistogramSelfCondition(c_p=config.pairFeatureDimension)
+
+
 def denoiser_parts(config) -> dict:
     """The keyword arguments of ``Denoiser`` for ``config``'s mode, every part built (in a fixed order)."""
     pair_free = bool(config.useFlashMode and config.usePairFree)
@@ -139,7 +156,9 @@ def denoiser_parts(config) -> dict:
     if config.useMHCMode:
         readout = mhc.build_readout(config.mhcReadout, config.singleFeatureDimension, n=config.mhcExpansionRate,
                                     alpha_init=config.mhcAlphaInit)
+    self_condition = build_self_condition(config)  # last: the other parts draw what they drew without it
     return {"single_feature_net": single_feature_net, "pair_feature_net": pair_feature_net,
             "pair_transform_net": pair_transform_net, "factorizer": factorizer, "structure_layers": layers,
             "readout": readout, "num_blocks": config.numStructureBlocks,
-            "checkpointing": config.useGradientCheckpointing, "config": config}
+            "checkpointing": config.useGradientCheckpointing, "self_condition": self_condition,
+            "config": config}

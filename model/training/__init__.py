@@ -21,6 +21,8 @@ Modules:
                          non-finite-state errors, load_checkpoint_denoiser
     graphed_step.py      TrainGraphs: the forward + backward replayed from per-shape CUDA graphs
                          (``graphTrainingStep``; the graph cache is ``model.cuda_graphs``)
+    self_conditioning.py the self-conditioned forward (``selfConditioning``): per-sample coins, a no-grad
+                         pass for the x0 estimate, the gradient pass on it (eager and graphed steps)
     trainer.py           TrainOptions, build_trainer, run_training, debug_config
 
 The names below are the package's public surface, each imported from its module on first use (so

@@ -36,7 +36,7 @@ ARCH_KEYS = (
     "triangularAttentionNumHeads", "pairTransitionN", "numStructureLayers", "numStructureBlocks",
     "ipaHiddenDimension", "ipaNumHeads", "ipaNumQkPoints", "ipaNumVPoints",
     "numStructureTransitionLayers", "zFactorRank", "mhcExpansionRate", "mhcReadout", "numTimesteps",
-    "schedule",
+    "schedule", "selfConditioning",
 )
 
 

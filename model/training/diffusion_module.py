@@ -5,6 +5,8 @@ noising, loss on the predicted noise, Adam at ``learningRate``).
 
 NOTE: AdamW with a linear warm-up over ``warmupEpoches`` (converted to optimizer steps with the
     dataloader length) and gradient-norm clipping at ``gradientClipVal``; Genie has neither.
+NOTE: with ``selfConditioning`` each sample's coin (``model.training.self_conditioning``) is drawn
+    after its timestep and noise from the same generator, and the forward runs a no-grad pass first.
 NOTE: a checkpoint carries the config text and is checked against the model before it loads
     (``checkpoints``); one of the Flash-IPA layout before the fused projections cannot resume.
 
@@ -33,6 +35,7 @@ from model.diffusion import Schedule, q_sample
 from model.diffusion import loss as genie_loss
 from model.ipa.flash import has_legacy_layout
 from model.training.checkpoints import CONFIG_KEY, CheckpointMismatchError, check_checkpoint
+from model.training.self_conditioning import draw_keep, self_conditioned_eps
 from model.training.stops import NAN_KNOBS, FaultInjection, knob_text
 
 __all__ = ["NAN_CHECK_EVERY_CUDA", "DiffusionModule"]
@@ -56,12 +59,12 @@ class DiffusionModule(pl.LightningModule):
             from model.network.compile import compile_denoiser
 
             compile_denoiser(self.denoiser)
+        self.schedule = Schedule.from_config(config)
         self.train_graphs = None
         if config.graphTrainingStep:  # GPU only; calls it cannot graph run eagerly (graphed_step.py)
             from model.training.graphed_step import TrainGraphs
 
-            self.train_graphs = TrainGraphs(self.denoiser)
-        self.schedule = Schedule.from_config(config)
+            self.train_graphs = TrainGraphs(self.denoiser, schedule=self.schedule)
         self.fault = fault
         self.stop_reason: str | None = None
         self.stop_checkpoint: Path | None = None
@@ -78,10 +81,14 @@ class DiffusionModule(pl.LightningModule):
         self._t_last = None
 
     # -- forward -----------------------------------------------------------------------------------
-    def forward(self, x_t: torch.Tensor, t: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        """[B, L, 3], [B], [B, L] -> eps_hat [B, L, 3]."""
+    def forward(self, x_t: torch.Tensor, t: torch.Tensor, mask: torch.Tensor,
+                keep: torch.Tensor | None = None) -> torch.Tensor:
+        """[B, L, 3], [B], [B, L] -> eps_hat [B, L, 3]; ``keep`` [B]: self-conditioned, with these
+        samples' estimates (``model.training.self_conditioning``)."""
         if self.train_graphs is not None and self.training and torch.is_grad_enabled():
-            return self.train_graphs(x_t, t, mask)
+            return self.train_graphs(x_t, t, mask, keep)
+        if keep is not None:
+            return self_conditioned_eps(self.denoiser, self.schedule, x_t, t, mask, keep)
         return self.denoiser(x_t, t, mask)
 
     def _loss(self, batch: dict, generator: torch.Generator | None = None) -> torch.Tensor:
@@ -91,7 +98,8 @@ class DiffusionModule(pl.LightningModule):
         t = torch.randint(1, T + 1, (B,), device=x0.device, generator=generator)  # [B]
         eps = torch.randn(x0.shape, device=x0.device, generator=generator) * mask.unsqueeze(-1)  # [B, L, 3]
         x_t = q_sample(self.schedule, x0, t, eps, mask)
-        return genie_loss(self(x_t, t, mask), eps, mask)
+        keep = draw_keep(B, x0.device, generator) if self.config.selfConditioning else None  # [B]
+        return genie_loss(self(x_t, t, mask, keep), eps, mask)
 
     # -- training ----------------------------------------------------------------------------------
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:

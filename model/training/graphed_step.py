@@ -35,6 +35,9 @@ after each replay every recording module's ``last_h_res`` is pointed at its shap
 holds this step's H_res, as after an eager call, with no eager step for the diagnostics.
 NOTE: so ``last_h_res`` after a replay is a view of graph memory: the next replay of the same shape
 overwrites it (``mhc_diagnostics`` reads it at once; clone it to keep it).
+Self-conditioning (``keep`` given): the graphed forward is ``self_conditioned_eps`` (the no-grad pass,
+the estimate and the gradient pass), the same function as the eager step, with ``keep`` [B] a fourth
+static input (part of the key): one pair of graphs per shape serves every draw of the coins.
 NOTE: autocast's weight-cast cache cannot be captured; captures and replays run under a nested
 ``torch.autocast(cache_enabled=False)`` with the caller's autocast dtype, which is part of the key.
 """
@@ -47,6 +50,7 @@ import torch
 from torch import nn
 
 from model.cuda_graphs import GraphCache, GraphCaptureError, GraphStats, restore_rng
+from model.training.self_conditioning import self_conditioned_eps
 
 __all__ = ["GraphStats", "TrainGraphs"]
 
@@ -55,12 +59,18 @@ class _ShapeCall(nn.Module):
     """The denoiser behind one shape's graphs (a separate module: make_graphed_callables replaces
     its ``forward``, and the denoiser itself must stay callable eagerly)."""
 
-    def __init__(self, denoiser: nn.Module) -> None:
+    def __init__(self, denoiser: nn.Module, schedule=None) -> None:
         super().__init__()
         self.denoiser = denoiser
+        self.schedule = schedule
 
-    def forward(self, x_t: torch.Tensor, t: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        return self.denoiser(x_t, t, mask)
+    def forward(self, x_t: torch.Tensor, t: torch.Tensor, mask: torch.Tensor,
+                keep: torch.Tensor | None = None) -> torch.Tensor:
+        if keep is None:
+            return self.denoiser(x_t, t, mask)
+        if self.schedule is None:
+            raise ValueError("self-conditioned training steps need the schedule: TrainGraphs(..., schedule=)")
+        return self_conditioned_eps(self.denoiser, self.schedule, x_t, t, mask, keep)
 
 
 def _warn(message: str) -> None:
@@ -68,19 +78,21 @@ def _warn(message: str) -> None:
 
 
 class TrainGraphs:
-    """``graphs(x_t [B, L, 3], t [B], mask [B, L]) -> eps_hat [B, L, 3]`` with gradients, replayed
-    from per-shape CUDA graphs where it can (see the module docstring for when it cannot).
+    """``graphs(x_t [B, L, 3], t [B], mask [B, L], keep [B] | None) -> eps_hat [B, L, 3]`` with gradients,
+    replayed from per-shape CUDA graphs where it can (see the module docstring for when it cannot).
 
     Args:
         denoiser: the model (``model.network.denoiser.Denoiser``); its parameters are used in place.
+        schedule: the diffusion schedule (``model.diffusion.Schedule``), for self-conditioned calls.
         max_graphs: shapes kept at once (least recently used dropped beyond that).
         capture_after: capture a shape on its n-th call (earlier calls run eagerly).
         warmup_iters: eager forward + backward passes before a capture (make_graphed_callables').
     """
 
-    def __init__(self, denoiser: nn.Module, *, max_graphs: int = 64, capture_after: int = 2,
+    def __init__(self, denoiser: nn.Module, *, schedule=None, max_graphs: int = 64, capture_after: int = 2,
                  warmup_iters: int = 3) -> None:
         self.denoiser = denoiser
+        self.call = _ShapeCall(denoiser, schedule)  # the eager step: what each shape's graphs capture
         self.warmup_iters = warmup_iters
         # per shape: the graphed call, and (module, H_res tensor of the graph) for every MHCResidual
         # that recorded while it was captured
@@ -114,55 +126,58 @@ class TrainGraphs:
             return "not a CUDA tensor"
         return None
 
-    def __call__(self, x_t: torch.Tensor, t: torch.Tensor, mask: torch.Tensor, *, eager: bool = False) -> torch.Tensor:
+    def __call__(self, x_t: torch.Tensor, t: torch.Tensor, mask: torch.Tensor, keep: torch.Tensor | None = None,
+                 *, eager: bool = False) -> torch.Tensor:
+        args = (x_t, t, mask) if keep is None else (x_t, t, mask, keep)
         if eager or self.unsupported_reason(x_t) is not None:
-            return self._eager(x_t, t, mask)
-        key = self._key(x_t, t, mask)
+            return self._eager(*args)
+        key = self._key(*args)
         entry = self.cache.get(key)
         if entry is None:
             if not self.cache.ready(key):
-                return self._eager(x_t, t, mask)
-            entry = self.cache.capture(key, lambda: self._record(x_t, t, mask), device=x_t.device,
+                return self._eager(*args)
+            entry = self.cache.capture(key, lambda: self._record(*args), device=x_t.device,
                                        describe=f"batch shape {list(x_t.shape)}")
             if entry is None:  # capturing failed (warned once): eager from now on
-                return self._eager(x_t, t, mask)
+                return self._eager(*args)
         graphed, recorded = entry
         self.stats.replays += 1
-        out = graphed(x_t, t, mask)
+        out = graphed(*args)
         for module, h_res in recorded:  # this replay rewrote them: this step's H_res
             module.last_h_res = h_res
         return out
 
-    def _eager(self, x_t: torch.Tensor, t: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    def _eager(self, *args: torch.Tensor) -> torch.Tensor:
         self.stats.eager += 1
-        return self.denoiser(x_t, t, mask)
+        return self.call(*args)
 
     @staticmethod
     def _autocast_state() -> tuple[bool, torch.dtype]:
         return torch.is_autocast_enabled("cuda"), torch.get_autocast_dtype("cuda")
 
-    def _key(self, x_t: torch.Tensor, t: torch.Tensor, mask: torch.Tensor) -> tuple:
-        return (tuple(x_t.shape), x_t.dtype, t.dtype, mask.dtype, x_t.device, *self._autocast_state())
+    def _key(self, x_t: torch.Tensor, t: torch.Tensor, mask: torch.Tensor, *keep: torch.Tensor) -> tuple:
+        return (tuple(x_t.shape), x_t.dtype, t.dtype, mask.dtype, x_t.device, len(keep), *self._autocast_state())
 
-    def _record(self, x_t: torch.Tensor, t: torch.Tensor, mask: torch.Tensor):
+    def _record(self, *args: torch.Tensor):
         """Capture this shape's forward + backward into the cache's pool; GraphCaptureError if that fails."""
         from model.mhc import find_mhc_modules
 
         recording = [m for m in find_mhc_modules(self.denoiser) if m.record]
         enabled, dtype = self._autocast_state()
-        static = tuple(a.detach().clone() for a in (x_t, t, mask))  # the graph's own input buffers
+        device = args[0].device
+        static = tuple(a.detach().clone() for a in args)  # the graph's own input buffers
         for m in recording:
             m.last_h_res = None
         try:
             with torch.autocast("cuda", dtype=dtype, enabled=enabled, cache_enabled=False):
                 graphed = torch.cuda.make_graphed_callables(
-                    _ShapeCall(self.denoiser), static, num_warmup_iters=self.warmup_iters,
+                    _ShapeCall(self.denoiser, self.call.schedule), static, num_warmup_iters=self.warmup_iters,
                     allow_unused_input=True, pool=self.cache.pool())
         except torch.cuda.OutOfMemoryError:
-            restore_rng(x_t.device)
+            restore_rng(device)
             raise
         except Exception as exc:  # any capture failure: the cache warns and training goes on eagerly
-            restore_rng(x_t.device)
+            restore_rng(device)
             raise GraphCaptureError(f"{type(exc).__name__}: {exc}") from exc
         # the forward captured last: each module's last_h_res is now its H_res inside the graph
         return graphed, [(m, m.last_h_res) for m in recording if m.last_h_res is not None]
