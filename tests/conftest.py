@@ -60,6 +60,16 @@ ATOL_GEOMETRY = 1e-4      # Frenet-Serret frames under a global rigid motion
 ATOL_INVARIANCE = 2e-4    # IPA output under a global rigid motion
 ATOL_EQUIVARIANCE = 5e-4  # denoiser eps_hat under a global rigid motion (coordinates ~ 10 A)
 ATOL_PADDING = 1e-5       # padded vs unpadded outputs on real residues
+
+# The denoiser's modes (config overrides of tiny_config): useMHCMode x useFlashMode, and pair-free Flash-IPA
+DENOISER_MODES = {
+    "standard": {},
+    "mhc": {"useMHCMode": True},
+    "flash": {"useFlashMode": True},
+    "mhc_flash": {"useMHCMode": True, "useFlashMode": True},
+    "flash_pair_free": {"useFlashMode": True, "usePairFree": True},
+    "mhc_flash_pair_free": {"useMHCMode": True, "useFlashMode": True, "usePairFree": True},
+}
 ATOL_GRAD = 1e-5          # gradients with vs without checkpointing
 
 

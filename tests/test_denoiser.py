@@ -19,6 +19,7 @@ from conftest import (
     ATOL_EQUIVARIANCE,
     ATOL_GRAD,
     ATOL_PADDING,
+    DENOISER_MODES,
     pad_batch,
     random_ca_trace,
     randomize_parameters,
@@ -31,14 +32,7 @@ from model.geometry import random_rotation
 from model.mhc_flash_denoiser import mHCFlashDenoiser
 from model.network.denoiser import Denoiser
 
-MODES = {
-    "standard": {},
-    "mhc": {"useMHCMode": True},
-    "flash": {"useFlashMode": True},
-    "mhc_flash": {"useMHCMode": True, "useFlashMode": True},
-    "flash_pair_free": {"useFlashMode": True, "usePairFree": True},
-    "mhc_flash_pair_free": {"useMHCMode": True, "useFlashMode": True, "usePairFree": True},
-}
+MODES = DENOISER_MODES
 LENGTHS = (23, 17, 13)  # odd, distinct: padding exercised for two of three chains
 
 

@@ -23,6 +23,7 @@ import torch
 from conftest import (
     ATOL_EQUIVARIANCE,
     ATOL_PADDING,
+    DENOISER_MODES,
     pad_batch,
     random_ca_trace,
     randomize_parameters,
@@ -34,13 +35,7 @@ from model.config import Config, parse_config
 from model.diffusion import Schedule, predict_x0, q_sample, sample
 from model.geometry import random_rotation
 
-MODES = {
-    "standard": {},
-    "mhc": {"useMHCMode": True},
-    "flash": {"useFlashMode": True},
-    "mhc_flash": {"useMHCMode": True, "useFlashMode": True},
-    "mhc_flash_pair_free": {"useMHCMode": True, "useFlashMode": True, "usePairFree": True},
-}
+MODES = {name: mode for name, mode in DENOISER_MODES.items() if name != "flash_pair_free"}
 PAIR_FREE = MODES["mhc_flash_pair_free"]
 LENGTHS = (23, 17, 13)  # odd, distinct: two of three chains padded
 WEIGHTS = Path(__file__).resolve().parents[1] / "weights"
