@@ -40,7 +40,7 @@ PAIR_FREE = MODES["mhc_flash_pair_free"]
 LENGTHS = (23, 17, 13)  # odd, distinct: two of three chains padded
 WEIGHTS = Path(__file__).resolve().parents[1] / "weights"
 FIXTURE = Path(__file__).resolve().parent / "fixtures" / "shipped_samples.json"
-SHIPPED_ATOL = 1e-4  # Angstrom: the fixture's 5 decimals and CPU kernel numerics of other hosts
+SHIPPED_ATOL = 5e-4  # Angstrom: the fixture's 5 decimals and CPU kernel numerics of other hosts (1.6e-4 seen)
 
 
 def _models(overrides: dict, *, perturb_new: bool = True):
