@@ -60,6 +60,7 @@ ATOL_GEOMETRY = 1e-4      # Frenet-Serret frames under a global rigid motion
 ATOL_INVARIANCE = 2e-4    # IPA output under a global rigid motion
 ATOL_EQUIVARIANCE = 5e-4  # denoiser eps_hat under a global rigid motion (coordinates ~ 10 A)
 ATOL_PADDING = 1e-5       # padded vs unpadded outputs on real residues
+ATOL_SAMPLE = 1e-4        # a whole sampled trajectory, same seed, other batch (ATOL_PADDING per call, summed)
 
 # The denoiser's modes (config overrides of tiny_config): useMHCMode x useFlashMode, and pair-free Flash-IPA
 DENOISER_MODES = {

@@ -6,12 +6,11 @@ import math
 
 import pytest
 import torch
-from conftest import pad_batch, random_ca_trace, tiny_config
+from conftest import ATOL_SAMPLE, pad_batch, random_ca_trace, tiny_config
 
 from model.diffusion import BETA_MAX, Schedule, loss, q_sample, reverse_step, sample
 
 ATOL_STEP = 1e-6  # reverse_step: batched vs separate rows (pure elementwise arithmetic, fp32)
-ATOL_SAMPLE = 1e-4  # sample(): same seed, different batch (denoiser padding invariance ~1e-5 per call)
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")

@@ -10,7 +10,7 @@ their inputs on. What must hold:
   gives for each alone;
 - POST /sample over the real app returns the reference sampler's backbone.
 Tolerances: exact where the same computation runs on the same rows; ATOL_PADDING for other batch
-compositions (ATOL_SAMPLED over a whole trajectory); COORD_ATOL (tests/test_service.py) through PDB text.
+compositions (ATOL_SAMPLE over a whole trajectory); COORD_ATOL (tests/test_service.py) through PDB text.
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ import httpx
 import numpy as np
 import pytest
 import torch
-from conftest import ATOL_PADDING, randomize_parameters
+from conftest import ATOL_PADDING, ATOL_SAMPLE, randomize_parameters
 
 from model import build_denoiser
 from model.config import Config
@@ -34,7 +34,6 @@ from service.testing import TINY_SERVICE_CONFIG, serve_in_thread, tiny_settings
 
 CPU = torch.device("cpu")
 COORD_ATOL = 2e-3  # Angstrom: PDB rounding + batch-composition numerics (tests/test_service.py)
-ATOL_SAMPLED = 1e-4  # Angstrom: ATOL_PADDING grown over a whole trajectory (1.1e-5 seen on some CPUs)
 SC_CONFIG = {**TINY_SERVICE_CONFIG, "usePairFree": True, "selfConditioning": True, "name": "tiny_sc"}
 
 
@@ -163,8 +162,8 @@ def test_engine_carries_each_samples_estimate(model, graphed, oom_at, monkeypatc
     assert stats.oom_retries == (0 if oom_at is None else 1)
     alone_a = sample(den, [22], [11], 0.6)[0]
     alone_b = sample(den, [17], [30], 0.6, steps=8)[0]
-    assert (got_a - alone_a).abs().max() < ATOL_SAMPLED
-    assert (got_b - alone_b).abs().max() < ATOL_SAMPLED
+    assert (got_a - alone_a).abs().max() < ATOL_SAMPLE
+    assert (got_b - alone_b).abs().max() < ATOL_SAMPLE
     without = sample(den, [17], [30], 0.6, steps=8, self_condition=False)[0]
     assert (got_b - without).abs().max() > 1e-3  # the estimate changed the backbone
 
