@@ -77,8 +77,8 @@ def engine_step_fn(engine: SamplingEngine, slots: list[Slot]):
         engine.inputs.new_iteration()
         for s in slots:
             s.noise = None
-        out = engine._forward(slots)
-        engine.inputs.remember(slots, out)
+        out, x0 = engine._forward(slots)  # x0: the self-conditioned model's estimate, else None
+        engine.inputs.remember(slots, out, x0)
         for b, s in enumerate(slots):
             s.x = out[b, : s.length]
         return out

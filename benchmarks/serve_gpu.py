@@ -9,7 +9,12 @@ Also records the engine's per-step time so the floor (steps x step time) is visi
 
     python benchmarks/serve_gpu.py --weights weights/ --out DIR [--lengths 128,256] [--precision bf16] \
         [--inflight-residues 16384] [--count 4] [--phase-seconds 90] [--compile auto|on|off] \
-        [--mixed-lengths 64,100,128,200,256]
+        [--mixed-lengths 64,100,128,200,256] [--steps 1000,250] [--url http://host:port]
+
+``--steps``: every phase runs once per step count (``steps`` in the request body), in the same server,
+so fewer-step rates and the full sampler's come from one run. ``--url``: measure a service that is
+already running (e.g. one started from the image's install) instead of starting one in this process;
+the engine's step time and batch size then come from its ``/metrics``.
 
 A phase starts new requests until --phase-seconds have passed and then waits for those in flight.
 """
@@ -64,10 +69,67 @@ async def load(url: str, bodies: list[dict], clients: int, deadline_s: float) ->
                 "residues_per_s": residues / wall, "latency_p50_s": pct(lat, 0.5), "latency_p99_s": pct(lat, 0.99)}
 
 
-def engine_stats(srv) -> dict:
-    eng = srv.app.state.service.engine
-    s = eng.stats
-    return {k: getattr(s, k) for k in dir(s) if not k.startswith("_") and isinstance(getattr(s, k), (int, float))}
+METRIC_SUMS = ("mhcflash_step_duration_seconds", "mhcflash_batch_size")
+
+
+def engine_stats(url: str) -> dict:
+    """Step time and batch size sums / counts from the service's ``/metrics`` (Prometheus text)."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    out = {}
+    for family in text_string_to_metric_families(httpx.get(f"{url}/metrics", timeout=30).text):
+        if family.name in METRIC_SUMS:
+            for sample in family.samples:
+                if sample.name.endswith(("_sum", "_count")):
+                    out[sample.name] = sample.value
+    return out
+
+
+def step_summary(before: dict, after: dict) -> dict:
+    """Mean step time (ms) and batch size over a phase, from two `engine_stats` readings."""
+    diff = {k: after.get(k, 0.0) - before.get(k, 0.0) for k in after}
+    steps = diff.get("mhcflash_step_duration_seconds_count", 0.0)
+    return {"engine_steps": steps,
+            "mean_step_ms": 1e3 * diff.get("mhcflash_step_duration_seconds_sum", 0.0) / steps if steps else None,
+            "mean_batch_size": diff.get("mhcflash_batch_size_sum", 0.0) / steps if steps else None}
+
+
+def run_phases(url: str, args, report: dict, out_file: Path) -> None:
+    """Single-request latency, fixed lengths and the mixed load, once per step count."""
+    def save() -> None:
+        out_file.write_text(json.dumps(report, indent=1, default=str))
+
+    report["info"] = httpx.get(f"{url}/info", timeout=30).json()
+    for steps in args.step_counts:
+        tag = "" if steps is None else f"_s{steps}"
+        extra = {} if steps is None else {"steps": steps}
+        t0 = time.monotonic()
+        r = httpx.post(f"{url}/sample", json={"length": 128, "seed": 0, **extra}, timeout=900)
+        body = r.json() if r.status_code == 200 else {}
+        single = {"status": r.status_code, "latency_s": time.monotonic() - t0, "steps": body.get("steps"),
+                  "server_timings": body.get("timings", r.text)}
+        report["phases"][f"single_L128{tag}"] = single
+        print(f"single request L=128{tag}:", json.dumps(single), flush=True)
+        save()
+        loads = [(f"load_L{L}{tag}", [L]) for L in args.length_list]
+        if not args.no_mixed:
+            loads.append((f"load_mixed{tag}", args.mixed))
+        for name, lengths in loads:
+            rng = random.Random(0)
+            clients = max(1, round(args.inflight_residues / (sum(lengths) / len(lengths) * args.count)))
+            bodies = [{"length": rng.choice(lengths), "count": args.count, "seed": i, **extra}
+                      for i in range(4 * clients)]
+            before = engine_stats(url)
+            res = asyncio.run(load(url, bodies, clients, args.phase_seconds))
+            res.update(clients=clients, count=args.count, lengths=lengths, steps=steps,
+                       **step_summary(before, engine_stats(url)))
+            report["phases"][name] = res
+            print(f"{name}: {json.dumps(res)}", flush=True)
+            save()
+    report["metrics_tail"] = [ln for ln in httpx.get(f"{url}/metrics", timeout=30).text.splitlines()
+                              if ln.startswith(("mhcflash_gpu_memory", "mhcflash_attention", "mhcflash_model_info"))]
+    print("\n".join(report["metrics_tail"]))
+    save()
 
 
 def main() -> None:
@@ -87,51 +149,29 @@ def main() -> None:
     ap.add_argument("--no-mixed", action="store_true")
     ap.add_argument("--mixed-lengths", default="64,100,128,200,256",
                     help="lengths the mixed load draws from (uniformly, seeded)")
+    ap.add_argument("--steps", default="",
+                    help="comma-separated step counts; every phase runs once per count (empty: the server's default)")
+    ap.add_argument("--url", default=None, help="a running service to measure (default: start one in this process)")
+    ap.add_argument("--label", default="", help="name of this run in the JSON (e.g. the attention backend)")
     args = ap.parse_args()
+    args.length_list = [int(x) for x in args.lengths.split(",") if x]
+    args.mixed = [int(x) for x in args.mixed_lengths.split(",")]
+    args.step_counts = [int(x) for x in args.steps.split(",") if x] or [None]
     args.out.mkdir(parents=True, exist_ok=True)
+    out_file = args.out / f"serve_gpu{'_' + args.label if args.label else ''}.json"
+    report = {"stack": stack(), "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
+              "torch": torch.__version__, "precision": args.precision, "length_group_ratio": args.length_group_ratio,
+              "residue_budget": args.residue_budget, "label": args.label, "url": args.url, "phases": {}}
+    if args.url:
+        run_phases(args.url.rstrip("/"), args, report, out_file)
+        return
     settings = ServiceSettings(weights=args.weights, device=args.device, precision=args.precision,
                                residue_budget=args.residue_budget, queue_max_samples=4096, max_count=64, compile=args.compile,
                                length_group_ratio=args.length_group_ratio,
                                max_total_residues=65536, request_timeout_s=900.0, log_level="warning",
                                exit_on_engine_death=False)
-    report = {"stack": stack(), "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu", "torch": torch.__version__,
-              "precision": args.precision, "length_group_ratio": args.length_group_ratio,
-              "residue_budget": args.residue_budget, "phases": {}}
     with serve_in_thread(settings) as srv:
-        info = httpx.get(f"{srv.url}/info").json()
-        report["info"] = info
-        t0 = time.monotonic()
-        r = httpx.post(f"{srv.url}/sample", json={"length": 128, "seed": 0}, timeout=900)
-        report["phases"]["single_L128"] = {"status": r.status_code, "latency_s": time.monotonic() - t0,
-                                               "server_timings": r.json().get("timings") if r.status_code == 200 else r.text}
-        print("single request L=128:", json.dumps(report["phases"]["single_L128"]), flush=True)
-        (args.out / "serve_gpu.json").write_text(json.dumps(report, indent=1, default=str))
-        for L in [int(x) for x in args.lengths.split(",") if x]:
-            clients = max(1, round(args.inflight_residues / (L * args.count)))
-            bodies = [{"length": L, "count": args.count, "seed": i} for i in range(4 * clients)]
-            before = engine_stats(srv)
-            res = asyncio.run(load(srv.url, bodies, clients, args.phase_seconds))
-            res["clients"], res["count"] = clients, args.count
-            res["engine_before"], res["engine_after"] = before, engine_stats(srv)
-            report["phases"][f"load_L{L}"] = res
-            print(f"L={L}: {json.dumps({k: v for k, v in res.items() if not k.startswith('engine')})}", flush=True)
-            (args.out / "serve_gpu.json").write_text(json.dumps(report, indent=1, default=str))
-        if args.no_mixed:
-            return
-        rng = random.Random(0)
-        mixed = [int(x) for x in args.mixed_lengths.split(",")]
-        clients = max(1, round(args.inflight_residues / (sum(mixed) / len(mixed) * args.count)))
-        bodies = [{"length": rng.choice(mixed), "count": args.count, "seed": i} for i in range(4 * clients)]
-        res = asyncio.run(load(srv.url, bodies, clients, args.phase_seconds))
-        res["clients"], res["count"] = clients, args.count
-        res["lengths"] = mixed
-        report["phases"]["load_mixed"] = res
-        print(f"mixed: {json.dumps(res)}", flush=True)
-        report["metrics_tail"] = [ln for ln in httpx.get(f"{srv.url}/metrics").text.splitlines()
-                                  if ln.startswith(("mhcflash_gpu_memory", "mhcflash_attention", "mhcflash_step_duration_seconds_sum",
-                                                    "mhcflash_step_duration_seconds_count", "mhcflash_batch_size_sum"))]
-        print("\n".join(report["metrics_tail"]))
-    (args.out / "serve_gpu.json").write_text(json.dumps(report, indent=1, default=str))
+        run_phases(srv.url, args, report, out_file)
 
 
 if __name__ == "__main__":
