@@ -1,7 +1,7 @@
 """Serving benchmark on a GPU through the real HTTP service (uvicorn on loopback, shipped weights).
 
 Phases, each bounded in requests and time:
-  1. single-request latency: one request, count 1, idle server (L = 128 by default), end to end;
+  1. single-request latency: one request, count 1, idle server (--single-length, 128), end to end;
   2. throughput at fixed lengths: C concurrent clients keep the engine full for a fixed number of
      requests; backbones/s, p50 / p99 latency, mean step time and batch size from the engine;
   3. a mixed-length load.
@@ -104,12 +104,12 @@ def run_phases(url: str, args, report: dict, out_file: Path) -> None:
         tag = "" if steps is None else f"_s{steps}"
         extra = {} if steps is None else {"steps": steps}
         t0 = time.monotonic()
-        r = httpx.post(f"{url}/sample", json={"length": 128, "seed": 0, **extra}, timeout=900)
+        r = httpx.post(f"{url}/sample", json={"length": args.single_length, "seed": 0, **extra}, timeout=900)
         body = r.json() if r.status_code == 200 else {}
         single = {"status": r.status_code, "latency_s": time.monotonic() - t0, "steps": body.get("steps"),
                   "server_timings": body.get("timings", r.text)}
-        report["phases"][f"single_L128{tag}"] = single
-        print(f"single request L=128{tag}:", json.dumps(single), flush=True)
+        report["phases"][f"single_L{args.single_length}{tag}"] = single
+        print(f"single request L={args.single_length}{tag}:", json.dumps(single), flush=True)
         save()
         loads = [(f"load_L{L}{tag}", [L]) for L in args.length_list]
         if not args.no_mixed:
@@ -137,6 +137,7 @@ def main() -> None:
     ap.add_argument("--weights", type=Path, default=Path("weights"))
     ap.add_argument("--out", type=Path, required=True)
     ap.add_argument("--lengths", default="128,256")
+    ap.add_argument("--single-length", type=int, default=128, help="length of the single-request latency phase")
     ap.add_argument("--precision", default="bf16")
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--residue-budget", type=int, default=32768)
