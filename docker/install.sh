@@ -7,6 +7,7 @@
 #   VENV=... VENV_SYSTEM_SITE_PACKAGES=1 bash docker/install.sh    the venv sees the host's packages
 #                                       (a host whose Python already has the pinned torch keeps it)
 #   WHEELHOUSE=/path bash docker/install.sh      offline: every package from that folder of wheels
+#                                       (setuptools and wheel too: the project is built in isolation)
 #   bash docker/install.sh --check      validate the pins and the project install; changes nothing (CI)
 #
 # Pins: docker/stack.env (torch, its CUDA tag, Python, flash-attn-4, nvidia-cutlass-dsl, base image).
