@@ -340,9 +340,10 @@ def _run_combined(config, device, dtype) -> None:
 
 # --------------------------------------------------------------------------------------- evaluate
 def _mount_evaluate() -> None:
-    from model.evaluation.cli import evaluate
+    from model.evaluation.cli import evaluate, steps_curve
 
     app.command("evaluate")(evaluate)
+    app.command("steps-curve")(steps_curve)
 
 
 _mount_evaluate()

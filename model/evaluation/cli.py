@@ -291,7 +291,26 @@ def _design(by_length: dict, seed: int, device: str) -> dict:
         raise typer.Exit(2)
 
 
+def steps_curve(
+    runs: Annotated[list[str], typer.Argument(metavar="STEPS=REPORT...", help="STEPS=REPORT per finished evaluation of one model (a report dir "
+                                              "or metrics.json), two or more with the full schedule (seeds differ).")],
+    out: Annotated[Path, typer.Option(help="Folder for steps_curve.md / .json / .png.")] = Path("reports/steps_curve"),
+    full_steps: Annotated[int | None, typer.Option(help="The model's T (default: the largest STEPS given).")] = None,
+) -> None:
+    """Quality against sampling steps: which fewer-step sampler stays within the spread of the full one."""
+    from model.evaluation.steps_curve import CurveError, parse_runs, write_curve
+
+    try:
+        curve = write_curve(parse_runs(runs), out, full_steps)
+    except CurveError as err:
+        _fail(str(err))
+    typer.echo((out / "steps_curve.md").read_text())
+    typer.echo(json.dumps({"report": str(out / "steps_curve.md"), "passing_steps": curve["passing_steps"],
+                           "proposed_default": curve["proposed_default"]}))
+
+
 evaluate_app.command()(evaluate)
+evaluate_app.command("steps-curve")(steps_curve)
 
 if __name__ == "__main__":  # pragma: no cover
     evaluate_app()
