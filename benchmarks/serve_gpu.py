@@ -16,7 +16,8 @@ so fewer-step rates and the full sampler's come from one run. ``--url``: measure
 already running (e.g. one started from the image's install) instead of starting one in this process;
 the engine's step time and batch size then come from its ``/metrics``.
 
-A phase starts new requests until --phase-seconds have passed and then waits for those in flight.
+A phase keeps every client's request in flight until --phase-seconds have passed and then waits for
+those in flight; it reports the whole phase (drain included) and the steady rate before the deadline.
 """
 
 from __future__ import annotations
@@ -42,31 +43,57 @@ from service.settings import ServiceSettings
 from service.testing import serve_in_thread
 
 
-async def load(url: str, bodies: list[dict], clients: int, deadline_s: float) -> dict:
-    queue: asyncio.Queue = asyncio.Queue()
-    for b in bodies:
-        queue.put_nowait(b)
-    lat, codes, samples, residues = [], {}, 0, 0
-    t_end = time.monotonic() + deadline_s
+async def load(url: str, make_body, clients: int, deadline_s: float) -> dict:
+    """``clients`` closed-loop clients: each sends ``make_body(i)`` (i counts requests), waits for the answer
+    and sends the next until ``deadline_s`` has passed; the phase ends when the last answer arrives.
 
-    async def worker(client: httpx.AsyncClient):
-        nonlocal samples, residues
-        while not queue.empty() and time.monotonic() < t_end:
-            body = queue.get_nowait()
-            t0 = time.monotonic()
-            r = await client.post(f"{url}/sample", json=body, timeout=900)
-            lat.append(time.monotonic() - t0)
-            codes[r.status_code] = codes.get(r.status_code, 0) + 1
-            if r.status_code == 200:
-                samples += body.get("count", 1)
-                residues += body["length"] * body.get("count", 1)
-
+    Whole phase (``backbones_per_s``, ``residues_per_s``): everything answered over the whole wall time,
+    the drain included (the last requests run in an emptying engine). ``steady``: the sustained rate
+    while every client keeps a request in flight: the answers after every client's first answer (the
+    ramp-up) up to the last answer before the deadline, over that span. Same-length clients answer in
+    waves, so the span runs from the end of a wave to the end of another. None when the phase was too
+    short for such a span.
+    """
+    done = []  # (t_answered, status, samples, residues, latency)
+    first: dict[int, float] = {}  # client -> its first answer
+    counter = iter(range(1 << 30))
     t0 = time.monotonic()
+    t_end = t0 + deadline_s
+
+    async def worker(k: int, client: httpx.AsyncClient):
+        while time.monotonic() < t_end:
+            body = make_body(next(counter))
+            t_sent = time.monotonic()
+            r = await client.post(f"{url}/sample", json=body, timeout=900)
+            t_done = time.monotonic()
+            first.setdefault(k, t_done)
+            n = body.get("count", 1) if r.status_code == 200 else 0
+            done.append((t_done, r.status_code, n, n * body["length"], t_done - t_sent))
+
     async with httpx.AsyncClient() as client:
-        await asyncio.gather(*(worker(client) for _ in range(clients)))
+        await asyncio.gather(*(worker(k, client) for k in range(clients)))
     wall = time.monotonic() - t0
-    return {"requests": len(lat), "codes": codes, "samples": samples, "wall_s": wall, "backbones_per_s": samples / wall,
-                "residues_per_s": residues / wall, "latency_p50_s": pct(lat, 0.5), "latency_p99_s": pct(lat, 0.99)}
+    codes: dict[int, int] = {}
+    for _, code, *_ in done:
+        codes[code] = codes.get(code, 0) + 1
+    lat = [d[4] for d in done]
+    return {"requests": len(done), "codes": codes, "samples": sum(d[2] for d in done), "wall_s": wall,
+            "backbones_per_s": sum(d[2] for d in done) / wall, "residues_per_s": sum(d[3] for d in done) / wall,
+            "latency_p50_s": pct(lat, 0.5), "latency_p99_s": pct(lat, 0.99),
+            "steady": steady_rate(done, list(first.values()), t_end)}
+
+
+def steady_rate(done: list[tuple], first: list[float], t_end: float) -> dict | None:
+    """The sustained rate of a closed-loop phase: ``done`` (t_answered, status, samples, residues, latency),
+    ``first`` every client's first answer. Counts the answers after the last client's first answer up to
+    the deadline, over the span from that first answer to the last one counted."""
+    ramp = max(first, default=t_end)
+    window = [d for d in done if ramp < d[0] <= t_end]
+    if not window:
+        return None
+    span = max(d[0] for d in window) - ramp
+    return {"window_s": span, "requests": len(window), "backbones_per_s": sum(d[2] for d in window) / span,
+            "residues_per_s": sum(d[3] for d in window) / span}
 
 
 METRIC_SUMS = ("mhcflash_step_duration_seconds", "mhcflash_batch_size")
@@ -117,10 +144,12 @@ def run_phases(url: str, args, report: dict, out_file: Path) -> None:
         for name, lengths in loads:
             rng = random.Random(0)
             clients = max(1, round(args.inflight_residues / (sum(lengths) / len(lengths) * args.count)))
-            bodies = [{"length": rng.choice(lengths), "count": args.count, "seed": i, **extra}
-                      for i in range(4 * clients)]
+
+            def make_body(i: int, lengths=lengths, rng=rng, extra=extra) -> dict:
+                return {"length": rng.choice(lengths), "count": args.count, "seed": i, **extra}
+
             before = engine_stats(url)
-            res = asyncio.run(load(url, bodies, clients, args.phase_seconds))
+            res = asyncio.run(load(url, make_body, clients, args.phase_seconds))
             res.update(clients=clients, count=args.count, lengths=lengths, steps=steps,
                        **step_summary(before, engine_stats(url)))
             report["phases"][name] = res

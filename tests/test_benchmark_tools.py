@@ -46,6 +46,19 @@ def test_serve_gpu_phases_run_once_per_step_count_against_a_running_service(tiny
     assert out.is_file() and "mhcflash_attention_backend_info" in "\n".join(report["metrics_tail"])
 
 
+def test_steady_rate_counts_whole_waves_after_the_ramp_up():
+    from serve_gpu import steady_rate
+
+    # 4 clients in lockstep, answers in waves at 6, 12 and 18 s (4 samples of 100 residues each), deadline 20 s,
+    # the wave at 24 s after it: the sustained rate is 2 waves in 12 s, not 3 waves in 20 s or 14 s
+    done = [(t + 0.01 * k, 200, 4, 400, 6.0) for t in (6.0, 12.0, 18.0, 24.0) for k in range(4)]
+    first = [6.0 + 0.01 * k for k in range(4)]
+    res = steady_rate(done, first, t_end=20.0)
+    assert res["requests"] == 8 and res["window_s"] == pytest.approx(12.0)
+    assert res["backbones_per_s"] == pytest.approx(32 / 12.0) and res["residues_per_s"] == pytest.approx(3200 / 12.0)
+    assert steady_rate(done, first, t_end=8.0) is None  # no answer between the ramp-up and the deadline
+
+
 def test_step_summary_is_the_difference_of_two_metric_readings():
     from serve_gpu import step_summary
 
