@@ -152,6 +152,35 @@ def test_evaluate_with_baseline_on_tiny_weights(tiny_weights, monkeypatch):
     assert {r["better"] for r in same["lengths"][0]["rows"]} <= {"tie", ""} and same["lengths"][0]["verdict"] == "tie"
 
 
+def test_sample_only_then_evaluate_the_files_matches_one_evaluation(tiny_weights, monkeypatch):
+    """Sampling on one machine (--sample-only) and scoring the files on another (--samples) gives the
+    numbers of one `mhcflash evaluate WEIGHTS` run with the same seeds."""
+    (a, _), tmp = tiny_weights
+    monkeypatch.setenv("MHCFLASH_CACHE", str(tmp / "cache"))
+    common = ["--no-proxy", "--workers", "1", "--trajectories", "0", "--device", "cpu"]
+    res = CliRunner().invoke(cli.evaluate_app, [str(a), "-l", "24", "-l", "40", "-n", "3", "--seed", "5", "--steps", "7",
+                                                "--sample-only", "--out", str(tmp / "drawn"), "--device", "cpu"])
+    assert res.exit_code == 0, res.output
+    drawn = json.loads((tmp / "drawn" / "sampling.json").read_text())
+    assert drawn["settings"] == {"seed": 5, "noise_scale": 0.6, "steps": 7, "precision": "auto",
+                                 "counts": {"24": 3, "40": 3}}
+    assert sorted(p.name for p in (tmp / "drawn" / "pdb" / "L0040").iterdir()) == [f"sample_00{i}.pdb" for i in range(3)]
+    assert not (tmp / "drawn" / "metrics.json").exists()
+    res = CliRunner().invoke(cli.evaluate_app, ["--samples", str(tmp / "drawn" / "pdb"), "--index",
+                                                str(a / "training_index.csv"), "--real", str(tmp / "chains"),
+                                                "--out", str(tmp / "scored"), *common])
+    assert res.exit_code == 0, res.output
+    res = CliRunner().invoke(cli.evaluate_app, [str(a), "-l", "24", "-l", "40", "-n", "3", "--seed", "5", "--steps", "7",
+                                                "--out", str(tmp / "direct"), *common])
+    assert res.exit_code == 0, res.output
+    scored, direct = (json.loads((tmp / d / "metrics.json").read_text())["lengths"] for d in ("scored", "direct"))
+    for n in ("24", "40"):
+        for m in ("ca_ca_median", "clashes_per_residue", "rg_ratio", "helix", "strand", "mean_pairwise_tm"):
+            assert scored[n]["samples"][m] == pytest.approx(direct[n]["samples"][m], abs=1e-3), (n, m)
+    res = CliRunner().invoke(cli.evaluate_app, ["--samples", str(tmp / "drawn" / "pdb"), "--sample-only"])
+    assert res.exit_code == 2 and "--sample-only samples WEIGHTS" in res.output
+
+
 def test_bad_index_is_one_line_error(tiny_weights, tmp_path):
     (a, _), _ = tiny_weights
     res = CliRunner().invoke(cli.evaluate_app, [str(a), "--index", str(tmp_path / "missing.csv"), "-l", "24"])

@@ -152,6 +152,9 @@ def evaluate(
     design: Annotated[bool, typer.Option(help="Also run ProteinMPNN + ESMFold designability (needs "
                                          "their weights).")] = False,
     out: Annotated[Path, typer.Option(help="Report directory.")] = Path("reports/eval"),
+    sample_only: Annotated[bool, typer.Option("--sample-only", help="Only sample WEIGHTS: OUT/pdb/L<len>/sample_<i>.pdb "
+                                              "and OUT/sampling.json, no metrics (sample on a GPU, then evaluate "
+                                              "elsewhere with --samples OUT/pdb).")] = False,
 ) -> None:
     """Samples of every length next to held-out real chains of that length; targets; HTML + Markdown + JSON."""
     from model.evaluation.real_chains import RealChainsError, load_pool
@@ -180,6 +183,11 @@ def evaluate(
 
     if precision not in PRECISIONS:
         _fail(f"--precision {precision!r}: use one of {', '.join(PRECISIONS)}")
+    if sample_only:
+        _sample_only(weights, samples_dir, baseline, counts_for(parse_lengths(lengths, length), count), out,
+                     seed=seed, noise_scale=noise_scale, steps=steps, device=device, precision=precision,
+                     batch_size=batch_size, max_residues=max_residues)
+        return
     sources, index, src_note = default_real_and_index(weights, real, index, data_dir)
     try:
         pool = load_pool(sources, index)
@@ -257,6 +265,25 @@ def evaluate(
                            "a_beats_b_everywhere": None if comparison is None else comparison["a_beats_b_everywhere"]}))
 
 
+def _sample_only(weights: Path | None, samples_dir: Path | None, baseline: Path | None, counts: dict[int, int],
+                 out: Path, **kw) -> None:
+    """``--sample-only``: the evaluation's samples (same seeds) as PDB files and a JSON of how they were made."""
+    from model.evaluation.report import write_sample_pdbs
+    from model.evaluation.sampling import resolve_device
+
+    if weights is None or samples_dir is not None or baseline is not None:
+        _fail("--sample-only samples WEIGHTS: give WEIGHTS, without --samples or --baseline")
+    kw["device"] = resolve_device(kw["device"])
+    sset, label = _sample(weights, counts, None, "", trajectories=0, **kw)
+    write_sample_pdbs(out, sset.by_length)
+    settings = {k: kw[k] for k in ("seed", "noise_scale", "steps", "precision")}
+    (out / "sampling.json").write_text(json.dumps({
+        "label": label, "note": sset.note, "settings": {**settings, "counts": {str(n): c for n, c in counts.items()}},
+        "seconds": {str(n): s for n, s in sset.seconds.items()}}, indent=1))
+    typer.echo(json.dumps({"samples": str(out / "pdb"), "seconds": round(sum(sset.seconds.values()), 1),
+                           "next": f"mhcflash evaluate --samples {out / 'pdb'} --out REPORT_DIR"}))
+
+
 def _sample(path: Path, counts: dict[int, int], suite, prefix: str, **kw):
     from model.evaluation.sampling import load_denoiser, sample_lengths
     from model.weights_io import WeightsError
@@ -273,7 +300,8 @@ def _sample(path: Path, counts: dict[int, int], suite, prefix: str, **kw):
         if violations:
             _fail(f"{as_flags(violations)} ({path})")
     label = f"{prefix}{desc} from {path}"
-    sset = sample_lengths(denoiser, counts, on_length=lambda n, xs, secs: suite.add_samples(label, n, xs, secs), **kw)
+    on_length = None if suite is None else (lambda n, xs, secs: suite.add_samples(label, n, xs, secs))
+    sset = sample_lengths(denoiser, counts, on_length=on_length, **kw)
     return sset, label
 
 
@@ -310,7 +338,6 @@ def steps_curve(
 
 
 evaluate_app.command()(evaluate)
-evaluate_app.command("steps-curve")(steps_curve)
 
 if __name__ == "__main__":  # pragma: no cover
     evaluate_app()

@@ -177,6 +177,17 @@ def _comparison_html(cmp: dict) -> str:
     return "<h2>Comparison with the baseline</h2>" + "".join(parts)
 
 
+def write_sample_pdbs(out: Path, samples_by_length: dict) -> None:
+    """``out/pdb/L0064/sample_000.pdb`` ... (centred CA traces): what ``--samples out/pdb`` reads back."""
+    from model.pdb_io import ca_to_pdb
+
+    for n, samples in samples_by_length.items():
+        folder = Path(out) / "pdb" / f"L{n:04d}"
+        folder.mkdir(parents=True, exist_ok=True)
+        for k, ca in enumerate(as_numpy_ca(s) for s in samples):
+            (folder / f"sample_{k:03d}.pdb").write_text(ca_to_pdb(ca - ca.mean(axis=0)))
+
+
 def write_report(out_dir, result, samples_by_length: dict, *, title: str = "Backbone evaluation",
                  trajectories=None, design_summary: dict | None = None, comparison: dict | None = None,
                  inline_js: bool = False) -> Path:
@@ -190,20 +201,17 @@ def write_report(out_dir, result, samples_by_length: dict, *, title: str = "Back
     """
     from model.evaluation.plots import write_plots
     from model.evaluation.summary import write_summary
-    from model.pdb_io import ca_to_pdb
 
     out = Path(out_dir)
     (out / "pdb").mkdir(parents=True, exist_ok=True)
     plots = write_plots(out, result.lengths)
+    write_sample_pdbs(out, samples_by_length)
     views = []
     for n, samples in samples_by_length.items():
-        folder = out / "pdb" / f"L{n:04d}"
-        folder.mkdir(exist_ok=True)
-        for k, ca in enumerate(as_numpy_ca(s) for s in samples):
-            (folder / f"sample_{k:03d}.pdb").write_text(ca_to_pdb(ca - ca.mean(axis=0)))
-            if k == 0 and len(views) < MAX_VIEWERS:
-                views.append({"id": f"view_s{len(views)}", "pdb": _viewer_pdb([ca]), "frames": 1, "length": len(ca),
-                              "label": f"L {n}, sample 0"})
+        if samples and len(views) < MAX_VIEWERS:
+            ca = as_numpy_ca(samples[0])
+            views.append({"id": f"view_s{len(views)}", "pdb": _viewer_pdb([ca]), "frames": 1, "length": len(ca),
+                          "label": f"L {n}, sample 0"})
     for k, frames in enumerate(trajectories or []):
         frames = [as_numpy_ca(f) for f in frames]
         (out / "pdb" / f"trajectory_{k:03d}.pdb").write_text(_multimodel_pdb([f - f.mean(axis=0) for f in frames]))
