@@ -46,6 +46,21 @@ def test_the_fewest_steps_within_the_full_runs_spread_is_proposed():
     assert curve["table"]["novelty"]["250"]["64"]["passed"] is None  # shown, not judged
 
 
+def test_cells_out_of_the_spread_but_better_than_the_full_sampler_are_told_apart():
+    runs = [*full_pair(),
+            (250, report("250", {("strand", 512): 0.08})),    # closer to the real 0.15 than 0.05: better
+            (100, report("100", {("strand", 512): 0.02}))]    # farther: worse
+    curve = build_curve(runs)
+    cell250, cell100 = (curve["table"]["strand"][s]["512"] for s in ("250", "100"))
+    assert cell250["passed"] is False and cell250["better"] is True
+    assert cell100["passed"] is False and cell100["better"] is False
+    assert curve["passing_steps"] == [] and curve["passing_or_better_steps"] == [250]
+    from model.evaluation.steps_curve import to_markdown
+
+    text = to_markdown(curve)
+    assert "0.080 better" in text and "0.020 **out**" in text and "as passing: 250." in text
+
+
 def test_a_spread_of_zero_allows_one_sample_of_long_steps_and_nothing_more():
     one, two = 1 / 32, 2 / 32
     runs = [*full_pair(), (250, report("250", {("frac_long_step", 512): one}, n=32)),

@@ -12,8 +12,10 @@ farther from the full sampler than two seeds of the full sampler are from each o
 keeps a spread of zero from failing everything: one sample's share (``1 / n``) for
 ``frac_long_step`` (a fraction of samples), else `compare.TIE` (the tables' last digit). The
 strict reading (the value inside ``[min, max]`` of the full-step runs) is reported beside it, as
-``inside``. The default step count proposed is the fewest steps that pass every judged metric at
-every length; None when no fewer-step run does.
+``inside``; so is ``better``: out of the spread but better than the full sampler's mean by
+`model.evaluation.compare`'s rule (closer to the real chains, fewer clashes, ...). The default step
+count proposed is the fewest steps that pass every judged metric at every length; None when no
+fewer-step run does (``passing_or_better_steps`` also lets cells that are better pass).
 
 Judged: ``JUDGED`` (the targets' metrics, the secondary structure the targets leave out, the
 diversity and, where it ran, the designability proxy). ``novelty`` is shown, not judged (more
@@ -26,7 +28,7 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from model.evaluation.compare import TIE, load_report
+from model.evaluation.compare import TIE, better, load_report
 from model.evaluation.metrics import fmt
 
 JUDGED = ("ca_ca_median", "frac_long_step", "clashes_per_residue", "rg_ratio", "helix", "strand",
@@ -43,6 +45,7 @@ class Cell:
     value: float | None
     passed: bool | None  # None: not judged (shown metric, or a value missing)
     inside: bool | None
+    better: bool | None  # better than the full-step mean (compare.better), whether in the spread or not
     distance: float | None  # |value - centre| / tolerance (<= 1 passes)
 
 
@@ -100,20 +103,24 @@ def build_curve(runs: list[tuple[int, dict]], full_steps: int | None = None) -> 
                 v = next(r for t, r in runs if t == s)["lengths"][str(n)]["samples"].get(m)
                 sp = spread[m][str(n)]
                 if v is None or "centre" not in sp:
-                    row[str(n)] = Cell(v, None, None, None).__dict__
+                    row[str(n)] = Cell(v, None, None, None, None).__dict__
                     continue
                 dist = abs(v - sp["centre"]) / sp["tolerance"]  # <= 1 (+ float slack) passes
                 judged = m in JUDGED
                 row[str(n)] = Cell(v, dist <= 1.0 + 1e-9 if judged else None, min(sp["full"]) <= v <= max(sp["full"]),
-                                   dist).__dict__
+                                   judged and better(m, v, sp["centre"], sp["real"]) == "A", dist).__dict__
             table[m][str(s)] = row
     passing = [s for s in steps_list
                if all(c["passed"] is not False for m in metrics for c in table[m][str(s)].values())]
+    passing_or_better = [s for s in steps_list
+                         if all(c["passed"] is not False or c["better"] for m in metrics
+                                for c in table[m][str(s)].values())]
     failures = {str(s): sorted({f"{m} at L {n}" for m in metrics for n, c in table[m][str(s)].items()
                                 if c["passed"] is False}) for s in steps_list}
     return {"full_steps": full_steps, "full_runs": [r["label"] for r in full], "lengths": lengths,
             "steps": steps_list, "metrics": metrics, "spread": spread, "table": table,
             "passing_steps": passing, "proposed_default": min(passing) if passing else None,
+            "passing_or_better_steps": passing_or_better,
             "failures": failures}
 
 
@@ -133,7 +140,7 @@ def to_markdown(curve: dict) -> str:
             cells = []
             for n in lengths:
                 c = curve["table"][m][str(s)][str(n)]
-                mark = "" if c["passed"] is None else (" ok" if c["passed"] else " **out**")
+                mark = "" if c["passed"] is None else (" ok" if c["passed"] else " better" if c["better"] else " **out**")
                 cells.append(f"{fmt(c['value'])}{mark}")
             lines.append(f"| {s} | " + " | ".join(cells) + " |")
         reals = [fmt(curve["spread"][m][str(n)]["real"]) for n in lengths]
@@ -141,6 +148,9 @@ def to_markdown(curve: dict) -> str:
     verdict = (f"Fewest steps passing every judged metric at every length: **{curve['proposed_default']}**."
                if curve["proposed_default"] else "No fewer-step run passes every judged metric at every length.")
     lines.append(verdict)
+    if curve["passing_or_better_steps"] != curve["passing_steps"]:
+        lines.append(f"Counting cells out of the spread but better than the full sampler ('better') as passing: "
+                     f"{', '.join(map(str, curve['passing_or_better_steps'])) or 'none'}.")
     for s in curve["steps"]:
         if curve["failures"][str(s)]:
             lines.append(f"- {s} steps: out at {', '.join(curve['failures'][str(s)])}")
