@@ -43,6 +43,7 @@ def test_the_fewest_steps_within_the_full_runs_spread_is_proposed():
     assert curve["passing_steps"] == [250]
     assert curve["proposed_default"] == 250
     assert curve["failures"]["100"] == ["helix at L 64"] and curve["failures"]["50"] == ["strand at L 512"]
+    assert curve["better_out_of_spread"]["50"] == []
     assert curve["table"]["novelty"]["250"]["64"]["passed"] is None  # shown, not judged
 
 
@@ -59,6 +60,8 @@ def test_cells_out_of_the_spread_but_better_than_the_full_sampler_are_told_apart
 
     text = to_markdown(curve)
     assert "0.080 better" in text and "0.020 **out**" in text and "as passing: 250." in text
+    assert "- 250 steps: worse at 0 cells; better out of the spread at 1" in text
+    assert "- 100 steps: worse at 1 cells: strand at L 512; better out of the spread at 0" in text
 
 
 def test_a_spread_of_zero_allows_one_sample_of_long_steps_and_nothing_more():

@@ -115,13 +115,15 @@ def build_curve(runs: list[tuple[int, dict]], full_steps: int | None = None) -> 
     passing_or_better = [s for s in steps_list
                          if all(c["passed"] is not False or c["better"] for m in metrics
                                 for c in table[m][str(s)].values())]
-    failures = {str(s): sorted({f"{m} at L {n}" for m in metrics for n, c in table[m][str(s)].items()
-                                if c["passed"] is False}) for s in steps_list}
+    failures = {str(s): [f"{m} at L {n}" for m in metrics for n, c in table[m][str(s)].items()
+                         if c["passed"] is False and not c["better"]] for s in steps_list}
+    improved = {str(s): [f"{m} at L {n}" for m in metrics for n, c in table[m][str(s)].items()
+                         if c["passed"] is False and c["better"]] for s in steps_list}
     return {"full_steps": full_steps, "full_runs": [r["label"] for r in full], "lengths": lengths,
             "steps": steps_list, "metrics": metrics, "spread": spread, "table": table,
             "passing_steps": passing, "proposed_default": min(passing) if passing else None,
             "passing_or_better_steps": passing_or_better,
-            "failures": failures}
+            "failures": failures, "better_out_of_spread": improved}
 
 
 def to_markdown(curve: dict) -> str:
@@ -152,8 +154,9 @@ def to_markdown(curve: dict) -> str:
         lines.append(f"Counting cells out of the spread but better than the full sampler ('better') as passing: "
                      f"{', '.join(map(str, curve['passing_or_better_steps'])) or 'none'}.")
     for s in curve["steps"]:
-        if curve["failures"][str(s)]:
-            lines.append(f"- {s} steps: out at {', '.join(curve['failures'][str(s)])}")
+        worse, improved = curve["failures"][str(s)], curve["better_out_of_spread"][str(s)]
+        lines.append(f"- {s} steps: worse at {len(worse)} cells{': ' + ', '.join(worse) if worse else ''}; "
+                     f"better out of the spread at {len(improved)}")
     return "\n".join(lines) + "\n"
 
 
