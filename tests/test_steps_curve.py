@@ -77,6 +77,28 @@ def test_a_spread_of_zero_allows_one_sample_of_long_steps_and_nothing_more():
     assert curve["proposed_default"] == 250
 
 
+def test_the_seed_noise_of_the_samples_widens_a_narrow_two_run_spread():
+    """Two full-step runs with the same mean (spread 0): the per-chain helix values (sd 0.1, 64 chains)
+    give 2 standard errors of the difference of means ~0.031, so 0.52 passes and 0.55 does not."""
+    def with_chains(rep):
+        for res in rep["lengths"].values():
+            res["per_chain"] = {"samples": [{"ca_ca_median": 3.8, "ca_ca_max": 3.9, "clashes_per_residue": 0.0,
+                                             "rg_ratio": 1.0, "helix": 0.4 + 0.2 * (k % 2), "strand": 0.05}
+                                            for k in range(64)]}
+        return rep
+
+    runs = [(1000, with_chains(report("seed 0"))), (1000, with_chains(report("seed 1"))),
+            (250, with_chains(report("250", {("helix", 64): 0.52}))),
+            (100, with_chains(report("100", {("helix", 64): 0.55})))]
+    curve = build_curve(runs)
+    assert curve["spread"]["helix"]["64"]["spread"] == 0.0
+    se = 0.1 * (64 / 63) ** 0.5 / 8  # one run's standard error of the mean
+    cell = curve["table"]["helix"]["250"]["64"]
+    assert cell["tolerance"] == pytest.approx(2 * (se ** 2 + se ** 2 / 2) ** 0.5)
+    assert cell["passed"] is True and curve["table"]["helix"]["100"]["64"]["passed"] is False
+    assert curve["table"]["mean_pairwise_tm"]["250"]["64"]["tolerance"] == pytest.approx(5e-4)  # no per-chain TM
+
+
 def test_no_fewer_step_run_passing_proposes_none():
     runs = [*full_pair(), (100, report("100", {("clashes_per_residue", 64): 0.05}))]
     curve = build_curve(runs)

@@ -7,10 +7,14 @@ metric against steps per length, and JSON.
 
 The rule (what "within the spread of two full-step runs" means here): for a metric ``m`` at length
 ``L`` the full-step runs give a centre ``c`` (their mean) and a spread ``d`` (their largest minus
-smallest value). A step count passes ``(L, m)`` when ``|value - c| <= max(d, floor_m)``: it is no
-farther from the full sampler than two seeds of the full sampler are from each other. ``floor_m``
-keeps a spread of zero from failing everything: one sample's share (``1 / n``) for
-``frac_long_step`` (a fraction of samples), else `compare.TIE` (the tables' last digit). The
+smallest value). A step count passes ``(L, m)`` when ``|value - c| <= max(d, Z * se, floor_m)``: it
+is no farther from the full sampler than seeds of the full sampler fall from each other. Two runs
+give one draw of that spread, so the seed-to-seed noise is also estimated from the samples
+themselves where the report keeps per-chain values (every metric but ``mean_pairwise_tm``; for
+``ca_ca_median`` the per-chain medians stand in for the set's): ``se`` is the standard error of
+``value - c`` from the per-chain standard deviations, ``Z`` = 2. ``floor_m`` keeps a spread of zero
+from failing everything: one sample's share (``1 / n``) for ``frac_long_step`` (a fraction of
+samples), else `compare.TIE` (the tables' last digit). The
 strict reading (the value inside ``[min, max]`` of the full-step runs) is reported beside it, as
 ``inside``; so is ``better``: out of the spread but better than the full sampler's mean by
 `model.evaluation.compare`'s rule (closer to the real chains, fewer clashes, ...). The default step
@@ -29,11 +33,32 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from model.evaluation.compare import TIE, better, load_report
-from model.evaluation.metrics import fmt
+from model.evaluation.metrics import LONG_STEP, fmt
 
 JUDGED = ("ca_ca_median", "frac_long_step", "clashes_per_residue", "rg_ratio", "helix", "strand",
           "helix_strand", "mean_pairwise_tm", "mpnn_nll")
 SHOWN = ("novelty",)
+Z = 2.0  # standard errors of the seed-to-seed noise a fewer-step run may differ by
+PER_CHAIN = {  # metric -> its per-chain value in a report's ``per_chain`` rows (the set's value is their mean)
+    "ca_ca_median": lambda c: c["ca_ca_median"],  # NOTE: the set's is the median of all steps, close to this
+    "frac_long_step": lambda c: float(c["ca_ca_max"] > LONG_STEP),
+    "clashes_per_residue": lambda c: c["clashes_per_residue"],
+    "rg_ratio": lambda c: c["rg_ratio"],
+    "helix": lambda c: c["helix"],
+    "strand": lambda c: c["strand"],
+    "helix_strand": lambda c: c["helix"] + c["strand"],
+}
+
+
+def standard_error(length_result: dict, metric: str) -> float | None:
+    """Standard error of a set's mean of ``metric`` from its per-chain values; None where not kept."""
+    rows = length_result.get("per_chain", {}).get("samples")
+    if metric not in PER_CHAIN or not rows or len(rows) < 2:
+        return None
+    values = [PER_CHAIN[metric](c) for c in rows]
+    mean = sum(values) / len(values)
+    var = sum((v - mean) ** 2 for v in values) / (len(values) - 1)
+    return (var / len(values)) ** 0.5
 
 
 class CurveError(ValueError):
@@ -47,6 +72,7 @@ class Cell:
     inside: bool | None
     better: bool | None  # better than the full-step mean (compare.better), whether in the spread or not
     distance: float | None  # |value - centre| / tolerance (<= 1 passes)
+    tolerance: float | None  # max(the full runs' spread, Z standard errors, the floor)
 
 
 def parse_runs(specs: list[str]) -> list[tuple[int, Path]]:
@@ -95,20 +121,26 @@ def build_curve(runs: list[tuple[int, dict]], full_steps: int | None = None) -> 
             count = full[0]["lengths"][str(n)]["samples"].get("n") or 1
             floor = 1.0 / count if m == "frac_long_step" else TIE
             centre, width = sum(vals) / len(vals), max(vals) - min(vals)
-            spread[m][str(n)] = {"full": vals, "centre": centre, "spread": width, "tolerance": max(width, floor),
-                                 "real": real}
+            ses = [standard_error(r["lengths"][str(n)], m) for r in full]
+            se_centre = None if None in ses else (sum(x * x for x in ses) ** 0.5) / len(ses)
+            spread[m][str(n)] = {"full": vals, "centre": centre, "spread": width, "floor": floor,
+                                 "se_centre": se_centre, "real": real}
         for s in steps_list:
             row = {}
             for n in lengths:
-                v = next(r for t, r in runs if t == s)["lengths"][str(n)]["samples"].get(m)
+                res = next(r for t, r in runs if t == s)["lengths"][str(n)]
+                v = res["samples"].get(m)
                 sp = spread[m][str(n)]
                 if v is None or "centre" not in sp:
-                    row[str(n)] = Cell(v, None, None, None, None).__dict__
+                    row[str(n)] = Cell(v, None, None, None, None, None).__dict__
                     continue
-                dist = abs(v - sp["centre"]) / sp["tolerance"]  # <= 1 (+ float slack) passes
+                se_v = standard_error(res, m)
+                noise = 0.0 if se_v is None or sp["se_centre"] is None else Z * (se_v ** 2 + sp["se_centre"] ** 2) ** 0.5
+                tol = max(sp["spread"], noise, sp["floor"])
+                dist = abs(v - sp["centre"]) / tol  # <= 1 (+ float slack) passes
                 judged = m in JUDGED
                 row[str(n)] = Cell(v, dist <= 1.0 + 1e-9 if judged else None, min(sp["full"]) <= v <= max(sp["full"]),
-                                   judged and better(m, v, sp["centre"], sp["real"]) == "A", dist).__dict__
+                                   judged and better(m, v, sp["centre"], sp["real"]) == "A", dist, tol).__dict__
             table[m][str(s)] = row
     passing = [s for s in steps_list
                if all(c["passed"] is not False for m in metrics for c in table[m][str(s)].values())]
@@ -132,7 +164,8 @@ def to_markdown(curve: dict) -> str:
     head = "| steps | " + " | ".join(f"L {n}" for n in lengths) + " |"
     rule = "|---|" + "---:|" * len(lengths)
     lines = [(f"Full sampler: {curve['full_steps']} steps, {len(curve['full_runs'])} runs. A cell passes when its "
-              "distance from the full-step runs' mean is at most their spread (`model.evaluation.steps_curve`)."), ""]
+              "distance from the full-step runs' mean is at most their spread or 2 standard errors of the "
+              "seed-to-seed noise (`model.evaluation.steps_curve`)."), ""]
     for m in curve["metrics"]:
         judged = m in JUDGED
         lines += [f"### {m}{'' if judged else ' (shown, not judged)'}", "", head, rule]
