@@ -320,9 +320,9 @@ def _design(by_length: dict, seed: int, device: str) -> dict:
 
 
 def steps_curve(
-    runs: Annotated[list[str], typer.Argument(metavar="STEPS=REPORT...", help="STEPS=REPORT per finished evaluation of one model (a report dir "
+    runs: Annotated[list[str], typer.Argument(metavar="RUNS", help="STEPS=REPORT per finished evaluation of one model (a report dir "
                                               "or metrics.json), two or more with the full schedule (seeds differ).")],
-    out: Annotated[Path, typer.Option(help="Folder for steps_curve.md / .json / .png.")] = Path("reports/steps_curve"),
+    out: Annotated[Path, typer.Option(help="Output folder.")] = Path("reports/steps"),
     full_steps: Annotated[int | None, typer.Option(help="The model's T (default: the largest STEPS given).")] = None,
 ) -> None:
     """Quality against sampling steps: which fewer-step sampler stays within the spread of the full one."""
