@@ -8,10 +8,11 @@ Modules (import the one you need; nothing heavy is imported here):
     sampling       samples of every length (batched, bf16 on CUDA, seeds, the sampler seam)
     suite          one model's (or two models') per-length results
     compare        model A against model B, metric by metric and length by length
+    steps_curve    quality against sampling steps: which fewer-step sampler matches the full one
     mpnn_proxy     designability proxy: CA-only ProteinMPNN's NLL of its own designs (offline)
     designability  ProteinMPNN (CA-only) + ESMFold self-consistency: scRMSD / scTM / pLDDT
     plots, report, summary   PNG plots, HTML report, summary.md / metrics.json / comparison.md
-    cli            ``mhcflash evaluate``
+    cli            ``mhcflash evaluate`` and ``mhcflash steps-curve``
 
 Symbols: L residues, N chains. CA traces are ``[L, 3]`` Angstrom (numpy or torch).
 """
