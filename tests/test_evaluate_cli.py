@@ -177,6 +177,7 @@ def test_sample_only_then_evaluate_the_files_matches_one_evaluation(tiny_weights
     for n in ("24", "40"):
         for m in ("ca_ca_median", "clashes_per_residue", "rg_ratio", "helix", "strand", "mean_pairwise_tm"):
             assert scored[n]["samples"][m] == pytest.approx(direct[n]["samples"][m], abs=1e-3), (n, m)
+        assert direct[n]["samples_se"]["mean_pairwise_tm"] >= 0  # the jackknife of 3 chains' pairwise TM
     res = CliRunner().invoke(cli.evaluate_app, ["--samples", str(tmp / "drawn" / "pdb"), "--sample-only"])
     assert res.exit_code == 2 and "--sample-only samples WEIGHTS" in res.output
 

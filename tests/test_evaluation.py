@@ -180,6 +180,18 @@ def test_single_linkage_on_known_matrix():
     assert abs(tmscore.mean_offdiagonal(tm) - 2 * (0.7 + 0.62 + 0.3 + 0.55) / 20) < ATOL_EXACT
 
 
+def test_jackknife_of_the_pairwise_mean_matches_leaving_each_chain_out():
+    rng = np.random.default_rng(3)
+    tm = rng.uniform(0.2, 0.6, (7, 7))
+    np.fill_diagonal(tm, 1.0)
+    loo = [tmscore.mean_offdiagonal(np.delete(np.delete(tm, i, 0), i, 1)) for i in range(7)]
+    expected = np.sqrt(6 / 7 * np.sum((np.array(loo) - np.mean(loo)) ** 2))
+    assert tmscore.jackknife_se_offdiagonal(tm) == pytest.approx(expected, rel=1e-12)
+    assert tmscore.jackknife_se_offdiagonal(tm[:2, :2]) is None
+    same = np.full((5, 5), 0.4)
+    assert tmscore.jackknife_se_offdiagonal(same) == pytest.approx(0.0, abs=1e-15)
+
+
 def test_compare_table_flags_bad_samples(real_set):
     rng = np.random.default_rng(5)
     real = [ca for ca, _ in real_set[:4]]

@@ -96,7 +96,11 @@ def test_the_seed_noise_of_the_samples_widens_a_narrow_two_run_spread():
     cell = curve["table"]["helix"]["250"]["64"]
     assert cell["tolerance"] == pytest.approx(2 * (se ** 2 + se ** 2 / 2) ** 0.5)
     assert cell["passed"] is True and curve["table"]["helix"]["100"]["64"]["passed"] is False
-    assert curve["table"]["mean_pairwise_tm"]["250"]["64"]["tolerance"] == pytest.approx(5e-4)  # no per-chain TM
+    assert curve["table"]["mean_pairwise_tm"]["250"]["64"]["tolerance"] == pytest.approx(5e-4)  # no TM estimate
+    for _, rep in runs:  # the report's own jackknife of the pairwise TM-score, where it wrote one
+        rep["lengths"]["64"]["samples_se"] = {"mean_pairwise_tm": 0.004}
+    tm_cell = build_curve(runs)["table"]["mean_pairwise_tm"]["250"]["64"]
+    assert tm_cell["tolerance"] == pytest.approx(2 * (0.004 ** 2 + 0.004 ** 2 / 2) ** 0.5)
 
 
 def test_no_fewer_step_run_passing_proposes_none():

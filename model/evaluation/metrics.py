@@ -169,6 +169,13 @@ class SetMetrics:
         lo, hi = np.percentile([c.rg_ratio for c in self.chains], RG_PERCENTILES)
         return float(lo), float(hi)
 
+    def standard_errors(self) -> dict[str, float | None]:
+        """Standard errors of the set-level numbers that are not means of per-chain values (those have
+        their per-chain rows): the pairwise TM-score's, by jackknife over the chains."""
+        from model.evaluation.tmscore import jackknife_se_offdiagonal
+
+        return {"mean_pairwise_tm": None if self.tm_matrix is None else jackknife_se_offdiagonal(self.tm_matrix)}
+
     def summary(self) -> dict[str, float | int | None]:
         """Flat dict of set-level numbers (the rows of the comparison table)."""
         from model.evaluation.tmscore import mean_offdiagonal
@@ -261,6 +268,7 @@ class Comparison:
             "targets": [t.to_dict() for t in self.target_results()],
             "real_targets": [t.to_dict() for t in self.target_results("real")],
             "targets_met": self.passed(),
+            "samples_se": self.samples.standard_errors(),
             "per_chain": {
                 "samples": [asdict(c) for c in self.samples.chains],
                 "real": [asdict(c) for c in self.real.chains],

@@ -10,9 +10,9 @@ The rule (what "within the spread of two full-step runs" means here): for a metr
 smallest value). A step count passes ``(L, m)`` when ``|value - c| <= max(d, Z * se, floor_m)``: it
 is no farther from the full sampler than seeds of the full sampler fall from each other. Two runs
 give one draw of that spread, so the seed-to-seed noise is also estimated from the samples
-themselves where the report keeps per-chain values (every metric but ``mean_pairwise_tm``; for
-``ca_ca_median`` the per-chain medians stand in for the set's): ``se`` is the standard error of
-``value - c`` from the per-chain standard deviations, ``Z`` = 2. ``floor_m`` keeps a spread of zero
+themselves: ``se`` is the standard error of ``value - c``, from the per-chain values (for
+``ca_ca_median`` the per-chain medians stand in for the set's) or, for ``mean_pairwise_tm``, the
+report's jackknife over the chains (``samples_se``; reports written before it have none), ``Z`` = 2. ``floor_m`` keeps a spread of zero
 from failing everything: one sample's share (``1 / n``) for ``frac_long_step`` (a fraction of
 samples), else `compare.TIE` (the tables' last digit). The
 strict reading (the value inside ``[min, max]`` of the full-step runs) is reported beside it, as
@@ -51,10 +51,11 @@ PER_CHAIN = {  # metric -> its per-chain value in a report's ``per_chain`` rows 
 
 
 def standard_error(length_result: dict, metric: str) -> float | None:
-    """Standard error of a set's mean of ``metric`` from its per-chain values; None where not kept."""
+    """Standard error of a set's ``metric``: from its per-chain values, or the report's own estimate
+    (``samples_se``: the pairwise TM-score's jackknife); None where neither is kept."""
     rows = length_result.get("per_chain", {}).get("samples")
     if metric not in PER_CHAIN or not rows or len(rows) < 2:
-        return None
+        return length_result.get("samples_se", {}).get(metric)
     values = [PER_CHAIN[metric](c) for c in rows]
     mean = sum(values) / len(values)
     var = sum((v - mean) ** 2 for v in values) / (len(values) - 1)

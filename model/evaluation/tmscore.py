@@ -76,6 +76,18 @@ def mean_offdiagonal(tm: np.ndarray) -> float | None:
     return float((tm.sum() - np.trace(tm)) / (n * (n - 1)))
 
 
+def jackknife_se_offdiagonal(tm: np.ndarray) -> float | None:
+    """Jackknife standard error of `mean_offdiagonal` over the chains (leave one chain, its row and column,
+    out); None for N < 3. The pairs share chains, so the chains, not the pairs, are the independent draws."""
+    n = tm.shape[0]
+    if n < 3:
+        return None
+    off = tm - np.diag(np.diag(tm))
+    total = off.sum()
+    loo = (total - off.sum(axis=0) - off.sum(axis=1)) / ((n - 1) * (n - 2))  # [N] the mean without chain i
+    return float(np.sqrt((n - 1) / n * np.square(loo - loo.mean()).sum()))
+
+
 def single_linkage_clusters(tm: np.ndarray, threshold: float) -> list[list[int]]:
     """Connected components of the graph ``tm[i, j] >= threshold`` (``[N, N]``), sorted lists."""
     n = tm.shape[0]
