@@ -181,13 +181,15 @@ def main() -> None:
         with torch.no_grad():
             eager_step(denoiser, schedule, *inputs, autocast_dtype=autocast)
             torch.cuda.synchronize(device)
-            with torch_profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+            with torch_profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA], record_shapes=True) as prof:
                 for _ in range(3):
                     eager_step(denoiser, schedule, *inputs, autocast_dtype=autocast)
                 torch.cuda.synchronize(device)
         table = prof.key_averages().table(sort_by="cuda_time_total", row_limit=30)
-        print(f"profile {batch}x{length} (3 eager steps):\n{table}")
-        profile = {"shape": args.profile, "table": table}
+        # the same by input shapes: which concatenation / copy / matmul the time belongs to
+        by_shape = prof.key_averages(group_by_input_shape=True).table(sort_by="cuda_time_total", row_limit=40)
+        print(f"profile {batch}x{length} (3 eager steps):\n{table}\nby input shape:\n{by_shape}")
+        profile = {"shape": args.profile, "table": table, "by_input_shape": by_shape}
 
     result = {
         "device": torch.cuda.get_device_name(device), "torch": torch.__version__, "weights": weights_name,
