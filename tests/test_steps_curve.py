@@ -118,6 +118,11 @@ def test_curves_that_would_mislead_are_refused(runs, message):
         build_curve(runs)
 
 
+def test_two_runs_of_one_fewer_step_count_are_refused():
+    with pytest.raises(CurveError, match="two 250-step runs"):
+        build_curve([*full_pair(), (250, report("250 a")), (250, report("250 b"))])
+
+
 def test_a_run_missing_a_length_is_refused():
     short = report("250")
     del short["lengths"]["512"]

@@ -12,11 +12,11 @@ is no farther from the full sampler than seeds of the full sampler fall from eac
 give one draw of that spread, so the seed-to-seed noise is also estimated from the samples
 themselves: ``se`` is the standard error of ``value - c``, from the per-chain values (for
 ``ca_ca_median`` the per-chain medians stand in for the set's) or, for ``mean_pairwise_tm``, the
-report's jackknife over the chains (``samples_se``; reports written before it have none), ``Z`` = 2. ``floor_m`` keeps a spread of zero
-from failing everything: one sample's share (``1 / n``) for ``frac_long_step`` (a fraction of
-samples), else `compare.TIE` (the tables' last digit). The
-strict reading (the value inside ``[min, max]`` of the full-step runs) is reported beside it, as
-``inside``; so is ``better``: out of the spread but better than the full sampler's mean by
+report's jackknife over the chains (``samples_se``; reports written before it have none); ``Z`` = 2.
+``floor_m`` keeps a spread of zero from failing everything: one sample's share (``1 / n``) for
+``frac_long_step`` (a fraction of samples), else `compare.TIE` (the tables' last digit). The strict
+reading (the value inside ``[min, max]`` of the full-step runs) is reported beside it, as ``inside``;
+so is ``better``: out of the spread but better than the full sampler's mean by
 `model.evaluation.compare`'s rule (closer to the real chains, fewer clashes, ...). The default step
 count proposed is the fewest steps that pass every judged metric at every length; None when no
 fewer-step run does (``passing_or_better_steps`` also lets cells that are better pass).
@@ -29,6 +29,7 @@ novel is not better by itself; `model.evaluation.compare`).
 from __future__ import annotations
 
 import json
+import statistics
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -56,10 +57,7 @@ def standard_error(length_result: dict, metric: str) -> float | None:
     rows = length_result.get("per_chain", {}).get("samples")
     if metric not in PER_CHAIN or not rows or len(rows) < 2:
         return length_result.get("samples_se", {}).get(metric)
-    values = [PER_CHAIN[metric](c) for c in rows]
-    mean = sum(values) / len(values)
-    var = sum((v - mean) ** 2 for v in values) / (len(values) - 1)
-    return (var / len(values)) ** 0.5
+    return statistics.stdev(PER_CHAIN[metric](c) for c in rows) / len(rows) ** 0.5
 
 
 class CurveError(ValueError):
@@ -109,7 +107,12 @@ def build_curve(runs: list[tuple[int, dict]], full_steps: int | None = None) -> 
                              "use the same --real / --index for every run")
     metrics = [m for m in (*JUDGED, *SHOWN)
                if any(r["lengths"][str(n)]["samples"].get(m) is not None for _, r in runs for n in lengths)]
-    steps_list = sorted({s for s, _ in runs if s != full_steps}, reverse=True)
+    fewer = {}  # steps -> its run, one per step count below the full schedule
+    for s, r in runs:
+        if s != full_steps and fewer.setdefault(s, r) is not r:
+            raise CurveError(f"two {s}-step runs ({fewer[s]['label']}, {r['label']}): give one run per step count "
+                             f"below {full_steps}")
+    steps_list = sorted(fewer, reverse=True)
     spread, table = {}, {}
     for m in metrics:
         spread[m], table[m] = {}, {}
@@ -129,7 +132,7 @@ def build_curve(runs: list[tuple[int, dict]], full_steps: int | None = None) -> 
         for s in steps_list:
             row = {}
             for n in lengths:
-                res = next(r for t, r in runs if t == s)["lengths"][str(n)]
+                res = fewer[s]["lengths"][str(n)]
                 v = res["samples"].get(m)
                 sp = spread[m][str(n)]
                 if v is None or "centre" not in sp:
