@@ -86,6 +86,15 @@ def tiny_cfg():
     return tiny_config()
 
 
+@pytest.fixture(scope="session")
+def tiny_weights(tmp_path_factory):
+    """Tiny random service weights (`service.testing.make_tiny_weights`: samples 5-64 residues, T = 20), made
+    once per test run and shared: read them only; a test that needs other weights makes its own."""
+    from service.testing import make_tiny_weights
+
+    return make_tiny_weights(tmp_path_factory.mktemp("tiny_weights") / "tiny")
+
+
 def tiny_pair_free_denoiser(extra_keys: str = ""):
     """A small pair-free mHC + Flash-IPA denoiser (``parse_config`` text + ``extra_keys``), built under
     seed 0, with every parameter perturbed (N(0, 0.05^2)) so the zero-initialised final layers pass

@@ -15,13 +15,6 @@ BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
 sys.path.insert(0, str(BENCHMARKS))
 
 
-@pytest.fixture(scope="module")
-def tiny_weights(tmp_path_factory):
-    from service.testing import make_tiny_weights
-
-    return make_tiny_weights(tmp_path_factory.mktemp("bench_weights"))
-
-
 def test_serve_gpu_phases_run_once_per_step_count_against_a_running_service(tiny_weights, tmp_path):
     import serve_gpu
 

@@ -109,12 +109,12 @@ def test_set_errors_name_the_flag_and_the_key():
     assert "line" not in result.output  # an override has no line number
 
 
-def test_sample_refuses_exactly_what_the_service_refuses(tmp_path):
+def test_sample_refuses_exactly_what_the_service_refuses(tmp_path, tiny_weights):
     """`mhcflash sample` and `POST /sample` share `model.limits`: the same request gets the same message."""
     from service.app import create_app
-    from service.testing import asgi_client, make_tiny_weights, tiny_settings
+    from service.testing import asgi_client, tiny_settings
 
-    weights = make_tiny_weights(tmp_path / "tiny")  # samples 5-64 residues
+    weights = tiny_weights  # samples 5-64 residues
     cases = [(["-l", "4"], {"length": 4}), (["-l", "65"], {"length": 65}),
              (["-l", "20", "--noise-scale", "2.5"], {"length": 20, "noise_scale": 2.5}),
              (["-l", "20", "--steps", "21"], {"length": 20, "steps": 21})]

@@ -30,20 +30,15 @@ from service.client import (
     Timings,
     Unauthorized,
 )
-from service.testing import make_tiny_weights, serve_in_thread, tiny_settings
+from service.testing import serve_in_thread, tiny_settings
 
 KEY = "client-test-key"
 runner = CliRunner()
 
 
 @pytest.fixture(scope="module")
-def weights(tmp_path_factory):
-    return make_tiny_weights(tmp_path_factory.mktemp("client") / "tiny")  # samples 5-64 residues
-
-
-@pytest.fixture(scope="module")
-def server(weights):
-    with serve_in_thread(tiny_settings(weights, api_key=KEY)) as srv:
+def server(tiny_weights):
+    with serve_in_thread(tiny_settings(tiny_weights, api_key=KEY)) as srv:
         yield srv
 
 
@@ -157,10 +152,10 @@ def test_wait_ready(server):
     assert time.monotonic() - t0 < 5
 
 
-def test_retry_honours_the_servers_retry_after_on_429(weights):
+def test_retry_honours_the_servers_retry_after_on_429(tiny_weights):
     # One request at a time, at most 3 samples waiting: a running request of 1 and a waiting one of 3
     # fill the queue until the first finishes.
-    settings = tiny_settings(weights, queue_max_samples=3, max_count=3, max_batch_requests=1)
+    settings = tiny_settings(tiny_weights, queue_max_samples=3, max_count=3, max_batch_requests=1)
     with serve_in_thread(settings) as srv:
         engine = srv.app.state.service.engine
 
@@ -188,7 +183,7 @@ def test_retry_honours_the_servers_retry_after_on_429(weights):
     assert elapsed >= sum(e.delay_s for e in events)
 
 
-def test_cli_client_sample_end_to_end(server, weights, tmp_path):
+def test_cli_client_sample_end_to_end(server, tiny_weights, tmp_path):
     out = tmp_path / "pdbs"
     args = ["client", "sample", "--url", server.url, "-l", "9", "-l", "11", "--count", "2", "--seed", "3",
             "--out", str(out)]
@@ -199,7 +194,7 @@ def test_cli_client_sample_end_to_end(server, weights, tmp_path):
     assert "4 samples from tiny (mhc_flash" in result.stderr
     # the same files, names and backbones as `mhcflash sample` on the same weights (PDB rounding, batching)
     local = tmp_path / "local"
-    done = runner.invoke(app, ["sample", str(weights), "-l", "9", "-l", "11", "-n", "2", "--seed", "3",
+    done = runner.invoke(app, ["sample", str(tiny_weights), "-l", "9", "-l", "11", "-n", "2", "--seed", "3",
                                "--out", str(local), "--no-progress"])
     assert done.exit_code == 0, done.output
     assert sorted(p.name for p in local.iterdir()) == sorted(names)

@@ -58,14 +58,14 @@ def test_benchmarks_record_the_tested_stack():
     assert record["running"]["torch"] and record["on_tested_stack"] is False  # CPU CI runs torch 2.13+cpu
 
 
-def test_dashboard_metrics_exist_in_app_metrics(tmp_path):
+def test_dashboard_metrics_exist_in_app_metrics(tiny_weights):
     """Every metric a dashboard panel queries is in the app's real /metrics output."""
     import asyncio
 
     from service.app import create_app
-    from service.testing import asgi_client, make_tiny_weights, tiny_settings
+    from service.testing import asgi_client, tiny_settings
 
-    weights = make_tiny_weights(tmp_path / "tiny")
+    weights = tiny_weights
 
     async def scrape():
         app = create_app(tiny_settings(weights))

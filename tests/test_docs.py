@@ -11,7 +11,7 @@ from pathlib import Path
 import httpx
 
 from service.settings import ServiceSettings
-from service.testing import make_tiny_weights, serve_in_thread, tiny_settings
+from service.testing import serve_in_thread, tiny_settings
 
 REPO = Path(__file__).resolve().parent.parent
 DOCS = sorted((REPO / "docs").glob("*.md"))
@@ -55,10 +55,10 @@ def test_service_doc_lists_every_setting():
     assert not missing, f"docs/SERVICE.md's settings table lacks {missing}"
 
 
-def test_service_doc_info_example_has_the_real_keys(tmp_path):
+def test_service_doc_info_example_has_the_real_keys(tiny_weights):
     doc = (REPO / "docs" / "SERVICE.md").read_text(encoding="utf-8")
     example = json.loads(next(body for kind, body in FENCE.findall(doc) if kind == "json"))
-    with serve_in_thread(tiny_settings(make_tiny_weights(tmp_path / "w"))) as srv:
+    with serve_in_thread(tiny_settings(tiny_weights)) as srv:
         real = httpx.get(f"{srv.url}/info", timeout=60).json()
 
     def keys(value):

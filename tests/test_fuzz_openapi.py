@@ -45,13 +45,8 @@ TALLY: Counter = Counter()  # (operation, status) -> responses; printed at modul
 
 
 @pytest.fixture(scope="module")
-def weights(tmp_path_factory):
-    return make_tiny_weights(tmp_path_factory.mktemp("fuzz") / "tiny")
-
-
-@pytest.fixture(scope="module")
-def api_schema(weights):
-    app = create_app(tiny_settings(weights, residue_budget=64, **FUZZ_LIMITS))
+def api_schema(tiny_weights):
+    app = create_app(tiny_settings(tiny_weights, residue_budget=64, **FUZZ_LIMITS))
     schema = schemathesis.openapi.from_asgi("/openapi.json", app)  # runs the lifespan: limits published
     body = schema.raw_schema["components"]["schemas"]["SampleRequest"]["properties"]
     assert body["length"]["maximum"] == FUZZ_LIMITS["max_length"]  # the fuzzer sees this server's ranges

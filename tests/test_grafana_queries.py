@@ -26,7 +26,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from service.testing import make_tiny_weights, serve_in_thread, tiny_settings
+from service.testing import serve_in_thread, tiny_settings
 
 yaml = pytest.importorskip("yaml")
 
@@ -112,8 +112,8 @@ def value(series: dict) -> float:
     return float(series["value"][1])
 
 
-def test_every_dashboard_expression_returns_data(tmp_path):
-    weights = make_tiny_weights(tmp_path / "tiny")
+def test_every_dashboard_expression_returns_data(tmp_path, tiny_weights):
+    weights = tiny_weights
     with serve_in_thread(tiny_settings(weights)) as srv:
         prom = Prometheus(tmp_path, srv.url.removeprefix("http://"))
         try:

@@ -315,15 +315,15 @@ def test_gpu_capture_of_a_host_sync_fails_cleanly():
 
 
 @pytest.mark.gpu
-def test_gpu_service_request_with_graphs(tmp_path):
+def test_gpu_service_request_with_graphs(tiny_weights):
     import httpx
     from test_service import COORD_ATOL, parse_ca
 
     from model.diffusion import sample as reference_sample
     from model.weights_io import load_weights
-    from service.testing import make_tiny_weights, serve_in_thread, tiny_settings
+    from service.testing import serve_in_thread, tiny_settings
 
-    weights = make_tiny_weights(tmp_path / "tiny")
+    weights = tiny_weights
     with serve_in_thread(tiny_settings(weights, device="cuda", cuda_graphs="on")) as server:
         r = httpx.post(f"{server.url}/sample", json={"length": 22, "count": 2, "seed": 11}, timeout=120)
         assert r.status_code == 200, r.text

@@ -26,7 +26,7 @@ import httpx
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from service.testing import make_tiny_weights, serve_in_thread, tiny_settings
+from service.testing import serve_in_thread, tiny_settings
 
 DOCKER = Path(__file__).resolve().parent.parent / "docker"
 HAPROXY = shutil.which("haproxy")
@@ -70,8 +70,8 @@ def wait_until(predicate, what: str):
         time.sleep(0.2)
 
 
-def test_proxy_balances_health_checks_and_keeps_retry_after(tmp_path):
-    weights = make_tiny_weights(tmp_path / "tiny")
+def test_proxy_balances_health_checks_and_keeps_retry_after(tmp_path, tiny_weights):
+    weights = tiny_weights
     with ExitStack() as stack:
         replicas = [stack.enter_context(serve_in_thread(tiny_settings(weights))) for _ in range(2)]
         listen = free_port()

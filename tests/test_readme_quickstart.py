@@ -12,7 +12,7 @@ from pathlib import Path
 
 import httpx
 
-from service.testing import make_tiny_weights, serve_in_thread, tiny_settings
+from service.testing import serve_in_thread, tiny_settings
 
 REPO = Path(__file__).resolve().parent.parent
 README = (REPO / "README.md").read_text()
@@ -61,9 +61,9 @@ def test_every_readme_curl_fails_on_http_errors():
     assert not _fails_on_http_error(["curl", "-s", "localhost:8000/sample", "-H", "accept: chemical/x-pdb"])
 
 
-def test_readme_sample_json_has_the_real_response_keys(tmp_path):
+def test_readme_sample_json_has_the_real_response_keys(tiny_weights):
     example = json.loads(_blocks(QUICKSTART, "json")[0])
-    weights = make_tiny_weights(tmp_path / "w")
+    weights = tiny_weights
     with serve_in_thread(tiny_settings(weights)) as srv:
         real = httpx.post(f"{srv.url}/sample", json={"length": 20, "count": 2, "seed": 7}, timeout=60).json()
 

@@ -16,19 +16,14 @@ import torch
 from biotite.structure.io.pdb import PDBFile
 
 from model.diffusion import sample as reference_sample
-from service.testing import make_tiny_weights, serve_in_thread, tiny_settings
+from service.testing import serve_in_thread, tiny_settings
 
 COORD_ATOL = 2e-3  # Angstrom: PDB rounding (5e-4) + batch-composition numerics over 20 steps
 
 
 @pytest.fixture(scope="module")
-def weights(tmp_path_factory):
-    return make_tiny_weights(tmp_path_factory.mktemp("svc") / "tiny")
-
-
-@pytest.fixture(scope="module")
-def server(weights):
-    with serve_in_thread(tiny_settings(weights, residue_budget=256)) as srv:
+def server(tiny_weights):
+    with serve_in_thread(tiny_settings(tiny_weights, residue_budget=256)) as srv:
         yield srv
 
 
@@ -108,7 +103,7 @@ def test_late_request_joins_running_batch(server):
     assert second.json()["timings"]["queue_wait_s"] < 4 * step  # joined within a few steps
 
 
-def test_seed_reproducible_whatever_the_batch(server, weights):
+def test_seed_reproducible_whatever_the_batch(server, tiny_weights):
     from model.weights_io import load_weights
 
     body = {"length": 22, "seed": 123, "noise_scale": 0.6}
@@ -117,14 +112,14 @@ def test_seed_reproducible_whatever_the_batch(server, weights):
     a, b = parse_ca(alone.json()["samples"][0]["pdb"]), parse_ca(crowd.json()["samples"][0]["pdb"])
     np.testing.assert_allclose(a, b, atol=COORD_ATOL, rtol=0)
     # ... and equal to the model's own sampler (model.diffusion.sample) for the same seed.
-    den = load_weights(weights).denoiser
+    den = load_weights(tiny_weights).denoiser
     ref = reference_sample(den, [22], [123], 0.6)[0].numpy()
     np.testing.assert_allclose(a, ref, atol=COORD_ATOL, rtol=0)
     other = parse_ca(asyncio.run(_post_many(server.url, [{"length": 22, "seed": 124}]))[0].json()["samples"][0]["pdb"])
     assert np.abs(other - a).max() > 0.5  # a different seed really gives a different backbone
 
 
-def test_unchanged_batch_reuses_its_output_as_next_input(server, weights):
+def test_unchanged_batch_reuses_its_output_as_next_input(server, tiny_weights):
     """A group with the same members as in its last step takes that step's output as x_t (no
     per-sample gathering); the first step of the request and nothing else rebuilds the inputs, and
     the backbones still equal the model's own sampler's."""
@@ -144,7 +139,7 @@ def test_unchanged_batch_reuses_its_output_as_next_input(server, weights):
 
     mhc_modules = find_mhc_modules(server.app.state.service.sampler.denoiser)
     assert mhc_modules and all(m.last_h_res is None and not m.record for m in mhc_modules)  # nothing kept
-    den = load_weights(weights).denoiser
+    den = load_weights(tiny_weights).denoiser
     ref = reference_sample(den, [27, 27], [40, 41], 0.6)
     for sample, expected in zip(r.json()["samples"], ref):
         np.testing.assert_allclose(parse_ca(sample["pdb"]), expected.numpy(), atol=COORD_ATOL, rtol=0)
@@ -193,14 +188,14 @@ def test_validation_errors_name_field_and_range(server, body, field, msg):
     assert "Traceback" not in r.text
 
 
-def test_total_residue_limit(weights):
-    with serve_in_thread(tiny_settings(weights, max_total_residues=100)) as srv:
+def test_total_residue_limit(tiny_weights):
+    with serve_in_thread(tiny_settings(tiny_weights, max_total_residues=100)) as srv:
         r = httpx.post(srv.url + "/sample", json={"length": 40, "count": 3}, timeout=10)
         assert r.status_code == 422
         assert "at most 100 residues per request (got 40 * 3 = 120)" in r.json()["detail"][0]["msg"]
 
 
-def test_health_ready_info(server, weights):
+def test_health_ready_info(server, tiny_weights):
     with httpx.Client(base_url=server.url, timeout=10) as client:
         assert client.get("/health").json() == {"status": "ok"}
         assert client.get("/ready").status_code == 200
@@ -214,7 +209,7 @@ def test_health_ready_info(server, weights):
     assert info["versions"]["torch"] == torch.__version__
     from model.weights_io import sha256_file
 
-    assert info["weights_sha256"] == sha256_file(weights / "model.safetensors")
+    assert info["weights_sha256"] == sha256_file(tiny_weights / "model.safetensors")
 
 
 def test_compile_setting_picks_devices():
@@ -282,19 +277,19 @@ def test_openapi_documents_examples_and_errors(server):
 
 
 @pytest.mark.slow
-def test_compiled_pair_stack_serves_the_same_backbones(weights):
+def test_compiled_pair_stack_serves_the_same_backbones(tiny_weights):
     """MHCFLASH_COMPILE=on on the CPU (inductor, C++): the warm-up compiles the pair stack before /ready,
     /info says so, and a seeded request gives the backbone of the eager service (float32; inductor
     reorders sums, so within COMPILED_ATOL over the 20 steps)."""
     COMPILED_ATOL = 1e-2  # Angstrom
     bodies = [{"length": 22, "seed": 123}, {"length": 13, "count": 2, "seed": 9}]
-    with serve_in_thread(tiny_settings(weights, compile="on")) as srv:
+    with serve_in_thread(tiny_settings(tiny_weights, compile="on")) as srv:
         info = httpx.get(srv.url + "/info", timeout=10).json()
         compiled = asyncio.run(_post_many(srv.url, bodies))
         layers = srv.app.state.service.sampler.denoiser.pair_transform_net.layers
         assert all(layer._compiled_call_impl is not None for layer in layers)
     assert info["compiled"] == "pair_stack,point_rotations"
-    with serve_in_thread(tiny_settings(weights, compile="off")) as srv:
+    with serve_in_thread(tiny_settings(tiny_weights, compile="off")) as srv:
         eager = asyncio.run(_post_many(srv.url, bodies))
     for c, e in zip(compiled, eager):
         assert c.status_code == e.status_code == 200
