@@ -114,27 +114,26 @@ def test_sample_refuses_exactly_what_the_service_refuses(tmp_path, tiny_weights)
     from service.app import create_app
     from service.testing import asgi_client, tiny_settings
 
-    weights = tiny_weights  # samples 5-64 residues
     cases = [(["-l", "4"], {"length": 4}), (["-l", "65"], {"length": 65}),
              (["-l", "20", "--noise-scale", "2.5"], {"length": 20, "noise_scale": 2.5}),
              (["-l", "20", "--steps", "21"], {"length": 20, "steps": 21})]
 
     async def service_messages():
-        async with asgi_client(create_app(tiny_settings(weights))) as client:
+        async with asgi_client(create_app(tiny_settings(tiny_weights))) as client:
             replies = [await client.post("/sample", json=body) for _, body in cases]
         assert [r.status_code for r in replies] == [422] * len(cases)
         return [r.json()["detail"][0]["msg"] for r in replies]
 
     for (flags, _), message in zip(cases, asyncio.run(service_messages())):
         out = tmp_path / "refused"
-        result = runner.invoke(app, ["sample", str(weights), *flags, "--out", str(out), "--no-progress"])
+        result = runner.invoke(app, ["sample", str(tiny_weights), *flags, "--out", str(out), "--no-progress"])
         assert result.exit_code == 2, result.output
         assert message in result.output and result.output.startswith("error: --"), (message, result.output)
         assert not out.exists()
-    result = runner.invoke(app, ["sample", str(weights), "-l", "5", "--out", str(tmp_path / "ok"), "--no-progress"])
+    result = runner.invoke(app, ["sample", str(tiny_weights), "-l", "5", "--out", str(tmp_path / "ok"), "--no-progress"])
     assert result.exit_code == 0, result.output  # the shortest length the service takes
     assert (tmp_path / "ok" / "sample_len5_seed0.pdb").is_file()
-    result = runner.invoke(app, ["sample", str(weights), "-l", "9", "--steps", "3", "--out", str(tmp_path / "few"),
+    result = runner.invoke(app, ["sample", str(tiny_weights), "-l", "9", "--steps", "3", "--out", str(tmp_path / "few"),
                                  "--no-progress"])
     assert result.exit_code == 0, result.output  # fewer steps than the model's T = 20
     assert "steps 3," in (tmp_path / "few" / "sample_len9_seed0.pdb").read_text()

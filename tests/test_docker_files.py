@@ -65,10 +65,9 @@ def test_dashboard_metrics_exist_in_app_metrics(tiny_weights):
     from service.app import create_app
     from service.testing import asgi_client, tiny_settings
 
-    weights = tiny_weights
 
     async def scrape():
-        app = create_app(tiny_settings(weights))
+        app = create_app(tiny_settings(tiny_weights))
         async with asgi_client(app) as c:
             assert (await c.post("/sample", json={"length": 13})).status_code == 200
             return (await c.get("/metrics")).text

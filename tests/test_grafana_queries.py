@@ -113,8 +113,7 @@ def value(series: dict) -> float:
 
 
 def test_every_dashboard_expression_returns_data(tmp_path, tiny_weights):
-    weights = tiny_weights
-    with serve_in_thread(tiny_settings(weights)) as srv:
+    with serve_in_thread(tiny_settings(tiny_weights)) as srv:
         prom = Prometheus(tmp_path, srv.url.removeprefix("http://"))
         try:
             prom.wait('up{job="mhcflash"}', lambda r: r and value(r[0]) == 1, "service not scraped")

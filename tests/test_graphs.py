@@ -323,13 +323,12 @@ def test_gpu_service_request_with_graphs(tiny_weights):
     from model.weights_io import load_weights
     from service.testing import serve_in_thread, tiny_settings
 
-    weights = tiny_weights
-    with serve_in_thread(tiny_settings(weights, device="cuda", cuda_graphs="on")) as server:
+    with serve_in_thread(tiny_settings(tiny_weights, device="cuda", cuda_graphs="on")) as server:
         r = httpx.post(f"{server.url}/sample", json={"length": 22, "count": 2, "seed": 11}, timeout=120)
         assert r.status_code == 200, r.text
         stats = server.app.state.service.engine.stats
         assert stats.cuda_graph_replays >= 20 and stats.cuda_graph_captures >= 1
-    loaded = load_weights(weights, torch.device("cuda"))
+    loaded = load_weights(tiny_weights, torch.device("cuda"))
     ref = reference_sample(loaded.denoiser, [22, 22], [11, 12], 0.6)
     for s, expected in zip(r.json()["samples"], ref):
         err = abs(parse_ca(s["pdb"]) - expected.cpu().numpy()).max()

@@ -71,9 +71,8 @@ def wait_until(predicate, what: str):
 
 
 def test_proxy_balances_health_checks_and_keeps_retry_after(tmp_path, tiny_weights):
-    weights = tiny_weights
     with ExitStack() as stack:
-        replicas = [stack.enter_context(serve_in_thread(tiny_settings(weights))) for _ in range(2)]
+        replicas = [stack.enter_context(serve_in_thread(tiny_settings(tiny_weights))) for _ in range(2)]
         listen = free_port()
         cfg = tmp_path / "haproxy.cfg"
         cfg.write_text(local_config(listen, [r.port for r in replicas]))

@@ -63,8 +63,7 @@ def test_every_readme_curl_fails_on_http_errors():
 
 def test_readme_sample_json_has_the_real_response_keys(tiny_weights):
     example = json.loads(_blocks(QUICKSTART, "json")[0])
-    weights = tiny_weights
-    with serve_in_thread(tiny_settings(weights)) as srv:
+    with serve_in_thread(tiny_settings(tiny_weights)) as srv:
         real = httpx.post(f"{srv.url}/sample", json={"length": 20, "count": 2, "seed": 7}, timeout=60).json()
 
     def shape(value):
